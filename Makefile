@@ -1,0 +1,26 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each sets up what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test lint bench demo clean
+
+$(STAMP): pyproject.toml constraints.txt package.json package-lock.json
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	npm ci --no-audit --no-fund --silent
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/token_cache.py
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache *.egg-info

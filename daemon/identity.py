@@ -1,0 +1,106 @@
+"""Talking to the identity provider: MSAL confidential clients built from configuration, and their errors.
+
+One :class:`msal.ConfidentialClientApplication` per tenant per process, built lazily: its constructor does network
+discovery, and a replica that finds its token in memory or in the shared blob should never pay for it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msal
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+if TYPE_CHECKING:
+    from daemon.config import IdentitySettings
+
+TRANSIENT_STATUSES = (500, 502, 503, 504)
+
+
+class TokenError(Exception):
+    """The identity provider refused or failed; carries MSAL's error fields, never a credential."""
+
+    def __init__(self, tenant: str, error: str, description: str = "", codes: list[int] | None = None) -> None:
+        self.tenant = tenant
+        self.error = error
+        self.description = description.splitlines()[0] if description else ""
+        self.codes = codes or _aadsts_codes(description)
+        super().__init__(f"token request for tenant {tenant} failed: {error}: {self.description}".rstrip(": "))
+
+    @property
+    def aadsts(self) -> str | None:
+        """The first AADSTS code (e.g. ``AADSTS7000215``), which is what troubleshooting guides are keyed by."""
+        return f"AADSTS{self.codes[0]}" if self.codes else None
+
+
+def _aadsts_codes(description: str) -> list[int]:
+    return [int(code) for code in re.findall(r"AADSTS(\d+)", description)]
+
+
+def retrying_session(total: int, statuses: tuple[int, ...], backoff: float = 0.5) -> requests.Session:
+    """A pooled session whose retries (with ``Retry-After`` honoured) come from urllib3, not from our code."""
+    retry = Retry(
+        total=total,
+        backoff_factor=backoff,
+        backoff_jitter=backoff,
+        status_forcelist=statuses,
+        allowed_methods=None,  # token POSTs are safe to repeat: a lost response just means one more token
+        respect_retry_after_header=True,
+        raise_on_status=False,  # hand the last error response to the caller, who reports it
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def client_credential(settings: IdentitySettings) -> Any:
+    """MSAL's ``client_credential`` for the one credential configured.
+
+    A federated token file is handed over as a callable so MSAL re-reads it on every token request: the kubelet
+    rotates that file, and a string read once would eventually expire.
+    """
+    kind = settings.credential_kind
+    if kind == "secret":
+        return settings.client_secret.get_secret_value()
+    if kind == "federated":
+        token_file = Path(settings.federated_token_file)
+        return {"client_assertion": lambda: token_file.read_text().strip()}
+    return _certificate_credential(settings)
+
+
+def _certificate_credential(settings: IdentitySettings) -> dict[str, Any]:
+    path = Path(settings.certificate_file)
+    credential: dict[str, Any] = {}
+    if settings.certificate_password_file is not None:
+        credential["passphrase"] = Path(settings.certificate_password_file).read_text().strip()
+    if path.suffix.lower() in (".pfx", ".p12"):
+        credential |= {"private_key_pfx_path": str(path), "public_certificate": settings.send_certificate_chain}
+        return credential
+    pem = path.read_text()
+    certificates = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
+    # With the certificate present MSAL computes the SHA-256 thumbprint itself and signs with PS256.
+    credential |= {"private_key": pem, "public_certificate": "\n".join(certificates)}
+    return credential
+
+
+def build_application(
+    settings: IdentitySettings, tenant: str, cache: msal.SerializableTokenCache, http_client: requests.Session
+) -> msal.ConfidentialClientApplication:
+    """The MSAL client for one tenant; does authority discovery over the network."""
+    host = settings.authority_host.rstrip("/")
+    well_known = host.removeprefix("https://") in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS
+    return msal.ConfidentialClientApplication(
+        settings.client_id,
+        client_credential=client_credential(settings),
+        authority=f"{host}/{tenant}",
+        token_cache=cache,
+        http_client=http_client,
+        instance_discovery=None if well_known else False,
+        timeout=10,
+    )

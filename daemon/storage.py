@@ -1,0 +1,238 @@
+"""Blob storage access: conditional reads and writes, and leases on lock blobs.
+
+Everything above this module speaks in three outcomes instead of Azure SDK exceptions: a blob's content with the
+ETag *from that very download* (never from a separate properties call, which could describe a later version),
+:data:`NOT_MODIFIED`, or absent; a write that lands or raises :class:`WriteConflict`; and :class:`StorageError` for
+everything that means "storage did not answer usefully" (outage, timeout, 5xx, permissions). Calls use short
+timeouts and one quick retry, because the SDK's defaults can stall about a minute on an outage, and a token
+request must not wait that long for a cache it can do without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Final
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import BlobLeaseClient, BlobServiceClient, ContainerClient, LinearRetry
+
+from daemon.metrics import STORAGE_OPERATIONS
+from daemon.redaction import redact
+
+if TYPE_CHECKING:
+    from daemon.config import StorageSettings
+
+
+class StorageError(Exception):
+    """Storage did not answer usefully; the message names the blob and the cause, never a credential."""
+
+
+class WriteConflict(Exception):
+    """Someone else wrote first: a failed ``If-Match`` (412) or a lost create race (409 or 412)."""
+
+
+class _NotModified:
+    def __repr__(self) -> str:
+        return "NOT_MODIFIED"
+
+
+NOT_MODIFIED: Final = _NotModified()
+"""Returned by :meth:`BlobStore.read` when the blob still has the ETag the caller last saw."""
+
+
+@dataclass(frozen=True)
+class BlobContent:
+    data: bytes
+    etag: str
+    last_modified: datetime
+
+
+def _cause(exc: AzureError) -> str:
+    """A one-line cause for logs: status and error code when the service answered, else the transport error."""
+    if isinstance(exc, HttpResponseError) and exc.status_code:
+        code = exc.error_code or (exc.reason or "").strip()
+        return f"HTTP {exc.status_code} {code}".strip()
+    first_line = (str(exc.message or exc) or type(exc).__name__).splitlines()[0]
+    return redact(f"{type(exc).__name__}: {first_line}")[:300]
+
+
+class BlobStore:
+    """One container, seen through the few operations graphsync needs."""
+
+    def __init__(self, container: ContainerClient) -> None:
+        self._container = container
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings, container: str | None = None) -> BlobStore:
+        """Build a store with outage-friendly timeouts; ``container`` overrides the configured one."""
+        options = {
+            "connection_timeout": min(settings.timeout_seconds, 5.0),
+            "read_timeout": settings.timeout_seconds,
+            "retry_policy": LinearRetry(backoff=1, retry_total=1, random_jitter_range=1),
+        }
+        if settings.connection_string is not None:
+            service = BlobServiceClient.from_connection_string(
+                settings.connection_string.get_secret_value(), **options
+            )
+        else:
+            from azure.identity import DefaultAzureCredential
+
+            service = BlobServiceClient(settings.account_url, credential=DefaultAzureCredential(), **options)
+        return cls(service.get_container_client(container or settings.container))
+
+    @property
+    def container_name(self) -> str:
+        return self._container.container_name
+
+    def ensure_container(self) -> None:
+        """Create the container unless it exists (a fresh account, or one an operator emptied)."""
+        try:
+            self._container.create_container()
+        except ResourceExistsError:
+            pass
+        except AzureError as exc:
+            raise StorageError(f"cannot create container {self.container_name}: {_cause(exc)}") from exc
+
+    def read(self, name: str, *, if_none_match: str | None = None) -> BlobContent | _NotModified | None:
+        """Download ``name``; with ``if_none_match`` the service answers 304 when nothing changed."""
+        conditions = {"etag": if_none_match, "match_condition": MatchConditions.IfModified} if if_none_match else {}
+        try:
+            downloader = self._container.download_blob(name, **conditions)
+            data = downloader.readall()
+        except ResourceModifiedError as exc:
+            if exc.status_code == 304:
+                STORAGE_OPERATIONS.labels("read", "not_modified").inc()
+                return NOT_MODIFIED
+            STORAGE_OPERATIONS.labels("read", "error").inc()
+            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+        except ResourceNotFoundError:
+            STORAGE_OPERATIONS.labels("read", "absent").inc()
+            return None
+        except AzureError as exc:
+            STORAGE_OPERATIONS.labels("read", "error").inc()
+            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+        STORAGE_OPERATIONS.labels("read", "ok").inc()
+        props = downloader.properties
+        return BlobContent(data=data, etag=props.etag, last_modified=props.last_modified)
+
+    def write(self, name: str, data: bytes, *, if_match: str | None) -> str:
+        """Upload ``name`` only if it still has ETag ``if_match`` (``None``: only if it does not exist yet).
+
+        Returns the new ETag. A missing container is created once, so an emptied account heals itself.
+        """
+        try:
+            etag = self._conditional_upload(name, data, if_match)
+        except ResourceNotFoundError as exc:
+            if exc.error_code != "ContainerNotFound":
+                raise self._write_failed(name, exc) from exc
+            self.ensure_container()
+            try:
+                etag = self._conditional_upload(name, data, if_match)
+            except (ResourceModifiedError, ResourceExistsError) as conflict:
+                raise self._conflict(name) from conflict
+            except AzureError as retry_exc:
+                raise self._write_failed(name, retry_exc) from retry_exc
+        except (ResourceModifiedError, ResourceExistsError) as exc:
+            raise self._conflict(name) from exc
+        except AzureError as exc:
+            raise self._write_failed(name, exc) from exc
+        STORAGE_OPERATIONS.labels("write", "ok").inc()
+        return etag
+
+    def _conditional_upload(self, name: str, data: bytes, if_match: str | None) -> str:
+        if if_match is None:
+            # Create-only: If-None-Match: * (the SDK's overwrite=False). Never pass etag= with IfMissing.
+            result = self._container.upload_blob(name, data, overwrite=False)
+        else:
+            # overwrite=True is required with If-Match, or the SDK turns a 412 into ResourceExistsError.
+            result = self._container.upload_blob(
+                name, data, overwrite=True, etag=if_match, match_condition=MatchConditions.IfNotModified
+            )
+        return result["etag"]
+
+    def _conflict(self, name: str) -> WriteConflict:
+        STORAGE_OPERATIONS.labels("write", "conflict").inc()
+        return WriteConflict(f"{self._path(name)} was changed by someone else")
+
+    def _write_failed(self, name: str, exc: AzureError) -> StorageError:
+        STORAGE_OPERATIONS.labels("write", "error").inc()
+        return StorageError(f"writing {self._path(name)}: {_cause(exc)}")
+
+    def try_lease(self, name: str, seconds: int) -> BlobLease | None:
+        """Take a lease on the lock blob ``name`` (created empty if missing); ``None`` if someone else holds it.
+
+        Leases go on a separate lock blob, never on the data blob: a leased blob rejects writes without the lease
+        id, and readers of the data must not depend on who holds the lock.
+        """
+        client = BlobLeaseClient(self._container.get_blob_client(name))
+        for _ in range(2):
+            try:
+                client.acquire(lease_duration=seconds)
+            except ResourceNotFoundError:
+                self._create_lock_blob(name)
+                continue
+            except ResourceExistsError:
+                STORAGE_OPERATIONS.labels("lease", "lease_held").inc()
+                return None
+            except HttpResponseError as exc:
+                if exc.status_code == 409:  # LeaseAlreadyPresent surfaces as a plain 409 in some SDK paths
+                    STORAGE_OPERATIONS.labels("lease", "lease_held").inc()
+                    return None
+                STORAGE_OPERATIONS.labels("lease", "error").inc()
+                raise StorageError(f"leasing {self._path(name)}: {_cause(exc)}") from exc
+            except AzureError as exc:
+                STORAGE_OPERATIONS.labels("lease", "error").inc()
+                raise StorageError(f"leasing {self._path(name)}: {_cause(exc)}") from exc
+            STORAGE_OPERATIONS.labels("lease", "ok").inc()
+            return BlobLease(client, self._path(name))
+        raise StorageError(f"leasing {self._path(name)}: the lock blob keeps disappearing")
+
+    def _create_lock_blob(self, name: str) -> None:
+        with contextlib.suppress(WriteConflict):  # another replica created it first: exactly what we wanted
+            self.write(name, b"", if_match=None)
+
+    def _path(self, name: str) -> str:
+        return f"{self.container_name}/{name}"
+
+
+class BlobLease:
+    """A held lease; renew it while the guarded work runs, release it when done (or let it expire)."""
+
+    def __init__(self, client: BlobLeaseClient, path: str) -> None:
+        self._client = client
+        self.path = path
+
+    @property
+    def id(self) -> str:
+        return self._client.id
+
+    def renew(self) -> bool:
+        """Extend the lease; ``False`` when it was lost (expired and taken, or broken) or storage is unreachable."""
+        try:
+            self._client.renew()
+        except AzureError:
+            STORAGE_OPERATIONS.labels("lease", "error").inc()
+            return False
+        return True
+
+    def release(self) -> None:
+        """Give the lease back early so the next holder need not wait for it to expire; failures are harmless."""
+        try:
+            self._client.release()
+        except AzureError:
+            STORAGE_OPERATIONS.labels("lease", "error").inc()
+
+    def __enter__(self) -> BlobLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
