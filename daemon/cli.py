@@ -69,9 +69,10 @@ def _tenant(args: argparse.Namespace, settings: Settings) -> str:
         if len(tenants) == 1:
             return tenants[0]
         raise UsageError(f"--tenant is required: identity.tenants lists {len(tenants)} tenants ({', '.join(tenants)})")
-    if args.tenant not in tenants:
+    tenant = args.tenant.lower()  # tenant ids and domain names are case-insensitive; configuration lower-cases
+    if tenant not in tenants:
         raise UsageError(f"--tenant {args.tenant} is not in identity.tenants ({', '.join(tenants)})")
-    return args.tenant
+    return tenant
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:

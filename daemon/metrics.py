@@ -6,7 +6,7 @@ importing each other. The exposition (``/metrics``) lives with the daemon; here 
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 TOKEN_ACQUISITIONS = Counter(
     "graphsync_token_acquisitions_total",
@@ -23,4 +23,30 @@ STORAGE_OPERATIONS = Counter(
     "Blob storage calls by operation (read, write, lease) and result "
     "(ok, not_modified, absent, conflict, lease_held, error).",
     ["operation", "result"],
+)
+GRAPH_REQUESTS = Counter(
+    "graphsync_graph_requests_total",
+    "Microsoft Graph responses by HTTP status (or 'error' when no response came).",
+    ["status"],
+)
+JOB_RUNS = Counter(
+    "graphsync_job_runs_total",
+    "Job runs by result (ok, failed, skipped, busy, stopped).",
+    ["tenant", "job", "result"],
+)
+JOB_DURATION = Histogram(
+    "graphsync_job_run_duration_seconds",
+    "Duration of job runs that did work.",
+    ["tenant", "job"],
+    buckets=(1, 5, 15, 60, 300, 900, 3600),
+)
+OBJECTS_SYNCED = Counter(
+    "graphsync_objects_synced_total",
+    "Records received from Graph and applied to snapshots.",
+    ["tenant", "job"],
+)
+JOB_LAST_SUCCESS = Gauge(
+    "graphsync_job_last_success_timestamp_seconds",
+    "Unix time of the last successful run of a job on this replica.",
+    ["tenant", "job"],
 )

@@ -11,6 +11,8 @@ request must not wait that long for a cache it can do without.
 from __future__ import annotations
 
 import contextlib
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
@@ -23,7 +25,14 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.storage.blob import BlobLeaseClient, BlobServiceClient, ContainerClient, LinearRetry
+from azure.storage.blob import (
+    BlobBlock,
+    BlobClient,
+    BlobLeaseClient,
+    BlobServiceClient,
+    ContainerClient,
+    LinearRetry,
+)
 
 from daemon.metrics import STORAGE_OPERATIONS
 from daemon.redaction import redact
@@ -149,13 +158,14 @@ class BlobStore:
         return etag
 
     def _conditional_upload(self, name: str, data: bytes, if_match: str | None) -> str:
+        blob = self._container.get_blob_client(name)
         if if_match is None:
             # Create-only: If-None-Match: * (the SDK's overwrite=False). Never pass etag= with IfMissing.
-            result = self._container.upload_blob(name, data, overwrite=False)
+            result = blob.upload_blob(data, overwrite=False)
         else:
             # overwrite=True is required with If-Match, or the SDK turns a 412 into ResourceExistsError.
-            result = self._container.upload_blob(
-                name, data, overwrite=True, etag=if_match, match_condition=MatchConditions.IfNotModified
+            result = blob.upload_blob(
+                data, overwrite=True, etag=if_match, match_condition=MatchConditions.IfNotModified
             )
         return result["etag"]
 
@@ -167,13 +177,54 @@ class BlobStore:
         STORAGE_OPERATIONS.labels("write", "error").inc()
         return StorageError(f"writing {self._path(name)}: {_cause(exc)}")
 
+    def read_chunks(self, name: str) -> Iterator[bytes]:
+        """Stream a (possibly large) blob; nothing when it does not exist."""
+        try:
+            yield from self._container.download_blob(name).chunks()
+        except ResourceNotFoundError:
+            return
+        except AzureError as exc:
+            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+
+    def write_blocks(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Replace ``name`` atomically with the concatenated ``chunks``: stage blocks, then commit the list.
+
+        Readers see the old blob until the commit and the whole new one after it, never a half-written file,
+        and memory holds one chunk at a time.
+        """
+        blob = self._container.get_blob_client(name)
+        try:
+            block_ids = []
+            for chunk in chunks:
+                block_id = uuid.uuid4().hex
+                blob.stage_block(block_id, chunk)
+                block_ids.append(BlobBlock(block_id))
+            blob.commit_block_list(block_ids)
+        except AzureError as exc:
+            STORAGE_OPERATIONS.labels("write", "error").inc()
+            raise StorageError(f"writing {self._path(name)}: {_cause(exc)}") from exc
+        STORAGE_OPERATIONS.labels("write", "ok").inc()
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease on lock blob ``name`` (as they announced in its metadata), or ``None``."""
+        try:
+            props = self._container.get_blob_client(name).get_blob_properties()
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+        if props.lease.state != "leased":
+            return None
+        return (props.metadata or {}).get("holder", "unknown")
+
     def try_lease(self, name: str, seconds: int) -> BlobLease | None:
         """Take a lease on the lock blob ``name`` (created empty if missing); ``None`` if someone else holds it.
 
         Leases go on a separate lock blob, never on the data blob: a leased blob rejects writes without the lease
         id, and readers of the data must not depend on who holds the lock.
         """
-        client = BlobLeaseClient(self._container.get_blob_client(name))
+        blob = self._container.get_blob_client(name)
+        client = BlobLeaseClient(blob)
         for _ in range(2):
             try:
                 client.acquire(lease_duration=seconds)
@@ -193,7 +244,7 @@ class BlobStore:
                 STORAGE_OPERATIONS.labels("lease", "error").inc()
                 raise StorageError(f"leasing {self._path(name)}: {_cause(exc)}") from exc
             STORAGE_OPERATIONS.labels("lease", "ok").inc()
-            return BlobLease(client, self._path(name))
+            return BlobLease(client, blob, self._path(name))
         raise StorageError(f"leasing {self._path(name)}: the lock blob keeps disappearing")
 
     def _create_lock_blob(self, name: str) -> None:
@@ -207,13 +258,15 @@ class BlobStore:
 class BlobLease:
     """A held lease; renew it while the guarded work runs, release it when done (or let it expire)."""
 
-    def __init__(self, client: BlobLeaseClient, path: str) -> None:
+    def __init__(self, client: BlobLeaseClient, blob: BlobClient, path: str) -> None:
         self._client = client
+        self._blob = blob
         self.path = path
 
-    @property
-    def id(self) -> str:
-        return self._client.id
+    def announce(self, holder: str) -> None:
+        """Record who holds the lease in the lock blob's metadata, for ``graphsync status``; best effort."""
+        with contextlib.suppress(AzureError):
+            self._blob.set_blob_metadata({"holder": holder}, lease=self._client)
 
     def renew(self) -> bool:
         """Extend the lease; ``False`` when it was lost (expired and taken, or broken) or storage is unreachable."""

@@ -24,12 +24,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msal
 import requests
+from msal.exceptions import MsalServiceError
 
 from daemon import redaction
 from daemon.cache_envelope import CacheEnvelope, EnvelopeError
@@ -63,10 +64,14 @@ class AccessToken:
     tenant: str
 
 
-def merge_cache_states(ours: dict[str, Any], theirs: dict[str, Any], now: float) -> dict[str, Any]:
+def merge_cache_states(
+    ours: dict[str, Any], theirs: dict[str, Any], now: float, *, exclude: Container[str] = ()
+) -> dict[str, Any]:
     """Merge two serialized MSAL caches entry by entry; for access tokens the later expiry wins.
 
-    Expired access tokens are dropped, so merging with ``{}`` prunes. Other sections (app metadata) are unions.
+    Expired access tokens, and those whose secret is in ``exclude`` (rejected by a resource), are dropped, so
+    merging with ``{}`` prunes. Ties are broken by a total order, so every replica picks the same entry and two
+    replicas never take turns overwriting each other. Other sections (app metadata) are unions.
     """
     merged: dict[str, Any] = {}
     for section in ours.keys() | theirs.keys():
@@ -78,9 +83,11 @@ def merge_cache_states(ours: dict[str, Any], theirs: dict[str, Any], now: float)
             continue
         entries = {}
         for key in mine.keys() | other.keys():
-            alive = [e for e in (mine.get(key), other.get(key)) if e and int(e.get("expires_on", 0)) > now]
+            alive = [e for e in (mine.get(key), other.get(key))
+                     if e and int(e.get("expires_on", 0)) > now and e.get("secret") not in exclude]
             if alive:
-                entries[key] = max(alive, key=lambda e: (int(e["expires_on"]), int(e.get("cached_at", 0))))
+                entries[key] = max(alive, key=lambda e: (int(e["expires_on"]), int(e.get("cached_at", 0)),
+                                                         e.get("secret", "")))
         merged[section] = entries
     return merged
 
@@ -128,6 +135,7 @@ class TenantTokenCache:
         self._application: msal.ConfidentialClientApplication | None = None
         self._etag: str | None = None  # of the blob version merged into memory last
         self._pending_write = False  # memory holds a token the blob lacks
+        self._rejected: dict[str, float] = {}  # secrets a resource refused (401) -> their expiry
         self._storage_down_since: float | None = None
         self._storage_retry_at = 0.0
         self._storage_backoff = 1.0
@@ -139,24 +147,26 @@ class TenantTokenCache:
     def acquire(self, *, rejected: str | None = None) -> AccessToken:
         """A token for the configured scopes. ``rejected``: a token the resource server refused (401); skip it."""
         with self._mutex:
-            if entry := self._find(rejected, MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
+            if rejected:
+                self._reject(rejected)
+            if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
                 self._flush_if_pending()
                 return self._hand_out(entry, "memory")
             self._sync_from_blob()
-            if entry := self._find(rejected, MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
+            if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
                 self._flush_if_pending()
                 return self._hand_out(entry, "blob")
-            return self._refresh(rejected)
+            return self._refresh()
 
     def memory_expiry(self) -> int | None:
         """When the best token in memory expires (unix seconds), for status reports; no I/O, no secret."""
         with self._mutex:
-            entry = self._find(None, 0, honour_refresh_on=False)
+            entry = self._find(0, honour_refresh_on=False)
         return int(entry["expires_on"]) if entry else None
 
     # -- memory ---------------------------------------------------------------------------------------------
 
-    def _find(self, rejected: str | None, margin: int, *, honour_refresh_on: bool) -> dict[str, Any] | None:
+    def _find(self, margin: int, *, honour_refresh_on: bool) -> dict[str, Any] | None:
         """The longest-lived access token in memory with more than ``margin`` seconds left, or ``None``.
 
         The whole cache object belongs to this (client id, tenant) partition, so client id and scopes are
@@ -165,7 +175,7 @@ class TenantTokenCache:
         now = self._clock()
         best = None
         for entry in self._cache.search(AT, target=self._scopes, query={"client_id": self._client_id}):
-            if entry["secret"] == rejected or int(entry["expires_on"]) - now < margin:
+            if entry["secret"] in self._rejected or int(entry["expires_on"]) - now < margin:
                 continue
             if honour_refresh_on and "refresh_on" in entry and int(entry["refresh_on"]) < now:
                 continue
@@ -179,10 +189,18 @@ class TenantTokenCache:
     def _load(self, state: dict[str, Any]) -> None:
         self._cache.deserialize(json.dumps(state))
 
-    def _forget(self, rejected: str) -> None:
+    def _reject(self, secret: str) -> None:
+        """Remember a token a resource refused, for as long as it would live, and drop it from memory.
+
+        Merges exclude it too: the blob may still hold it, or a replacement may expire in the same second.
+        """
+        now = self._clock()
+        self._rejected = {s: exp for s, exp in self._rejected.items() if exp > now}
         for entry in list(self._cache.search(AT, target=self._scopes, query={"client_id": self._client_id})):
-            if entry["secret"] == rejected:
+            if entry["secret"] == secret:
+                self._rejected[secret] = int(entry["expires_on"])
                 self._cache.remove_at(entry)
+        self._rejected.setdefault(secret, now + 24 * 3600)
 
     def _hand_out(self, entry: dict[str, Any], source: Source) -> AccessToken:
         return self._token(entry["secret"], int(entry["expires_on"]), source)
@@ -221,7 +239,7 @@ class TenantTokenCache:
                         extra={"tenant": self.tenant})
             self._pending_write = bool(self._state().get(AT))
             return
-        merged = merge_cache_states(self._state(), remote, self._clock())
+        merged = merge_cache_states(self._state(), remote, self._clock(), exclude=self._rejected)
         self._load(merged)
         self._pending_write = _adds_to(merged, remote)
 
@@ -234,7 +252,7 @@ class TenantTokenCache:
         for attempt in range(MAX_WRITE_ATTEMPTS):
             if not self._storage_ready():
                 return
-            state = merge_cache_states(self._state(), {}, self._clock())  # prune expired tokens
+            state = merge_cache_states(self._state(), {}, self._clock(), exclude=self._rejected)  # prune
             try:
                 self._etag = self._store.write(
                     self.blob_name, self._envelope.encode(state, self.blob_name), if_match=self._etag
@@ -278,14 +296,14 @@ class TenantTokenCache:
 
     # -- refresh --------------------------------------------------------------------------------------------
 
-    def _refresh(self, rejected: str | None) -> AccessToken:
+    def _refresh(self) -> AccessToken:
         """Single-flight across the fleet: hold the lock blob's lease, or wait for the holder's result."""
         deadline = self._clock() + self._lock_wait
         lease = self._try_lease()
         while lease is None and self._storage_ready() and self._clock() < deadline:
             self._sleep(random.uniform(0.15, 0.4))
             self._sync_from_blob()
-            if entry := self._find(rejected, MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
+            if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
                 return self._hand_out(entry, "blob")
             lease = self._try_lease()
         if lease is None and self._storage_ready():
@@ -294,9 +312,9 @@ class TenantTokenCache:
         with lease or contextlib.nullcontext():
             if lease is not None:
                 self._sync_from_blob()  # the previous holder may have published just before we got the lease
-                if entry := self._find(rejected, MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
+                if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
                     return self._hand_out(entry, "blob")
-            return self._from_identity_provider(rejected)
+            return self._from_identity_provider()
 
     def _try_lease(self) -> BlobLease | None:
         if not self._storage_ready():
@@ -307,25 +325,25 @@ class TenantTokenCache:
             self._storage_failed(exc)
             return None
 
-    def _from_identity_provider(self, rejected: str | None) -> AccessToken:
-        if rejected:
-            self._forget(rejected)
+    def _from_identity_provider(self) -> AccessToken:
         now = self._clock()
-        fallback = self._find(rejected, FALLBACK_MARGIN, honour_refresh_on=False)
+        fallback = self._find(FALLBACK_MARGIN, honour_refresh_on=False)
         if fallback is not None and now < self._identity_retry_at:
             return self._hand_out(fallback, "memory")  # backing off after a failure; the old token still works
         try:
             result = self._msal().acquire_token_for_client(self._scopes)
-        except (requests.RequestException, ValueError) as exc:  # transport failure, or discovery failed
-            self._application = None  # rebuild (re-discover) next time
-            result = {"error": "identity_provider_unreachable", "error_description": _first_line(exc)}
+        except (requests.RequestException, MsalServiceError, ValueError) as exc:
+            # Transport failure, a 5xx that outlived our retries (MSAL raises for those instead of returning an
+            # error), or failed discovery: rebuild (re-discover) next time.
+            self._application = None
+            result = {"error": "identity_provider_unavailable", "error_description": _first_line(exc)}
         if "access_token" in result and result.get("token_source") == "identity_provider":
             IDENTITY_PROVIDER_REQUESTS.labels(self.tenant, "ok").inc()
             self._identity_backoff = 2.0
             self._identity_retry_at = 0.0
             self._pending_write = True
             self._flush()
-            return self._token(result["access_token"], int(now) + int(result["expires_in"]), "identity_provider")
+            return self._token(result["access_token"], self._expiry_of(result), "identity_provider")
         IDENTITY_PROVIDER_REQUESTS.labels(self.tenant, "error").inc()
         self._identity_retry_at = now + self._identity_backoff
         self._identity_backoff = min(self._identity_backoff * 2, IDENTITY_BACKOFF_MAX)
@@ -334,13 +352,20 @@ class TenantTokenCache:
             # kept the old token. Say so, or a dead credential stays hidden until the token expires.
             log.warning("proactive token refresh for tenant %s failed; the current token stays in use until it "
                         "expires", self.tenant, extra={"tenant": self.tenant})
-            return self._token(result["access_token"], int(now) + int(result["expires_in"]), "memory")
+            return self._token(result["access_token"], self._expiry_of(result), "memory")
         error = TokenError(self.tenant, str(result.get("error")), result.get("error_description") or "",
                            result.get("error_codes"))
         if fallback is not None:
             log.warning("%s; using the cached token until it expires", error, extra={"tenant": self.tenant})
             return self._hand_out(fallback, "memory")
         raise error
+
+    def _expiry_of(self, result: dict[str, Any]) -> int:
+        """The expiry MSAL stored for the token it just returned, so every replica reports the same instant."""
+        for entry in self._cache.search(AT, target=self._scopes, query={"client_id": self._client_id}):
+            if entry["secret"] == result["access_token"]:
+                return int(entry["expires_on"])
+        return int(self._clock()) + int(result["expires_in"])
 
     def _msal(self) -> msal.ConfidentialClientApplication:
         if self._application is None:

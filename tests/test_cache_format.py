@@ -90,3 +90,12 @@ def test_redaction_hides_registered_secrets_jwts_and_sas_signatures():
     assert jwt not in out
     assert "abc%2Fdef" not in out
     assert "sv=1" in out and "se=2" in out
+
+
+def test_merge_excludes_rejected_tokens_and_breaks_ties_the_same_way_on_every_replica():
+    a, b = _at("token-a", NOW + 100), _at("token-b", NOW + 100)
+    one = merge_cache_states({"AccessToken": {"k": a}}, {"AccessToken": {"k": b}}, NOW)
+    other = merge_cache_states({"AccessToken": {"k": b}}, {"AccessToken": {"k": a}}, NOW)
+    assert one == other
+    rejected_b = merge_cache_states({"AccessToken": {"k": a}}, {"AccessToken": {"k": b}}, NOW, exclude={"token-b"})
+    assert rejected_b["AccessToken"]["k"]["secret"] == "token-a"

@@ -1,0 +1,171 @@
+"""Microsoft Graph client: paging, delta rounds, throttling and token refresh, one page in memory at a time.
+
+Retries on 429/503/504 (with ``Retry-After`` in seconds or as an HTTP date) come from urllib3's ``Retry`` on a
+pooled session; this module adds only what Graph needs beyond HTTP: a fresh token on 401 (once), the signals
+that a delta token is dead, and errors that carry the ids a support case needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import requests
+
+from daemon.identity import retrying_session
+from daemon.metrics import GRAPH_REQUESTS
+from daemon.tokencache import AccessToken
+
+log = logging.getLogger(__name__)
+
+THROTTLE_STATUSES = (429, 503, 504)
+RESYNC_CODES = {"syncstatenotfound", "resyncrequired", "syncstateinvalid"}
+
+
+class TokenSource(Protocol):
+    def acquire(self, tenant: str, *, rejected: str | None = None) -> AccessToken: ...
+
+
+class GraphError(Exception):
+    """A Graph call failed; the message names the URL path, status, Graph error code and request ids."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ResyncRequired(GraphError):
+    """The delta token is expired or invalid: the only way forward is a full resync."""
+
+
+class MalformedResponse(GraphError):
+    """The response is not the JSON collection page Graph promises."""
+
+
+@dataclass(frozen=True)
+class Page:
+    objects: list[dict[str, Any]]
+    next_link: str | None
+    delta_link: str | None
+
+
+class GraphClient:
+    def __init__(
+        self,
+        endpoint: str,
+        api_version: str,
+        tokens: TokenSource,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = f"{endpoint.rstrip('/')}/{api_version}"
+        self._tokens = tokens
+        self._timeout = timeout
+        self._session = session or retrying_session(total=max_retries, statuses=THROTTLE_STATUSES, backoff=1.0)
+
+    def collection_url(self, resource: str, *, select: list[str] | None = None, delta: bool = False,
+                       top: int | None = None) -> str:
+        url = f"{self.base_url}/{resource}{'/delta' if delta else ''}"
+        query = []
+        if select:
+            query.append("$select=" + ",".join(select))
+        if top is not None:
+            query.append(f"$top={top}")
+        return url + ("?" + "&".join(query) if query else "")
+
+    def pages(self, tenant: str, url: str, *, minimal: bool = False) -> Iterator[Page]:
+        """Follow ``@odata.nextLink`` from ``url`` verbatim until a page without one (delta: with a deltaLink).
+
+        ``minimal`` sends ``Prefer: return=minimal`` (delta-link rounds: updated objects carry only changed
+        properties). A generator, so the caller can stop between pages and only one page is ever in memory.
+        """
+        next_url: str | None = url
+        while next_url is not None:
+            body = self.get_json(tenant, next_url, minimal=minimal)
+            objects = body.get("value")
+            if not isinstance(objects, list):
+                raise MalformedResponse(f"GET {_path(next_url)}: the response has no 'value' array")
+            page = Page(objects, body.get("@odata.nextLink"), body.get("@odata.deltaLink"))
+            yield page
+            next_url = page.next_link
+
+    def get_json(self, tenant: str, url: str, *, minimal: bool = False) -> dict[str, Any]:
+        """GET ``url`` with a token for ``tenant``; on 401 get a fresh token once and try again."""
+        token = self._tokens.acquire(tenant)
+        response = self._send(url, token.token, minimal)
+        if response.status_code == 401:
+            log.info("Graph rejected the access token for tenant %s (401); getting a fresh one", tenant,
+                     extra={"tenant": tenant})
+            token = self._tokens.acquire(tenant, rejected=token.token)
+            response = self._send(url, token.token, minimal)
+        if response.status_code != 200:
+            raise self._error(url, response)
+        try:
+            body = response.json()
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise MalformedResponse(
+                f"GET {_path(url)}: response is not valid JSON ({exc.__class__.__name__}); {_ids(response)}"
+            ) from None
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"GET {_path(url)}: response is not a JSON object; {_ids(response)}")
+        return body
+
+    def _send(self, url: str, token: str, minimal: bool) -> requests.Response:
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+            "client-request-id": str(uuid.uuid4()),
+            "return-client-request-id": "true",
+            "x-ms-throttle-priority": "low",  # background work: let interactive traffic go first
+        }
+        if minimal:
+            headers["Prefer"] = "return=minimal"
+        try:
+            response = self._session.get(url, headers=headers, timeout=self._timeout)
+        except requests.RequestException as exc:
+            GRAPH_REQUESTS.labels("error").inc()
+            raise GraphError(f"GET {_path(url)}: {type(exc).__name__} (client-request-id "
+                             f"{headers['client-request-id']})") from None
+        GRAPH_REQUESTS.labels(str(response.status_code)).inc()
+        return response
+
+    def _error(self, url: str, response: requests.Response) -> GraphError:
+        code, message = _graph_error(response)
+        text = f"GET {_path(url)}: HTTP {response.status_code} {code or ''}: {message}; {_ids(response)}"
+        log.warning("Graph call failed: %s", text)
+        resync = response.status_code == 410 or (
+            response.status_code == 400 and (code or "").lower() in RESYNC_CODES
+        )
+        kind = ResyncRequired if resync else GraphError
+        return kind(text, status=response.status_code, code=code)
+
+
+def _graph_error(response: requests.Response) -> tuple[str | None, str]:
+    try:
+        error = response.json().get("error") or {}
+        return error.get("code"), (error.get("message") or "").splitlines()[0][:300]
+    except (ValueError, AttributeError):
+        return None, (response.reason or "")
+
+
+def _ids(response: requests.Response) -> str:
+    """The identifiers Microsoft support asks for: request-id, client-request-id and x-ms-ags-diagnostic."""
+    headers = response.headers
+    client_request_id = headers.get("client-request-id") or response.request.headers.get("client-request-id")
+    parts = [f"request-id {headers.get('request-id', '-')}", f"client-request-id {client_request_id or '-'}"]
+    if diagnostic := headers.get("x-ms-ags-diagnostic"):
+        parts.append(f"x-ms-ags-diagnostic {diagnostic}")
+    return ", ".join(parts)
+
+
+def _path(url: str) -> str:
+    """The URL path only: skip tokens and delta tokens in the query string are opaque and can be long."""
+    return urlsplit(url).path

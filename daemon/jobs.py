@@ -1,0 +1,278 @@
+"""One run of one job for one tenant: lock, fetch, apply, publish, then advance the cursor — in that order.
+
+A run's data (snapshot and change file) is durable before its delta link is saved, so a crash or SIGTERM at any
+point loses nothing: the next run starts again from the last saved link. Across replicas a lease on the job's
+lock blob makes sure one replica runs it at a time, and the freshness check after taking the lease makes sure
+the fleet runs it once per interval, not once per replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+from daemon.graph import GraphClient, GraphError, MalformedResponse, ResyncRequired
+from daemon.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
+from daemon.sinks import Sink
+from daemon.snapshot import SnapshotStore, encode
+from daemon.storage import BlobLease, BlobStore, StorageError, WriteConflict
+
+if TYPE_CHECKING:
+    from daemon.config import JobSettings
+
+log = logging.getLogger(__name__)
+
+RunStatus = Literal["ok", "failed", "skipped", "busy", "stopped"]
+LOCK_SECONDS = 30
+WAIT_POLL_SECONDS = 2.0
+
+
+def replica_name() -> str:
+    """How this process names itself in lock blobs and state files: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def lock_blob(tenant: str, job: str) -> str:
+    return f"locks/{tenant}/{job}.lock"
+
+
+@dataclass
+class RunResult:
+    tenant: str
+    job: str
+    status: RunStatus
+    run_id: str | None = None
+    objects: int = 0
+    changes: int = 0
+    pages: int = 0
+    duration: float = 0.0
+    full: bool = False
+    resync: bool = False
+    message: str = ""
+
+
+Progress = Callable[[str, str, int, int], None]
+"""Called after every page with (tenant, job, pages so far, records so far)."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped between pages (shutdown, or the lock was lost); nothing of it was published."""
+
+
+class _LeaseKeeper:
+    """Renews a job lease while the run works; if renewal fails the run must stop, not publish."""
+
+    def __init__(self, lease: BlobLease) -> None:
+        self._lease = lease
+        self._done = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._renew, name=f"lease {lease.path}", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self._lease.release()
+
+    def _renew(self) -> None:
+        while not self._done.wait(LOCK_SECONDS / 3):
+            if not self._lease.renew():
+                log.error("lost the lock %s; the run stops without publishing", self._lease.path)
+                self.lost = True
+                return
+
+
+class JobRunner:
+    def __init__(self, *, graph: GraphClient, sink: Sink, locks: BlobStore, replica: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._graph = graph
+        self._sink = sink
+        self._locks = locks
+        self._replica = replica or replica_name()
+        self._clock = clock
+
+    def run(self, job: JobSettings, tenant: str, *, due_after: float | None = None, wait: bool = False,
+            stop: threading.Event | None = None, progress: Progress | None = None) -> RunResult:
+        """Run ``job`` for ``tenant`` unless another replica is running it (``busy``, or wait with ``wait``) or it
+        already succeeded after ``due_after`` (``skipped``)."""
+        stop = stop or threading.Event()
+        try:
+            lease = self._lock(job, tenant, wait, stop)
+        except StorageError as exc:
+            return self._finish(RunResult(tenant, job.name, "failed", message=f"cannot take the job lock: {exc}"))
+        if lease is None:
+            status: RunStatus = "stopped" if stop.is_set() else "busy"
+            return RunResult(tenant, job.name, status, message="running on another replica")
+        with _LeaseKeeper(lease) as keeper:
+            lease.announce(self._replica)
+            return self._run_locked(job, tenant, due_after, lambda: stop.is_set() or keeper.lost, progress)
+
+    def _lock(self, job: JobSettings, tenant: str, wait: bool, stop: threading.Event) -> BlobLease | None:
+        name = lock_blob(tenant, job.name)
+        lease = self._locks.try_lease(name, LOCK_SECONDS)
+        while lease is None and wait and not stop.wait(WAIT_POLL_SECONDS):
+            lease = self._locks.try_lease(name, LOCK_SECONDS)
+        return lease
+
+    def _run_locked(self, job: JobSettings, tenant: str, due_after: float | None,
+                    interrupted: Callable[[], bool], progress: Progress | None) -> RunResult:
+        try:
+            state, etag = self._sink.read_state(tenant, job.name)
+        except StorageError as exc:
+            return self._finish(RunResult(tenant, job.name, "failed", message=str(exc)))
+        state = state or {}
+        last_started = state.get("last_success_started")
+        if due_after is not None and last_started and _epoch(last_started) >= due_after:
+            return RunResult(tenant, job.name, "skipped", message=f"already ran at {last_started}")
+
+        started = self._clock()
+        result = RunResult(tenant, job.name, "ok", run_id=uuid.uuid4().hex[:12])
+        log.info("run %s of job %s for tenant %s started", result.run_id, job.name, tenant,
+                 extra={"tenant": tenant, "job": job.name, "run_id": result.run_id})
+        try:
+            delta_link = self._sync(job, tenant, state, result, started, interrupted, progress)
+        except RunInterrupted as exc:
+            result.status, result.message = "stopped", str(exc)
+            return self._finish(result, started)
+        except (GraphError, StorageError, OSError) as exc:
+            result.status, result.message = "failed", str(exc)
+            self._save_state(tenant, job, etag, state | {
+                "last_failure": _iso(self._clock()), "last_error": str(exc), "last_run_id": result.run_id})
+            return self._finish(result, started)
+        self._save_state(tenant, job, etag, state | {
+            "job": job.name, "tenant": tenant, "query": _query(job), "delta_link": delta_link,
+            "last_run_id": result.run_id, "last_success": _iso(self._clock()),
+            "last_success_started": _iso(started), "objects": result.objects, "changes": result.changes,
+            "replica": self._replica, "last_error": None,
+        })
+        return self._finish(result, started)
+
+    def _sync(self, job: JobSettings, tenant: str, state: dict[str, Any], result: RunResult, started: float,
+              interrupted: Callable[[], bool], progress: Progress | None) -> str | None:
+        """Fetch and apply; publish snapshot and change file; return the delta link to save."""
+        delta_link = state.get("delta_link") if job.delta and state.get("query") == _query(job) else None
+        with tempfile.TemporaryDirectory(prefix="graphsync-") as scratch:
+            store = SnapshotStore(Path(scratch) / "work.sqlite")
+            changes_path = Path(scratch) / "changes.jsonl"
+            try:
+                with open(changes_path, "wb") as changes:
+                    if delta_link:
+                        try:
+                            store.load(self._sink.snapshot_lines(tenant, job.name))
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
+                            delta_link = None
+                            store.clear()
+                    url = delta_link or self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
+                    result.full = delta_link is None
+                    try:
+                        new_link = self._fetch(tenant, job, url, store, changes, result, interrupted, progress)
+                    except ResyncRequired as exc:
+                        log.warning("delta token of %s/%s expired or invalid (%s); full resync", tenant, job.name,
+                                    exc.code, extra={"tenant": tenant, "job": job.name})
+                        result.full = result.resync = True
+                        result.pages = result.changes = 0
+                        store.clear()
+                        changes.seek(0)
+                        changes.truncate()
+                        url = self._graph.collection_url(job.resource, select=job.select, delta=True)
+                        new_link = self._fetch(tenant, job, url, store, changes, result, interrupted, progress)
+                if job.delta and new_link is None:
+                    raise MalformedResponse(f"delta round of {job.resource} ended without an @odata.deltaLink")
+                if interrupted():
+                    raise RunInterrupted("stopped before publishing")
+                result.objects = store.count()
+                if result.changes:
+                    name = f"{_stamp(started)}-{result.run_id}{'-full' if result.full else ''}.jsonl"
+                    self._sink.write_changes(tenant, job.name, name, _read_lines(changes_path))
+                self._sink.write_snapshot(tenant, job.name, store.lines())
+            finally:
+                store.close()
+        return new_link
+
+    def _fetch(self, tenant: str, job: JobSettings, url: str, store: SnapshotStore, changes: IO[bytes],
+               result: RunResult, interrupted: Callable[[], bool], progress: Progress | None) -> str | None:
+        """Stream pages into the working store and the change file; return the round's delta link."""
+        for page in self._graph.pages(tenant, url, minimal=not result.full):
+            for record in page.objects:
+                if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                    raise MalformedResponse(f"a record in {job.resource} has no string 'id'")
+                changes.write(encode(_change(record)))
+            store.apply(page.objects)
+            result.pages += 1
+            result.changes += len(page.objects)
+            if progress:
+                progress(tenant, job.name, result.pages, result.changes)
+            if page.delta_link:
+                return page.delta_link
+            if interrupted():
+                raise RunInterrupted("stopped between pages")
+        return None
+
+    def _save_state(self, tenant: str, job: JobSettings, etag: str | None, state: dict[str, Any]) -> None:
+        try:
+            self._sink.write_state(tenant, job.name, state, if_match=etag)
+        except WriteConflict:
+            log.error("state of %s/%s changed under this run (lock lost?); not saving this run's cursor",
+                      tenant, job.name, extra={"tenant": tenant, "job": job.name})
+        except StorageError as exc:
+            log.error("cannot save state of %s/%s: %s", tenant, job.name, exc)
+
+    def _finish(self, result: RunResult, started: float | None = None) -> RunResult:
+        if started is not None:
+            result.duration = self._clock() - started
+            JOB_DURATION.labels(result.tenant, result.job).observe(result.duration)
+        JOB_RUNS.labels(result.tenant, result.job, result.status).inc()
+        extra = {"tenant": result.tenant, "job": result.job, "run_id": result.run_id}
+        if result.status == "ok":
+            OBJECTS_SYNCED.labels(result.tenant, result.job).inc(result.changes)
+            JOB_LAST_SUCCESS.labels(result.tenant, result.job).set(self._clock())
+            log.info("run %s of %s/%s: %d objects, %d changes in %.1f s%s", result.run_id, result.tenant,
+                     result.job, result.objects, result.changes, result.duration,
+                     " (full resync)" if result.resync else "", extra=extra)
+        else:
+            log.log(logging.ERROR if result.status == "failed" else logging.INFO, "run of %s/%s %s: %s",
+                    result.tenant, result.job, result.status, result.message, extra=extra)
+        return result
+
+
+def _change(record: dict[str, Any]) -> dict[str, Any]:
+    """A change-file line: the record as Graph sent it, or for a removal just its id and reason."""
+    if "@removed" in record:
+        return {"id": record["id"], "@removed": record["@removed"]}
+    return record
+
+
+def _query(job: JobSettings) -> dict[str, Any]:
+    """What the saved delta link was made for: a changed resource or $select needs a full sync."""
+    return {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
+
+
+def _read_lines(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as file:
+        yield from file
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _stamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%dT%H%M%SZ")

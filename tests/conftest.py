@@ -1,0 +1,420 @@
+"""Shared fixtures: a test CA, the fake Entra, Azurite, daemon config files and daemon runs.
+
+Everything talks real protocols on loopback so the daemon, run as a subprocess, sees the
+same endpoints the in-process test code does.  The only hand-off a subprocess needs is the
+environment returned by ``tls_env`` (trust for the test CA).
+"""
+
+from __future__ import annotations
+
+import http.client
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import trustme
+from azure.storage.blob import BlobServiceClient
+
+from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
+from tests.fakes.graph import fake_graph  # noqa: F401  (a fixture, registered by importing it here)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The emulator's fixed, publicly documented development account.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """One CA per session signs every fake's server certificate."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_bundle(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CA certificate as a PEM file, for REQUESTS_CA_BUNDLE and subprocesses."""
+    path = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def tls_env(ca_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Trust the test CA in this process and return the env a subprocess needs to do so.
+
+    REQUESTS_CA_BUNDLE overrides any ``verify=True`` in requests (and so in MSAL), which is
+    also why this has to be set rather than passing a CA to each client.
+    """
+    env = {"REQUESTS_CA_BUNDLE": str(ca_bundle)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+# -- Azurite -----------------------------------------------------------------------------
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+class Azurite:
+    """An Azurite blob service subprocess that can be stopped and started again.
+
+    Data is persisted under ``location`` and the port never changes, so a stop/start is a
+    storage outage the daemon should survive, not a new, empty account.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, executable: str, location: Path, log_dir: Path, port: int) -> None:
+        self.executable = executable
+        self.location = location
+        self.port = port
+        self._stdout = log_dir / "azurite.stdout.log"
+        self._stderr = log_dir / "azurite.stderr.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            "DefaultEndpointsProtocol=http;"
+            f"AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://{self.host}:{self.port}/{AZURITE_ACCOUNT};"
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 20) -> None:
+        """Start on the same port and location; return once Azurite answers HTTP there."""
+        if self.running:
+            return
+        command = [
+            self.executable,
+            "--blobHost", self.host,
+            "--blobPort", str(self.port),
+            "--location", str(self.location),
+            "--skipApiVersionCheck",  # Azurite 3.37 rejects azure-storage-blob 12.31's API version
+            "--disableTelemetry",
+            "--loose",
+        ]  # fmt: skip
+        with self._stdout.open("ab") as out, self._stderr.open("ab") as err:
+            self._process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self._process.poll()
+            if code is not None:
+                raise RuntimeError(f"Azurite exited with code {code} during startup:\n{_tail(self._stderr)}")
+            if self._answers():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"Azurite did not answer on {self.host}:{self.port} within {timeout} s:\n{_tail(self._stderr)}"
+        )
+
+    def _answers(self) -> bool:
+        """True once *Azurite* answers HTTP on the port (not some other process that holds it)."""
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=1)
+        try:
+            connection.request("GET", "/")
+            return connection.getresponse().getheader("Server", "").startswith("Azurite-Blob")
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Terminate (Azurite flushes its metadata on SIGTERM) and wait; kill if it hangs."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _azurite_executable() -> str:
+    local = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
+    if local.exists():
+        return str(local)
+    on_path = shutil.which("azurite-blob")
+    if on_path:
+        return on_path
+    pytest.fail(
+        f"Azurite is not installed (no {local} and no azurite-blob on PATH); run `make setup`.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """A session-wide Azurite blob service on a free loopback port."""
+    base = tmp_path_factory.mktemp("azurite")
+    location = base / "data"
+    location.mkdir()
+    server = Azurite(_azurite_executable(), location, base, _free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def blob_container(azurite: Azurite) -> Iterator[str]:
+    """A fresh, uniquely named container, so tests never see each other's cache blobs."""
+    if not azurite.running:  # an earlier test may have simulated an outage
+        azurite.start()
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        service.create_container(name)
+    yield name
+    if not azurite.running:
+        return
+    try:
+        with BlobServiceClient.from_connection_string(
+            azurite.connection_string, retry_total=0, connection_timeout=2, read_timeout=5
+        ) as service:
+            service.delete_container(name)
+    except Exception:  # cleanup is best effort; the data dir is temporary anyway
+        pass
+
+
+# -- fake Entra --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_entra(ca: trustme.CA, tls_env: dict[str, str]) -> Iterator[FakeEntra]:
+    """A started fake Entra knowing the app CLIENT_ID / CLIENT_SECRET.
+
+    Depends on ``tls_env`` because the fake is unusable without trusting its CA.
+    """
+    with FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET) as fake:
+        yield fake
+
+
+# -- daemon config -----------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+TomlScalar = str | int | float | bool | os.PathLike[str]
+
+
+def _toml_string(text: str) -> str:
+    escaped = "".join(
+        _TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
+        for ch in text
+    )
+    return f'"{escaped}"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, os.PathLike):
+        return _toml_string(os.fspath(value))
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")
+
+
+def dumps_toml(document: Mapping[str, Any], _table: tuple[str, ...] = ()) -> str:
+    """Write str/int/float/bool/path scalars, lists of scalars and nested tables as TOML.
+
+    Hand-rolled because only ``tomllib`` (read-only) is in the stdlib and the config is tiny.
+    """
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in document.items() if not isinstance(v, Mapping)]
+    for key, value in document.items():
+        if isinstance(value, Mapping):
+            table = (*_table, key)
+            lines += ["", "[" + ".".join(_toml_key(part) for part in table) + "]", dumps_toml(value, table)]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``extra`` into ``base`` table by table; a None value removes the key."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class WriteConfig(Protocol):
+    def __call__(
+        self,
+        path: str | Path | None = None,
+        *,
+        tenants: Sequence[str] = ...,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path: ...
+
+
+@pytest.fixture
+def graphsync_config(
+    tmp_path: Path, fake_entra: FakeEntra, azurite: Azurite, blob_container: str
+) -> WriteConfig:
+    """Factory writing a daemon TOML config wired to this test's fake Entra and container.
+
+    ``path`` defaults to ``tmp_path/graphsync.toml`` (relative paths are under tmp_path);
+    ``extra`` is deep-merged, e.g. ``{"cache": {"lease_seconds": 15}}`` or
+    ``{"identity": {"client_secret": None}}`` to drop a key.
+    """
+
+    def write_config(
+        path: str | Path | None = None,
+        *,
+        tenants: Sequence[str] = ("contoso.onmicrosoft.com",),
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
+        target = tmp_path / (path if path is not None else "graphsync.toml")
+        document: dict[str, Any] = {
+            "identity": {
+                "client_id": CLIENT_ID,
+                "tenants": list(tenants),
+                "authority_host": fake_entra.authority_host,
+                "client_secret": CLIENT_SECRET,
+            },
+            "storage": {
+                "connection_string": azurite.connection_string,
+                "container": blob_container,
+            },
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(dumps_toml(deep_merge(document, extra or {})))
+        return target
+
+    return write_config
+
+
+# -- running the daemon ------------------------------------------------------------------
+
+
+def _daemon_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "daemon", *args]
+
+
+def _daemon_env(tls_env: Mapping[str, str], env: Mapping[str, str] | None) -> dict[str, str]:
+    # Unbuffered so a long-running daemon's log lines reach the test as they happen.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **tls_env, **(env or {})}
+
+
+class RunGraphsync(Protocol):
+    def __call__(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+class StartGraphsync(Protocol):
+    def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]: ...
+
+
+@pytest.fixture
+def run_graphsync(tls_env: dict[str, str]) -> RunGraphsync:
+    """Run ``python -m daemon ARGS`` to completion from the repo root, capturing text output."""
+
+    def run(
+        *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            _daemon_command(args),
+            cwd=REPO_ROOT,
+            env=_daemon_env(tls_env, env),
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
+
+
+@pytest.fixture
+def start_graphsync(tls_env: dict[str, str]) -> Iterator[StartGraphsync]:
+    """Start ``python -m daemon ARGS`` in the background; stopped at teardown.
+
+    stdout/stderr are pipes: read them (or ``communicate()``) in the test, since a daemon
+    that fills a 64 KiB pipe nobody reads blocks on its next log line.
+    """
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            _daemon_command(args),
+            cwd=REPO_ROOT,
+            env=_daemon_env(tls_env, env),
+            text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+
+    for process in processes:
+        _stop_process(process)
+
+
+def _stop_process(process: subprocess.Popen[str], grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; drains pipes so shutdown logging can't block."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.communicate(timeout=grace)
+        except (subprocess.TimeoutExpired, ValueError):  # ValueError: the test closed the pipes
+            process.kill()
+            process.wait(timeout=5)
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+

@@ -1,0 +1,1231 @@
+"""A local HTTPS fake of Microsoft Graph collections: full listings, delta queries, faults.
+
+Why a fake rather than mocks: graphsync's correctness lives in how it walks Graph's paging
+and delta protocol -- opaque ``@odata.nextLink``/``@odata.deltaLink`` URLs, records that
+repeat or arrive split across pages, ``@removed`` tombstones, partial (``return=minimal``)
+updates, expired sync state, throttling and truncated responses.  A real HTTPS server lets
+the daemon (in-process or as a subprocess) use its real HTTP stack against all of that,
+while the test owns the directory contents, the faults, and a record of every request.
+
+Served (one host for every tenant, as in real Graph; the tenant is the one the bearer
+token was issued for by :class:`~tests.fakes.entra.FakeEntra`):
+
+* ``GET /v1.0/{resource}?$select=a,b&$top=N`` -- a full listing, paged with ``$skiptoken``.
+  ``$expand=members`` on ``groups`` adds a ``members`` array.
+* ``GET /v1.0/{resource}/delta?$select=...`` -- starts a delta round (``$top`` is ignored);
+  ``$deltatoken=latest`` returns just a deltaLink for "from now on".
+* ``GET <@odata.deltaLink>`` -- the changes since that link was issued, paged the same way.
+* ``GET /v1.0/{resource}/{id}`` -- one object.
+
+Link shapes (treat them as opaque; they are documented so test failures are readable)::
+
+    {base_url}/v1.0/{resource}?$skiptoken=<token>          next page of a listing
+    {base_url}/v1.0/{resource}/delta?$skiptoken=<token>    next page of a delta round
+    {base_url}/v1.0/{resource}/delta?$deltatoken=<token>   the deltaLink
+
+A round's pages are decided when the round starts (the ids to enumerate, or the change
+records) and kept server-side under an opaque round id, so fetching the same nextLink again
+(a retry after a truncated page) returns the same page, and 100,000 objects cost one O(n)
+pass per round rather than per page.  Object properties are rendered when a page is served,
+from the current state: a page can be newer than the round's start, never older, and
+anything changed after the start is in the next round anyway because the deltaLink
+remembers the change-log position of the round's start.
+
+Deliberate simplifications: users and groups are independent collections (deleting a user
+does not remove it from groups); only ``groups`` have members, and members are always
+``#microsoft.graph.user``; with ``$select``, only changes to selected properties make an
+object show up in a changes round; without ``$select`` every stored property is returned.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import json
+import logging
+import math
+import random
+import secrets
+import socketserver
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import pytest
+import trustme
+
+from tests.fakes.entra import FakeEntra, tenant_id
+
+__all__ = [
+    "MAX_PAGE_SIZE",
+    "FakeGraph",
+    "GraphRequest",
+    "fake_graph",
+    "mutate",
+    "populate",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 999  # the largest $top Graph honours for directory objects
+MEMBER_TYPE = "#microsoft.graph.user"
+_MEMBER_RESOURCES = frozenset({"groups"})
+_DELTA_SEGMENTS = frozenset({"delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()"})
+_MAX_ROUNDS = 1000  # rounds kept for their skiptokens; the oldest are forgotten first
+_DUPLICATE_EVERY = 4  # with duplicate_records, every 4th record of a round is sent again later
+_CONTENT_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
+_DIAGNOSTIC = json.dumps(
+    {
+        "ServerInfo": {
+            "DataCenter": "West Europe",
+            "Slice": "E",
+            "Ring": "5",
+            "ScaleUnit": "003",
+            "RoleInstance": "AM2PEPF0000FAKE",
+        }
+    },
+    separators=(",", ":"),
+)
+_EXPIRED_TOKEN_MESSAGE = "Access token has expired or is not yet valid."
+_THROTTLED_MESSAGE = "Too many requests. Please try again later."
+
+
+# -- public records ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphRequest:
+    """One request as the fake saw and answered it.
+
+    ``headers`` has lower-cased names (and includes ``authorization``: the fake never logs
+    it, the records are for assertions only); ``query`` maps each parameter to its first
+    value, ``$`` kept (``{"$select": "id,displayName"}``); ``tenant`` is the tenant the
+    bearer token was issued for as Entra recorded it, or None if there was no known token.
+    """
+
+    time: float
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    tenant: str | None
+    status: int
+
+
+# -- internal state ----------------------------------------------------------------------
+
+
+@dataclass
+class _Collection:
+    """One tenant's objects of one resource, plus the change log delta rounds are cut from.
+
+    ``log`` is append-only; a change's sequence number is its index + 1, so ``len(log)`` is
+    the position a deltaLink remembers.  Entries are ``(kind, id, data)``:
+    ``("full", id, None)`` added or restored, ``("props", id, frozenset)`` updated,
+    ``("removed", id, reason)``, ``("member", group_id, (member_id, removed))``.
+    """
+
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    members: dict[str, set[str]] = field(default_factory=dict)  # group id -> member ids
+    soft_deleted: dict[str, tuple[dict[str, Any], set[str] | None]] = field(default_factory=dict)
+    log: list[tuple[str, str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One record of a round, rendered when its page is served.
+
+    ``props`` None means "all selected properties"; a set means only those (minimal mode).
+    ``members`` becomes ``members@delta``: ``(member_id, removed)`` pairs.
+    """
+
+    id: str
+    removed: str | None = None
+    props: frozenset[str] | None = None
+    members: tuple[tuple[str, bool], ...] | None = None
+
+
+@dataclass
+class _Round:
+    """A listing or delta round whose pages are fixed when it starts; see the module doc."""
+
+    tenant: str  # tenant key (GUID)
+    resource: str
+    delta: bool
+    select: tuple[str, ...] | None
+    expand_members: bool
+    items: list[str | _Item]  # a bare id is a full object without members
+    page_size: int
+    empty_pages: bool
+    seq: int  # change-log position at the round's start, for the deltaLink
+    generation: int
+
+    @property
+    def pages(self) -> int:
+        data_pages = max(1, math.ceil(len(self.items) / self.page_size))
+        return 2 * data_pages if self.empty_pages else data_pages
+
+    def page_items(self, page: int) -> list[str | _Item]:
+        if self.empty_pages:
+            if page % 2 == 0:
+                return []
+            page //= 2
+        return self.items[page * self.page_size : (page + 1) * self.page_size]
+
+
+@dataclass(frozen=True)
+class _Fault:
+    status: int
+    body: bytes | None  # None: a Graph throttling error, rendered with the request's ids
+    headers: Mapping[str, str]
+    tenant: str | None  # tenant key, or None for "whichever request comes next"
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _GraphError(Exception):
+    """Raised inside request handling; becomes a Graph-shaped error reply."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+# -- the fake ----------------------------------------------------------------------------
+
+
+class FakeGraph:
+    """A started-on-demand HTTPS server that behaves like Microsoft Graph collections.
+
+    The directory (:meth:`add`, :meth:`update`, :meth:`delete`, ...) and every knob may be
+    changed from the test thread while the server runs; a knob that shapes a round
+    (``duplicate_records``, ``empty_pages``, ``members_chunk``, ``page_size``) applies to
+    rounds started afterwards.  ``tenant`` arguments accept a domain name or a GUID.
+
+    A request's tenant is the one its bearer token was issued for.  By default that is
+    looked up in ``entra.token_requests()`` (and remembered), so call ``FakeEntra.reset()``
+    only after a token's first use here -- or pass ``token_tenant`` to decide it yourself.
+    """
+
+    def __init__(
+        self,
+        ca: trustme.CA,
+        entra: FakeEntra,
+        *,
+        page_size: int = 100,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token_tenant: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._entra = entra
+        self._token_tenant = token_tenant or self._tenant_from_entra
+        identities = dict.fromkeys([host, "localhost", "127.0.0.1"])
+        self._ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert(*identities).configure_cert(self._ssl_context)
+
+        self._lock = threading.RLock()
+        self._collections: dict[tuple[str, str], _Collection] = {}
+        self._rounds: collections.OrderedDict[str, _Round] = collections.OrderedDict()
+        self._faults: list[_Fault] = []
+        self._denied: set[tuple[str, str]] = set()
+        self._generation = 0
+        self._expired_status = 410
+        self._expired_code = "syncStateNotFound"
+        self._requests: list[GraphRequest] = []
+        self._token_tenants: dict[str, str] = {}  # access token -> tenant, as learned from Entra
+        self._page_size = page_size
+        self._duplicate_records = False
+        self._empty_pages = False
+        self._members_chunk: int | None = None
+        self._slow_pages = 0.0
+
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> FakeGraph:
+        """Bind (the same port again after a :meth:`stop`) and serve in a daemon thread."""
+        if self._server is not None:
+            raise RuntimeError("FakeGraph is already running")
+        server = _Server((self.host, self.port), self)
+        # Handshake lazily in the handler thread so one slow client cannot block accept().
+        server.socket = self._ssl_context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        self.port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-graph", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; afterwards connections are refused, as in an outage."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> FakeGraph:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """``https://HOST:PORT``; Graph URLs are ``{base_url}/v1.0/...``."""
+        if self.port == 0:
+            raise RuntimeError("FakeGraph has no port yet; call start() first")
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # -- the directory ---------------------------------------------------------------------
+
+    def add(self, tenant: str, resource: str, obj: Mapping[str, Any]) -> None:
+        """Create an object (a dict with at least ``id``); for groups, ``members`` is a list of ids."""
+        self.add_many(tenant, resource, [obj])
+
+    def add_many(self, tenant: str, resource: str, objs: Iterable[Mapping[str, Any]]) -> None:
+        """:meth:`add` for many objects under one lock, so populating 100k users stays quick."""
+        with self._lock:
+            coll = self._collection(tenant, resource)
+            for obj in objs:
+                oid = str(obj["id"])
+                if oid in coll.objects or oid in coll.soft_deleted:
+                    raise ValueError(f"{resource} {oid} already exists in {tenant}")
+                stored = dict(obj)
+                stored["id"] = oid
+                members = stored.pop("members", None)
+                if resource in _MEMBER_RESOURCES:
+                    coll.members[oid] = {str(m) for m in members or ()}
+                elif members is not None:
+                    raise ValueError(f"only {sorted(_MEMBER_RESOURCES)} have members")
+                coll.objects[oid] = stored
+                coll.log.append(("full", oid, None))
+
+    def update(self, tenant: str, resource: str, id: str, **props: Any) -> None:
+        """Change properties (None clears one: Graph returns it as null) and record the change."""
+        self._change(tenant, resource, id, props, silently=False)
+
+    def silently_change(self, tenant: str, resource: str, id: str, **props: Any) -> None:
+        """Change properties WITHOUT a change record: only a full listing or a new delta round sees it.
+
+        Real Graph has been known to miss changes in delta; a sync that never does a full
+        resync would keep the stale value forever, which is what this lets a test show.
+        """
+        self._change(tenant, resource, id, props, silently=True)
+
+    def delete(self, tenant: str, resource: str, id: str, *, soft: bool = True) -> None:
+        """Delete an object: soft (restorable; delta says reason "changed") or hard ("deleted").
+
+        Hard-deleting a soft-deleted object purges it, as emptying the recycle bin does.
+        """
+        with self._lock:
+            coll = self._collection(tenant, resource)
+            if id in coll.objects:
+                obj = coll.objects.pop(id)
+                members = coll.members.pop(id, None)
+                if soft:
+                    coll.soft_deleted[id] = (obj, members)
+            elif id in coll.soft_deleted and not soft:
+                del coll.soft_deleted[id]
+            else:
+                raise KeyError(f"{resource} {id} does not exist (or is already soft-deleted) in {tenant}")
+            coll.log.append(("removed", id, "changed" if soft else "deleted"))
+
+    def restore(self, tenant: str, resource: str, id: str) -> None:
+        """Bring a soft-deleted object back, with its members; delta shows it as a full object."""
+        with self._lock:
+            coll = self._collection(tenant, resource)
+            if id not in coll.soft_deleted:
+                raise KeyError(f"{resource} {id} is not soft-deleted in {tenant}")
+            obj, members = coll.soft_deleted.pop(id)
+            coll.objects[id] = obj
+            if members is not None:
+                coll.members[id] = members
+            coll.log.append(("full", id, None))
+
+    def add_members(self, tenant: str, group_id: str, member_ids: Iterable[str]) -> None:
+        """Add users to a group (already-present members are ignored, as Graph would refuse them)."""
+        self._change_members(tenant, group_id, member_ids, removed=False)
+
+    def remove_members(self, tenant: str, group_id: str, member_ids: Iterable[str]) -> None:
+        """Remove users from a group (absent members are ignored)."""
+        self._change_members(tenant, group_id, member_ids, removed=True)
+
+    def objects(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
+        """The current truth without deleted objects, for assertions; groups get ``members`` (sorted ids).
+
+        Copies are shallow: don't mutate nested values.
+        """
+        with self._lock:
+            coll = self._collections.get(self._key(tenant, resource))
+            if coll is None:
+                return {}
+            result = {oid: dict(obj) for oid, obj in coll.objects.items()}
+            if resource in _MEMBER_RESOURCES:
+                for oid, obj in result.items():
+                    obj["members"] = sorted(coll.members.get(oid, ()))
+            return result
+
+    def soft_deleted(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
+        """Soft-deleted (restorable) objects, like Graph's ``directory/deletedItems``."""
+        with self._lock:
+            coll = self._collections.get(self._key(tenant, resource))
+            return {} if coll is None else {oid: dict(obj) for oid, (obj, _) in coll.soft_deleted.items()}
+
+    def _ids(self, tenant: str, resource: str) -> tuple[list[str], list[str]]:
+        """Live and soft-deleted ids in insertion order (deterministic, no copies of objects), for :func:`mutate`."""
+        with self._lock:
+            coll = self._collections.get(self._key(tenant, resource))
+            return ([], []) if coll is None else (list(coll.objects), list(coll.soft_deleted))
+
+    def _members(self, tenant: str, group_id: str) -> list[str]:
+        """One group's member ids, sorted, for :func:`mutate`."""
+        with self._lock:
+            coll = self._collections.get(self._key(tenant, "groups"))
+            return sorted(coll.members.get(group_id, ())) if coll else []
+
+    # -- knobs -----------------------------------------------------------------------------
+
+    @property
+    def page_size(self) -> int:
+        with self._lock:
+            return self._page_size
+
+    @page_size.setter
+    def page_size(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("page_size must be at least 1")
+        with self._lock:
+            self._page_size = value
+
+    @property
+    def duplicate_records(self) -> bool:
+        """Send some records of a delta round again on a later page (the later copy is current)."""
+        with self._lock:
+            return self._duplicate_records
+
+    @duplicate_records.setter
+    def duplicate_records(self, value: bool) -> None:
+        with self._lock:
+            self._duplicate_records = value
+
+    @property
+    def empty_pages(self) -> bool:
+        """Put an empty page (still with a nextLink) before every page of a round."""
+        with self._lock:
+            return self._empty_pages
+
+    @empty_pages.setter
+    def empty_pages(self, value: bool) -> None:
+        with self._lock:
+            self._empty_pages = value
+
+    @property
+    def members_chunk(self) -> int | None:
+        """Split a group's ``members@delta`` into records of at most N; later chunks go to the round's end."""
+        with self._lock:
+            return self._members_chunk
+
+    @members_chunk.setter
+    def members_chunk(self, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise ValueError("members_chunk must be None or at least 1")
+        with self._lock:
+            self._members_chunk = value
+
+    @property
+    def slow_pages(self) -> float:
+        """Seconds to sleep before serving each page, e.g. to signal the daemon mid-sync."""
+        with self._lock:
+            return self._slow_pages
+
+    @slow_pages.setter
+    def slow_pages(self, value: float) -> None:
+        with self._lock:
+            self._slow_pages = value
+
+    def throttle_next(
+        self, count: int, *, status: int = 429, retry_after: str = "2", tenant: str | None = None
+    ) -> None:
+        """Answer the next ``count`` requests (of ``tenant``, if given) with a throttling error.
+
+        Faults come before authentication and routing, as a front-door throttle would.
+        """
+        with self._lock:
+            key = tenant_id(tenant) if tenant is not None else None
+            self._faults.extend([_Fault(status, None, {"Retry-After": retry_after}, key)] * count)
+
+    def fail_next(
+        self,
+        count: int,
+        *,
+        status: int = 200,
+        body: bytes = b'{"value": [{"id": "x"',
+        tenant: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` requests (of ``tenant``, if given) with ``status`` and ``body`` verbatim.
+
+        The default is a 200 whose JSON is cut off, like a connection dropped mid-page.
+        """
+        with self._lock:
+            key = tenant_id(tenant) if tenant is not None else None
+            self._faults.extend([_Fault(status, body, {}, key)] * count)
+
+    def expire_delta_tokens(self, *, status: int = 410, code: str = "syncStateNotFound") -> None:
+        """Invalidate every delta token and delta-round skiptoken issued so far.
+
+        Using one then gets ``status`` (410, or 400 as some services answer) with error
+        ``code`` and a ``Location`` header pointing at a fresh delta start.
+        """
+        with self._lock:
+            self._generation += 1
+            self._expired_status = status
+            self._expired_code = code
+
+    def deny(self, tenant: str, resource: str) -> None:
+        """Answer 403 Authorization_RequestDenied for ``resource`` in ``tenant``, as without consent."""
+        with self._lock:
+            self._denied.add(self._key(tenant, resource))
+
+    def allow(self, tenant: str, resource: str) -> None:
+        """Undo :meth:`deny`."""
+        with self._lock:
+            self._denied.discard(self._key(tenant, resource))
+
+    # -- records ---------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[GraphRequest]:
+        """Requests so far, oldest first (a copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    def reset_records(self) -> None:
+        """Forget recorded requests; the directory, tokens and pending faults are kept."""
+        with self._lock:
+            self._requests.clear()
+
+    # -- directory internals ---------------------------------------------------------------
+
+    @staticmethod
+    def _key(tenant: str, resource: str) -> tuple[str, str]:
+        return tenant_id(tenant), resource
+
+    def _collection(self, tenant: str, resource: str) -> _Collection:
+        """The collection for (tenant, resource), created empty on first use.  Call under the lock."""
+        key = self._key(tenant, resource)
+        coll = self._collections.get(key)
+        if coll is None:
+            coll = self._collections[key] = _Collection()
+        return coll
+
+    def _change(self, tenant: str, resource: str, id: str, props: Mapping[str, Any], *, silently: bool) -> None:
+        if "id" in props or "members" in props:
+            raise ValueError("id cannot change, and members change through add_members/remove_members")
+        with self._lock:
+            coll = self._collection(tenant, resource)
+            if id not in coll.objects:
+                raise KeyError(f"{resource} {id} does not exist in {tenant}")
+            # Copy-on-write: records rendered earlier may still reference the old dict.
+            coll.objects[id] = {**coll.objects[id], **props}
+            if not silently and props:
+                coll.log.append(("props", id, frozenset(props)))
+
+    def _change_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, removed: bool) -> None:
+        with self._lock:
+            coll = self._collection(tenant, "groups")
+            if group_id not in coll.objects:
+                raise KeyError(f"group {group_id} does not exist in {tenant}")
+            members = coll.members.setdefault(group_id, set())
+            for raw in member_ids:
+                mid = str(raw)
+                if (mid in members) != removed:
+                    continue
+                if removed:
+                    members.discard(mid)
+                else:
+                    members.add(mid)
+                coll.log.append(("member", group_id, (mid, removed)))
+
+    def _tenant_from_entra(self, access_token: str) -> str | None:
+        """Which tenant Entra issued ``access_token`` for, from its public token records.
+
+        Learned mappings are cached, so a ``FakeEntra.reset()`` after a token's first use
+        here does not lose it.
+        """
+        with self._lock:
+            known = self._token_tenants.get(access_token)
+        if known is not None:
+            return known
+        for record in self._entra.token_requests():
+            if record.access_token is not None:
+                with self._lock:
+                    self._token_tenants[record.access_token] = record.tenant
+        with self._lock:
+            return self._token_tenants.get(access_token)
+
+    # -- request handling (server threads) -------------------------------------------------
+
+    def _handle(self, method: str, target: str, headers: Mapping[str, str]) -> _Reply:
+        received = time.time()
+        split = urlsplit(target)
+        query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        token = _bearer(headers.get("authorization"))
+        tenant = self._token_tenant(token) if token else None
+        request_id = str(uuid.uuid4())
+        client_request_id = headers.get("client-request-id") or request_id
+        try:
+            reply = self._fault(tenant, request_id, client_request_id) or self._serve(
+                method, split.path, query, headers, token, tenant
+            )
+        except _GraphError as exc:
+            reply = _Reply(exc.status, _error_body(exc.code, exc.message, request_id, client_request_id), exc.headers)
+        except Exception:  # a bug in the fake must still produce an answer the test can see
+            logger.exception("fake Graph: error handling %s %s", method, target)
+            reply = _Reply(
+                500,
+                _error_body("generalException", "Fake Graph internal error.", request_id, client_request_id),
+            )
+        reply.headers.setdefault("Content-Type", _CONTENT_TYPE)
+        reply.headers["request-id"] = request_id
+        reply.headers["client-request-id"] = client_request_id
+        reply.headers["x-ms-ags-diagnostic"] = _DIAGNOSTIC
+        reply.headers["Strict-Transport-Security"] = "max-age=31536000"
+        reply.headers["Cache-Control"] = "no-cache"
+        record = GraphRequest(
+            time=received,
+            method=method,
+            path=unquote(split.path),
+            query=query,
+            headers=dict(headers),
+            tenant=tenant,
+            status=reply.status,
+        )
+        with self._lock:
+            self._requests.append(record)
+        logger.debug("fake Graph: %s %s tenant=%s -> %s", method, split.path, tenant, reply.status)
+        return reply
+
+    def _fault(self, tenant: str | None, request_id: str, client_request_id: str) -> _Reply | None:
+        key = tenant_id(tenant) if tenant is not None else None
+        with self._lock:
+            for index, fault in enumerate(self._faults):
+                if fault.tenant is None or fault.tenant == key:
+                    del self._faults[index]
+                    break
+            else:
+                return None
+        body = fault.body
+        if body is None:
+            body = _error_body("TooManyRequests", _THROTTLED_MESSAGE, request_id, client_request_id)
+        return _Reply(fault.status, body, dict(fault.headers))
+
+    def _serve(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+        token: str | None,
+        tenant: str | None,
+    ) -> _Reply:
+        if not token:
+            raise _GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
+        if tenant is None or not self._entra.is_valid(token):
+            raise _GraphError(401, "InvalidAuthenticationToken", _EXPIRED_TOKEN_MESSAGE)
+        parts = [unquote(p) for p in path.split("/") if p]
+        if not parts or parts[0] != "v1.0":
+            raise _GraphError(400, "BadRequest", f"Invalid version: {parts[0] if parts else ''}")
+        if len(parts) < 2 or len(parts) > 3:
+            raise _GraphError(400, "BadRequest", f"Resource not found for the segment '{path}'.")
+        if method != "GET":
+            raise _GraphError(405, "Request_BadRequest", f"The HTTP method '{method}' is not supported here.")
+        resource = parts[1]
+        tkey = tenant_id(tenant)
+        with self._lock:
+            denied = (tkey, resource) in self._denied
+        if denied:
+            raise _GraphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+        if len(parts) == 3 and parts[2] not in _DELTA_SEGMENTS:
+            return self._get_one(tkey, resource, parts[2], query)
+        delta = len(parts) == 3
+        with self._lock:
+            slow = self._slow_pages
+        if slow > 0:
+            time.sleep(slow)
+        minimal = delta and _prefers_minimal(headers.get("prefer"))
+        reply = self._page(tkey, resource, delta, query, minimal)
+        if minimal:
+            reply.headers["Preference-Applied"] = "return=minimal"
+        return reply
+
+    def _get_one(self, tkey: str, resource: str, oid: str, query: Mapping[str, str]) -> _Reply:
+        select = _parse_select(query.get("$select"))
+        with self._lock:
+            coll = self._collections.get((tkey, resource))
+            obj = coll.objects.get(oid) if coll else None
+            if coll is None or obj is None:
+                raise _GraphError(
+                    404,
+                    "Request_ResourceNotFound",
+                    f"Resource '{oid}' does not exist or one of its queried reference-property objects "
+                    "are not present.",
+                )
+            record = _render(obj, select, None)
+            if query.get("$expand") == "members" and resource in _MEMBER_RESOURCES:
+                record["members"] = [{"@odata.type": MEMBER_TYPE, "id": m} for m in sorted(coll.members.get(oid, ()))]
+        record = {"@odata.context": f"{self.base_url}/v1.0/$metadata#{resource}/$entity", **record}
+        return _Reply(200, _json(record))
+
+    def _page(self, tkey: str, resource: str, delta: bool, query: Mapping[str, str], minimal: bool) -> _Reply:
+        skiptoken = query.get("$skiptoken")
+        deltatoken = query.get("$deltatoken")
+        if skiptoken is not None:
+            round_id, page, rnd = self._resume(tkey, resource, delta, skiptoken, query)
+        elif delta and deltatoken == "latest":
+            with self._lock:
+                seq = len(self._collection_by_key(tkey, resource).log)
+                generation = self._generation
+            select = _parse_select(query.get("$select"))
+            body = {
+                "@odata.context": self._context(resource, select),
+                "value": [],
+                "@odata.deltaLink": self._delta_link(tkey, resource, select, seq, generation),
+            }
+            return _Reply(200, _json(body))
+        elif delta and deltatoken is not None:
+            round_id, rnd = self._start_changes(tkey, resource, deltatoken, query, minimal)
+            page = 0
+        else:
+            round_id, rnd = self._start_round(tkey, resource, delta, query)
+            page = 0
+
+        with self._lock:
+            coll = self._collection_by_key(tkey, resource)
+            values = [r for r in (self._render_item(coll, rnd, item) for item in rnd.page_items(page)) if r]
+        body: dict[str, Any] = {"@odata.context": self._context(resource, rnd.select), "value": values}
+        if page + 1 < rnd.pages:
+            token = _encode({"r": round_id, "p": page + 1})
+            body["@odata.nextLink"] = f"{self._collection_url(resource, delta)}?$skiptoken={token}"
+        elif delta:
+            body["@odata.deltaLink"] = self._delta_link(tkey, resource, rnd.select, rnd.seq, rnd.generation)
+        return _Reply(200, _json(body))
+
+    def _collection_by_key(self, tkey: str, resource: str) -> _Collection:
+        coll = self._collections.get((tkey, resource))
+        if coll is None:
+            coll = self._collections[(tkey, resource)] = _Collection()
+        return coll
+
+    def _collection_url(self, resource: str, delta: bool) -> str:
+        return f"{self.base_url}/v1.0/{quote(resource)}" + ("/delta" if delta else "")
+
+    def _context(self, resource: str, select: tuple[str, ...] | None) -> str:
+        return f"{self.base_url}/v1.0/$metadata#{resource}" + (f"({','.join(select)})" if select else "")
+
+    def _delta_link(self, tkey: str, resource: str, select: tuple[str, ...] | None, seq: int, generation: int) -> str:
+        token = _encode({"t": tkey, "r": resource, "s": list(select) if select else None, "q": seq, "g": generation})
+        return f"{self._collection_url(resource, True)}?$deltatoken={token}"
+
+    def _fresh_start(self, resource: str, select: tuple[str, ...] | None) -> str:
+        url = self._collection_url(resource, True)
+        return f"{url}?$select={','.join(select)}" if select else url
+
+    def _expired(self, resource: str, select: tuple[str, ...] | None) -> _GraphError:
+        with self._lock:
+            status, code = self._expired_status, self._expired_code
+        return _GraphError(
+            status,
+            code,
+            "The delta token or skip token is no longer valid. Restart the sync from the URL in the Location header.",
+            {"Location": self._fresh_start(resource, select)},
+        )
+
+    def _register(self, rnd: _Round) -> str:
+        round_id = secrets.token_urlsafe(12)
+        with self._lock:
+            self._rounds[round_id] = rnd
+            while len(self._rounds) > _MAX_ROUNDS:
+                self._rounds.popitem(last=False)
+        return round_id
+
+    def _resume(
+        self, tkey: str, resource: str, delta: bool, skiptoken: str, query: Mapping[str, str]
+    ) -> tuple[str, int, _Round]:
+        state = _decode(skiptoken)
+        round_id = state.get("r") if state else None
+        page = state.get("p") if state else None
+        with self._lock:
+            rnd = self._rounds.get(round_id) if isinstance(round_id, str) else None
+            generation = self._generation
+        if rnd is None or not isinstance(page, int) or not 0 <= page < rnd.pages:
+            if delta:
+                raise self._expired(resource, _parse_select(query.get("$select")))
+            raise _GraphError(400, "Directory_ExpiredPageToken", "The specified page token value has expired.")
+        if rnd.tenant != tkey or rnd.resource != resource or rnd.delta != delta:
+            raise _GraphError(400, "BadRequest", "The skip token does not belong to this request.")
+        if delta and rnd.generation != generation:
+            raise self._expired(resource, rnd.select)
+        return round_id, page, rnd
+
+    def _start_round(self, tkey: str, resource: str, delta: bool, query: Mapping[str, str]) -> tuple[str, _Round]:
+        """A listing or the first round of a delta sync: every current object, once (plus knobs)."""
+        select = _parse_select(query.get("$select"))
+        with_members = delta and resource in _MEMBER_RESOURCES and select is not None and "members" in select
+        with self._lock:
+            coll = self._collection_by_key(tkey, resource)
+            if delta:
+                page_size, dup, chunk = self._page_size, self._duplicate_records, self._members_chunk
+                empty = self._empty_pages
+            else:
+                top = query.get("$top")
+                page_size = min(_positive_int(top, "$top"), MAX_PAGE_SIZE) if top else self._page_size
+                dup, empty, chunk = False, self._empty_pages, None
+            items: list[str | _Item]
+            if with_members:
+                items = [
+                    _Item(oid, members=tuple((m, False) for m in sorted(coll.members.get(oid, ()))))
+                    for oid in coll.objects
+                ]
+            else:
+                items = list(coll.objects)
+            seq, generation = len(coll.log), self._generation
+        items = _shape(items, chunk, dup)
+        rnd = _Round(
+            tenant=tkey,
+            resource=resource,
+            delta=delta,
+            select=select,
+            expand_members=not delta and query.get("$expand") == "members" and resource in _MEMBER_RESOURCES,
+            items=items,
+            page_size=page_size,
+            empty_pages=empty,
+            seq=seq,
+            generation=generation,
+        )
+        return self._register(rnd), rnd
+
+    def _start_changes(
+        self, tkey: str, resource: str, deltatoken: str, query: Mapping[str, str], minimal: bool
+    ) -> tuple[str, _Round]:
+        """A later delta round: one record per object changed since the token's position."""
+        state = _decode(deltatoken)
+        select = _parse_select(query.get("$select"))
+        if state is None or state.get("t") != tkey or state.get("r") != resource or not isinstance(state.get("q"), int):
+            raise self._expired(resource, select)
+        select = tuple(state["s"]) if state.get("s") else None
+        with_members = resource in _MEMBER_RESOURCES and select is not None and "members" in select
+        with self._lock:
+            if state.get("g") != self._generation:
+                raise self._expired(resource, select)
+            coll = self._collection_by_key(tkey, resource)
+            seq = state["q"]
+            if not 0 <= seq <= len(coll.log):
+                raise self._expired(resource, select)
+            window = coll.log[seq:]
+            end, generation = len(coll.log), self._generation
+            page_size, dup, chunk = self._page_size, self._duplicate_records, self._members_chunk
+            empty = self._empty_pages
+
+            full: set[str] = set()
+            props: dict[str, set[str]] = {}
+            member_changes: dict[str, dict[str, bool]] = {}
+            order: dict[str, None] = {}
+            for kind, oid, data in window:
+                order.setdefault(oid)
+                if kind == "full":
+                    full.add(oid)
+                elif kind == "props":
+                    props.setdefault(oid, set()).update(data)
+                elif kind == "member":
+                    mid, removed = data
+                    member_changes.setdefault(oid, {})[mid] = removed
+
+            items: list[str | _Item] = []
+            for oid in order:
+                if oid not in coll.objects:
+                    reason = "changed" if oid in coll.soft_deleted else "deleted"
+                    items.append(_Item(oid, removed=reason))
+                    continue
+                members: tuple[tuple[str, bool], ...] | None = None
+                if with_members:
+                    changes = dict(member_changes.get(oid, {}))
+                    if oid in full:  # new or restored: the client has no membership for it
+                        changes = {m: r for m, r in changes.items() if r}
+                        changes.update(dict.fromkeys(coll.members.get(oid, ()), False))
+                    members = tuple(sorted(changes.items())) or None
+                if oid in full:
+                    items.append(_Item(oid, members=members or (() if with_members else None)))
+                    continue
+                changed = props.get(oid, set())
+                if select is not None:
+                    changed &= set(select)
+                if not changed and members is None:
+                    continue  # only unselected properties (or nothing visible) changed
+                items.append(_Item(oid, props=frozenset(changed) if minimal else None, members=members))
+        items = _shape(items, chunk, dup)
+        rnd = _Round(
+            tenant=tkey,
+            resource=resource,
+            delta=True,
+            select=select,
+            expand_members=False,
+            items=items,
+            page_size=page_size,
+            empty_pages=empty,
+            seq=end,
+            generation=generation,
+        )
+        return self._register(rnd), rnd
+
+    def _render_item(self, coll: _Collection, rnd: _Round, item: str | _Item) -> dict[str, Any] | None:
+        """The JSON record for ``item`` from the current state, or None if it has gone since.  Under the lock."""
+        if isinstance(item, str):
+            obj = coll.objects.get(item)
+            if obj is None:
+                return None
+            record = _render(obj, rnd.select, None)
+            if rnd.expand_members:
+                record["members"] = [{"@odata.type": MEMBER_TYPE, "id": m} for m in sorted(coll.members.get(item, ()))]
+            return record
+        if item.removed is not None:
+            return {"id": item.id, "@removed": {"reason": item.removed}}
+        obj = coll.objects.get(item.id)
+        if obj is None:
+            return None  # deleted after the round started; the next round says so
+        record = _render(obj, rnd.select, item.props)
+        if item.members is not None:
+            record["members@delta"] = [_member(mid, removed) for mid, removed in item.members]
+        return record
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _render(obj: Mapping[str, Any], select: tuple[str, ...] | None, props: frozenset[str] | None) -> dict[str, Any]:
+    """An object's record: selected properties (unset ones as null), or only ``props`` when minimal."""
+    if props is not None:
+        names: Iterable[str] = props
+    elif select is not None:
+        names = select
+    else:
+        names = obj.keys()
+    record = {"id": obj["id"]}
+    for name in names:
+        if name != "members":
+            record[name] = obj.get(name)
+    return record
+
+
+def _member(mid: str, removed: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"@odata.type": MEMBER_TYPE, "id": mid}
+    if removed:
+        entry["@removed"] = {"reason": "deleted"}
+    return entry
+
+
+def _shape(items: list[str | _Item], chunk: int | None, duplicate: bool) -> list[str | _Item]:
+    """Apply members_chunk (later chunks move to the end) and duplicate_records (copies at the end)."""
+    if chunk is not None:
+        head: list[str | _Item] = []
+        tail: list[str | _Item] = []
+        for item in items:
+            if isinstance(item, _Item) and item.members and len(item.members) > chunk:
+                parts = [item.members[i : i + chunk] for i in range(0, len(item.members), chunk)]
+                head.append(_Item(item.id, props=item.props, members=parts[0]))
+                tail.extend(_Item(item.id, props=item.props, members=part) for part in parts[1:])
+            else:
+                head.append(item)
+        items = head + tail
+    if duplicate:
+        items = items + items[::_DUPLICATE_EVERY]
+    return items
+
+
+def _parse_select(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return tuple(dict.fromkeys(n for n in names if n != "id")) or ("id",)
+
+
+def _positive_int(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise _GraphError(400, "Request_UnsupportedQuery", f"Invalid value '{value}' for {name}.")
+    return number
+
+
+def _prefers_minimal(prefer: str | None) -> bool:
+    return bool(prefer) and any(p.strip().lower() == "return=minimal" for p in prefer.split(","))
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def _encode(state: Mapping[str, Any]) -> str:
+    raw = json.dumps(state, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode(token: str) -> dict[str, Any] | None:
+    try:
+        state = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _json(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _error_body(code: str, message: str, request_id: str, client_request_id: str) -> bytes:
+    date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    inner = {"date": date, "request-id": request_id, "client-request-id": client_request_id}
+    return _json({"error": {"code": code, "message": message, "innerError": inner}})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], fake: FakeGraph) -> None:
+        self.fake = fake
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can stall.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("fake Graph: error serving %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.0: one request per connection, so stop() really ends service; a pooled
+    # keep-alive connection must not keep reaching a "stopped" fake.
+    protocol_version = "HTTP/1.0"
+    timeout = 30
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        reply = self.server.fake._handle(self.command, self.path, headers)
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("fake Graph: " + format, *args)
+
+
+# -- realistic data ------------------------------------------------------------------------
+
+# fmt: off
+_FIRST = (
+    "Adele", "Alex", "Allan", "Ben", "Bianca", "Carlos", "Chen", "Diego", "Elena", "Emily", "Fatima",
+    "Grace", "Hana", "Irvin", "Isaiah", "Johanna", "Joni", "Kenji", "Lee", "Lidia", "Lynne", "Megan",
+    "Miriam", "Nestor", "Nora", "Omar", "Patti", "Pradeep", "Priya", "Raul", "Sakura", "Sven", "Tomas",
+    "Yuki", "Zara",
+)
+_LAST = (
+    "Vance", "Wilber", "Smith", "Garcia", "Chen", "Kim", "Novak", "Okafor", "Rossi", "Schmidt",
+    "Silva", "Tanaka", "Dubois", "Nguyen", "Haddad", "Larsen", "Kowalski", "Murphy", "Patel",
+    "Ivanova", "Costa", "Moreau", "Fischer", "Lindqvist", "Sato", "Bauer", "Romero", "Hughes",
+    "Jensen", "Quinn",
+)
+# fmt: on
+_TITLES = (
+    "Engineer",
+    "Senior Engineer",
+    "Product Manager",
+    "Designer",
+    "Sales Representative",
+    "Account Manager",
+    "Marketing Specialist",
+    "HR Generalist",
+    "Support Engineer",
+    "Director",
+    None,
+)
+_GROUP_WORDS = ("Sales", "Marketing", "Engineering", "Finance", "Legal", "Support", "Research", "Operations", "Design")
+_GROUP_KINDS = ("Team", "Leads", "All", "Project", "Guild", "Admins", "Readers", "Contractors")
+
+
+def _guid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _domain(tenant: str) -> str:
+    return tenant.lower() if "." in tenant else f"{tenant.lower()}.onmicrosoft.com"
+
+
+def _new_user(rng: random.Random, tenant: str, serial: int) -> dict[str, Any]:
+    first, last = rng.choice(_FIRST), rng.choice(_LAST)
+    address = f"{first}.{last}{serial}@{_domain(tenant)}".lower()
+    return {
+        "id": _guid(rng),
+        "displayName": f"{first} {last}",
+        "givenName": first,
+        "surname": last,
+        "mail": address,
+        "userPrincipalName": address,
+        "jobTitle": rng.choice(_TITLES),
+    }
+
+
+def _new_group(rng: random.Random, serial: int, members: list[str]) -> dict[str, Any]:
+    name = f"{rng.choice(_GROUP_WORDS)} {rng.choice(_GROUP_KINDS)} {serial}"
+    return {
+        "id": _guid(rng),
+        "displayName": name,
+        "mailNickname": name.lower().replace(" ", "-"),
+        "description": f"The {name} group",
+        "securityEnabled": True,
+        "mailEnabled": False,
+        "members": members,
+    }
+
+
+def populate(graph: FakeGraph, tenant: str, users: int, groups: int, seed: int = 0) -> None:
+    """Fill ``tenant`` with ``users`` users and ``groups`` groups of random users, reproducibly.
+
+    Shared by tests, the demo and the benchmark so they all exercise the same shape of data.
+    """
+    rng = random.Random(seed)
+    user_objs = [_new_user(rng, tenant, n) for n in range(users)]
+    graph.add_many(tenant, "users", user_objs)
+    ids = [u["id"] for u in user_objs]
+    group_objs = []
+    for n in range(groups):
+        size = min(len(ids), rng.choice((0, 1, 3, 5, 10, 25, 50)))
+        group_objs.append(_new_group(rng, n, rng.sample(ids, size)))
+    graph.add_many(tenant, "groups", group_objs)
+
+
+def mutate(graph: FakeGraph, tenant: str, rng: random.Random, *, changes: int = 20) -> list[str]:
+    """Apply exactly ``changes`` random directory changes of every kind delta must report; return what was done.
+
+    The mix: user adds, updates (including cleared properties), soft and hard deletes,
+    restores and purges of soft-deleted users, group renames and membership changes.  An
+    operation that does not apply (nothing to restore, no groups) is drawn again.  Cost is
+    O(directory size) per change, so it is fine for the demo's 100k users too.
+    """
+    ops = ("add", "update", "clear", "soft", "hard", "restore", "purge", "join", "leave", "rename")
+    weights = (12, 25, 5, 8, 4, 8, 3, 15, 12, 8)
+    done: list[str] = []
+    while len(done) < changes:
+        users, bin_ = graph._ids(tenant, "users")
+        groups, _ = graph._ids(tenant, "groups")
+        op = rng.choices(ops, weights=weights)[0]
+        if op == "add" or not users:
+            user = _new_user(rng, tenant, rng.randrange(10**6, 10**7))
+            graph.add(tenant, "users", user)
+            done.append(f"add user {user['id']}")
+        elif op == "update":
+            uid = rng.choice(users)
+            graph.update(tenant, "users", uid, jobTitle=rng.choice(_TITLES[:-1]))
+            done.append(f"update user {uid} jobTitle")
+        elif op == "clear":
+            uid = rng.choice(users)
+            graph.update(tenant, "users", uid, jobTitle=None)
+            done.append(f"clear user {uid} jobTitle")
+        elif op in ("soft", "hard"):
+            uid = rng.choice(users)
+            graph.delete(tenant, "users", uid, soft=op == "soft")
+            done.append(f"{op}-delete user {uid}")
+        elif op == "restore" and bin_:
+            uid = rng.choice(bin_)
+            graph.restore(tenant, "users", uid)
+            done.append(f"restore user {uid}")
+        elif op == "purge" and bin_:
+            uid = rng.choice(bin_)
+            graph.delete(tenant, "users", uid, soft=False)
+            done.append(f"purge user {uid}")
+        elif op == "join" and groups:
+            gid = rng.choice(groups)
+            new = rng.sample(users, min(len(users), rng.randint(1, 3)))
+            graph.add_members(tenant, gid, new)
+            done.append(f"add {len(new)} members to group {gid}")
+        elif op == "leave" and groups:
+            gid = rng.choice(groups)
+            members = graph._members(tenant, gid)
+            if not members:
+                continue
+            gone = rng.sample(members, min(len(members), rng.randint(1, 2)))
+            graph.remove_members(tenant, gid, gone)
+            done.append(f"remove {len(gone)} members from group {gid}")
+        elif op == "rename" and groups:
+            gid = rng.choice(groups)
+            graph.update(tenant, "groups", gid, displayName=f"Group {rng.randrange(10**6)}")
+            done.append(f"rename group {gid}")
+    return done
+
+
+# -- pytest fixture -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_graph(ca: trustme.CA, fake_entra: FakeEntra) -> Iterator[FakeGraph]:
+    """A started fake Graph accepting the tokens ``fake_entra`` issues; stopped at teardown."""
+    with FakeGraph(ca, fake_entra) as graph:
+        yield graph
