@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from daemon import __version__
-from daemon.config import ConfigError, Settings, find_config_file, load_settings
+from daemon.config import ConfigError, JobSettings, Settings, find_config_file, load_settings
+from daemon.console import SyncProgress, print_status, print_summary
+from daemon.graph import GraphClient
+from daemon.health import HealthServer
 from daemon.identity import TokenError
+from daemon.jobs import JobRunner
 from daemon.logs import configure_logging
+from daemon.scheduler import Daemon, fleet_status
+from daemon.sinks import sink_from_settings
 from daemon.storage import BlobStore
 from daemon.tokencache import TokenCaches
 
@@ -44,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 "where it came from (never prints the token)")
     token.add_argument("--tenant", help="tenant to acquire for (default: the only configured tenant)")
     token.add_argument("--json", action="store_true", help="end with one JSON object: tenant, source, expires_on")
+    run = commands.add_parser("run", parents=[common], help="run the daemon: every job on its schedule, "
+                              "coordinated with the other replicas")
+    run.set_defaults(command="run")
+
+    sync = commands.add_parser("sync", parents=[common], help="run jobs now and exit (for a container job, a "
+                               "systemd oneshot, or by hand)")
+    sync.add_argument("--job", action="append", help="job name (repeatable; default: every job)")
+    sync.add_argument("--tenant", help="only this tenant (default: each job's tenants)")
+    sync.add_argument("--wait", action="store_true", help="wait for a run on another replica to finish instead "
+                      "of exiting with status 3")
+
+    status = commands.add_parser("status", parents=[common], help="token cache and job state, fleet-wide")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -75,6 +97,15 @@ def _tenant(args: argparse.Namespace, settings: Settings) -> str:
     return tenant
 
 
+def _services(settings: Settings) -> tuple[BlobStore, TokenCaches, JobRunner]:
+    """The composition root: storage, the shared token caches, the Graph client, the output and the runner."""
+    store = BlobStore.from_settings(settings.storage)
+    caches = TokenCaches.from_settings(settings, store)
+    graph = GraphClient(settings.graph.endpoint, settings.graph.api_version, caches,
+                        timeout=settings.graph.timeout_seconds, max_retries=settings.graph.max_retries)
+    return store, caches, JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store)
+
+
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     tenant = _tenant(args, settings)
     caches = TokenCaches.from_settings(settings, BlobStore.from_settings(settings.storage))
@@ -91,6 +122,63 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.jobs:
+        raise UsageError("no [[jobs]] are configured: nothing to schedule")
+    _, _, runner = _services(settings)
+    metrics = settings.metrics
+    health = (lambda daemon: HealthServer(metrics.host, metrics.port, live=daemon.live, ready=daemon.ready)
+              ) if metrics.port else None
+    return Daemon(settings, runner, health=health).run()
+
+
+def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSettings, str]]:
+    names = {job.name for job in settings.jobs}
+    if unknown := sorted(set(args.job or []) - names):
+        raise UsageError(f"--job {', '.join(unknown)}: not configured (jobs: {', '.join(sorted(names)) or 'none'})")
+    tenant = _tenant(args, settings) if args.tenant else None
+    pairs = [(job, t) for job in settings.jobs if not args.job or job.name in args.job
+             for t in settings.job_tenants(job) if tenant is None or t == tenant]
+    if not pairs:
+        raise UsageError("nothing to sync: no configured job matches --job/--tenant")
+    return pairs
+
+
+def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    pairs = _selected(args, settings)
+    _, _, runner = _services(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    results = []
+    with SyncProgress(enabled=sys.stdout.isatty()) as progress:
+        for job, tenant in pairs:
+            if stop.is_set():
+                break
+            progress.begin(tenant, job.name)
+            result = runner.run(job, tenant, wait=args.wait, stop=stop, progress=progress.update)
+            progress.end(tenant, job.name, result.status)
+            results.append(result)
+    print_summary(results)
+    if any(r.status in ("failed", "stopped") for r in results) or len(results) < len(pairs):
+        return EXIT_FAILED
+    return EXIT_BUSY if any(r.status == "busy" for r in results) else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    store, caches, _ = _services(settings)
+    sink = sink_from_settings(settings)
+    report = fleet_status(settings, caches, sink, store, time.time())
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_status(report)
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "token": cmd_token,
+    "run": cmd_run,
+    "sync": cmd_sync,
+    "status": cmd_status,
 }

@@ -101,7 +101,7 @@ class JobRunner:
         self._graph = graph
         self._sink = sink
         self._locks = locks
-        self._replica = replica or replica_name()
+        self.replica = replica or replica_name()
         self._clock = clock
 
     def run(self, job: JobSettings, tenant: str, *, due_after: float | None = None, wait: bool = False,
@@ -117,7 +117,7 @@ class JobRunner:
             status: RunStatus = "stopped" if stop.is_set() else "busy"
             return RunResult(tenant, job.name, status, message="running on another replica")
         with _LeaseKeeper(lease) as keeper:
-            lease.announce(self._replica)
+            lease.announce(self.replica)
             return self._run_locked(job, tenant, due_after, lambda: stop.is_set() or keeper.lost, progress)
 
     def _lock(self, job: JobSettings, tenant: str, wait: bool, stop: threading.Event) -> BlobLease | None:
@@ -135,7 +135,7 @@ class JobRunner:
             return self._finish(RunResult(tenant, job.name, "failed", message=str(exc)))
         state = state or {}
         last_started = state.get("last_success_started")
-        if due_after is not None and last_started and _epoch(last_started) >= due_after:
+        if due_after is not None and last_started and epoch(last_started) >= due_after:
             return RunResult(tenant, job.name, "skipped", message=f"already ran at {last_started}")
 
         started = self._clock()
@@ -156,7 +156,7 @@ class JobRunner:
             "job": job.name, "tenant": tenant, "query": _query(job), "delta_link": delta_link,
             "last_run_id": result.run_id, "last_success": _iso(self._clock()),
             "last_success_started": _iso(started), "objects": result.objects, "changes": result.changes,
-            "replica": self._replica, "last_error": None,
+            "replica": self.replica, "last_error": None,
         })
         return self._finish(result, started)
 
@@ -270,7 +270,8 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _epoch(iso: str) -> float:
+def epoch(iso: str) -> float:
+    """Unix seconds of a state file's ISO-8601 UTC time."""
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 

@@ -19,14 +19,24 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.storage import BlobContent, BlobStore, WriteConflict
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 SNAPSHOT = "snapshot.jsonl"
 STATE = "state.json"
 CHANGES = "changes"
 CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def sink_from_settings(settings: Settings) -> Sink:
+    """The configured output: ``[output] container`` in the storage account, else ``[output] directory``."""
+    if settings.output.container:
+        return BlobSink(BlobStore.from_settings(settings.storage, container=settings.output.container))
+    return DirectorySink(settings.output.directory)
 
 
 class Sink(Protocol):

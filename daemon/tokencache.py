@@ -36,7 +36,7 @@ from daemon import redaction
 from daemon.cache_envelope import CacheEnvelope, EnvelopeError
 from daemon.identity import TRANSIENT_STATUSES, TokenError, build_application, retrying_session
 from daemon.metrics import IDENTITY_PROVIDER_REQUESTS, TOKEN_ACQUISITIONS
-from daemon.storage import NOT_MODIFIED, BlobLease, BlobStore, StorageError, WriteConflict
+from daemon.storage import NOT_MODIFIED, BlobContent, BlobLease, BlobStore, StorageError, WriteConflict
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -158,11 +158,22 @@ class TenantTokenCache:
                 return self._hand_out(entry, "blob")
             return self._refresh()
 
-    def memory_expiry(self) -> int | None:
-        """When the best token in memory expires (unix seconds), for status reports; no I/O, no secret."""
-        with self._mutex:
-            entry = self._find(0, honour_refresh_on=False)
-        return int(entry["expires_on"]) if entry else None
+    def inspect_blob(self) -> dict[str, Any]:
+        """What the shared blob holds, for ``graphsync status``: age, token count and expiry — never a secret."""
+        report: dict[str, Any] = {"tenant": self.tenant, "blob": f"{self._store.container_name}/{self.blob_name}"}
+        try:
+            content = self._store.read(self.blob_name)
+        except StorageError as exc:
+            return report | {"problem": f"storage unavailable: {exc}"}
+        if not isinstance(content, BlobContent):
+            return report | {"problem": "no cache blob yet (written after the first token request)"}
+        report["blob_age_seconds"] = round(self._clock() - content.last_modified.timestamp())
+        try:
+            state = self._envelope.decode(content.data, self.blob_name)
+        except EnvelopeError as exc:
+            return report | {"problem": f"unreadable: {exc}"}
+        expiries = [int(entry["expires_on"]) for entry in (state.get(AT) or {}).values()]
+        return report | {"tokens": len(expiries), "token_expires_on": max(expiries, default=None), "problem": None}
 
     # -- memory ---------------------------------------------------------------------------------------------
 

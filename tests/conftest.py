@@ -259,6 +259,8 @@ def _toml_value(value: Any) -> str:
         return _toml_string(os.fspath(value))
     if isinstance(value, Sequence):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):  # inside a list, e.g. [[jobs]] written as jobs = [{...}]
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")
 
 

@@ -1,0 +1,73 @@
+"""What an operator sees on a terminal: sync progress, the summary table, the status report (rich)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from daemon.jobs import RunResult
+
+
+class SyncProgress:
+    """One progress line per (tenant, job): pages and records so far. Silent when not on a terminal."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                                  console=Console(stderr=True), disable=not enabled, transient=False)
+        self._tasks: dict[tuple[str, str], Any] = {}
+
+    def __enter__(self) -> SyncProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._progress.stop()
+
+    def begin(self, tenant: str, job: str) -> None:
+        self._tasks[tenant, job] = self._progress.add_task(f"{tenant} / {job}", total=None, detail="starting")
+
+    def update(self, tenant: str, job: str, pages: int, records: int) -> None:
+        self._progress.update(self._tasks[tenant, job], detail=f"{pages} pages, {records} records")
+
+    def end(self, tenant: str, job: str, status: str) -> None:
+        self._progress.update(self._tasks[tenant, job], total=1, completed=1,
+                              detail=self._progress.tasks[-1].fields["detail"] + f" — {status}")
+
+
+def print_summary(results: list[RunResult]) -> None:
+    table = Table(title="graphsync sync")
+    for column in ("tenant", "job", "objects", "changes", "duration", "result"):
+        table.add_column(column, justify="right" if column in ("objects", "changes", "duration") else "left")
+    for r in results:
+        outcome = r.status + (" (full resync)" if r.resync else "") + (f": {r.message}" if r.message else "")
+        table.add_row(r.tenant, r.job, str(r.objects), str(r.changes), f"{r.duration:.1f} s", outcome)
+    Console(soft_wrap=True).print(table)
+
+
+def print_status(report: dict[str, Any]) -> None:
+    console = Console(soft_wrap=True)
+    tokens = Table(title="token cache")
+    for column in ("tenant", "blob", "age", "tokens", "expires", "problem"):
+        tokens.add_column(column)
+    for t in report["tenants"]:
+        age = t.get("blob_age_seconds")
+        tokens.add_row(t["tenant"], t["blob"], "-" if age is None else f"{age} s", str(t.get("tokens", "-")),
+                       _time(t.get("token_expires_on")), t.get("problem") or "")
+    console.print(tokens)
+    jobs = Table(title=f"jobs → {report['output']}")
+    for column in ("tenant", "job", "last success", "last error", "objects", "next due", "lock holder"):
+        jobs.add_column(column)
+    for j in report["jobs"]:
+        error = (j["last_error"] or "") + "".join(f"\n⚠ {w}" for w in j["warnings"])
+        jobs.add_row(j["tenant"], j["job"], j["last_success"] or "never", error, str(j["objects"] or "-"),
+                     j["next_due"] or "-", j["lock_holder"] or "-")
+    console.print(jobs)
+
+
+def _time(epoch: int | None) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if epoch else "-"

@@ -1,0 +1,218 @@
+"""The long-running daemon: one APScheduler job per (job, tenant), a heartbeat, and a clean stop on a signal.
+
+Every replica runs the same schedule, aligned to the epoch, so the fleet fires each (tenant, job) in the same
+slots: ``every = "15m"`` means :00, :15, :30, :45 for the whole fleet. The first replica to take the job's lease in
+a slot runs it; the others find the slot already served (see :func:`due_after`) and skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from daemon.jobs import JobRunner, epoch, lock_blob
+from daemon.sinks import Sink
+from daemon.storage import BlobStore, StorageError
+from daemon.systemd import Notifier
+from daemon.tokencache import TokenCaches
+
+if TYPE_CHECKING:
+    from daemon.config import JobSettings, Settings
+    from daemon.health import HealthServer
+
+log = logging.getLogger(__name__)
+
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+HEARTBEAT_SECONDS = 5.0
+STOP_GRACE_SECONDS = 8.0  # systemd and Kubernetes give 10 s or more before SIGKILL; keep a margin
+CRON_JITTER_SECONDS = 20.0
+
+
+def jitter(job: JobSettings) -> float:
+    """Spread runs a little so many jobs do not hit Graph in the same second; small against the slot."""
+    return min(job.interval_seconds * 0.1, 30.0) if job.interval_seconds else CRON_JITTER_SECONDS
+
+
+def trigger(job: JobSettings, *, jittered: bool = True) -> BaseTrigger:
+    spread = jitter(job) if jittered else None
+    if job.interval_seconds:
+        return IntervalTrigger(seconds=job.interval_seconds, start_date=EPOCH, jitter=spread, timezone=UTC)
+    return crontab_trigger(job.cron, jitter=spread)
+
+
+_WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def crontab_trigger(expr: str, *, jitter: float | None = None) -> CronTrigger:
+    """A trigger for a standard 5-field crontab, where day-of-week 0 (and 7) is Sunday.
+
+    APScheduler 3.x counts weekdays from Monday = 0 (its issue 286), so numeric weekdays are turned into names
+    first: ``0 3 * * 0`` runs on Sundays, as every crontab reader expects.
+    """
+    minute, hour, day, month, weekday = expr.split()
+    parts = []
+    for part in weekday.split(","):
+        base, slash, step = part.partition("/")
+        parts.append(re.sub(r"\d+", lambda m: _WEEKDAYS[int(m.group())], base) + slash + step)
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=",".join(parts),
+                       timezone=UTC, jitter=int(jitter) if jitter else None)
+
+
+def due_after(job: JobSettings, now: float) -> float:
+    """A run that started after this instant already served the current slot, so this one can skip.
+
+    Interval jobs: the slot began at the last multiple of the interval; a run in the second half of the previous
+    slot counts too, so a replica that started just before a slot boundary does not cause a double run. Cron
+    jobs: fire times have minute resolution and jitter stays under a minute, so the slot is the current minute.
+    """
+    if job.interval_seconds:
+        interval = job.interval_seconds
+        return math.floor(now / interval) * interval - interval / 2
+    return math.floor((now - CRON_JITTER_SECONDS) / 60) * 60
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        runner: JobRunner,
+        *,
+        notifier: Notifier | None = None,
+        health: Callable[[Daemon], HealthServer] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._runner = runner
+        self._notifier = notifier or Notifier()
+        self._clock = clock
+        self._stop = threading.Event()
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._last_beat = clock()
+        self._beat_seconds = min(HEARTBEAT_SECONDS, self._notifier.watchdog_interval or HEARTBEAT_SECONDS)
+        pairs = [(job, tenant) for job in settings.jobs for tenant in settings.job_tenants(job)]
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={
+                "default": ThreadPoolExecutor(max_workers=max(1, min(8, len(pairs)))),
+                "heartbeat": ThreadPoolExecutor(max_workers=1),  # never queued behind a long run
+            },
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        for job, tenant in pairs:
+            first = min(5.0, (job.interval_seconds or 60) / 2) * random.random()
+            self._scheduler.add_job(
+                self._run, trigger(job), args=(job, tenant), id=f"{tenant}/{job.name}", name=f"{tenant}/{job.name}",
+                next_run_time=datetime.fromtimestamp(clock() + first, UTC),
+            )
+        self._scheduler.add_job(self._beat, IntervalTrigger(seconds=self._beat_seconds), id="heartbeat",
+                                executor="heartbeat")
+        self._health = health(self) if health else None
+
+    def live(self) -> tuple[bool, str]:
+        age = self._clock() - self._last_beat
+        return age < 3 * self._beat_seconds, f"scheduler loop last turned {age:.1f} s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "stopping"
+        return self._scheduler.running, "scheduler running" if self._scheduler.running else "scheduler not running"
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit status."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        if self._health:
+            self._health.start()
+        self._scheduler.start()
+        self._beat()
+        self._notifier.ready()
+        log.info("scheduler running %d job(s) as %s", len(self._scheduler.get_jobs()) - 1, self._runner.replica)
+        self._stop.wait()
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        self._notifier.stopping()
+        log.info("stopping: waiting up to %.0f s for running jobs to reach a page boundary", STOP_GRACE_SECONDS)
+        self._scheduler.shutdown(wait=False)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._health:
+            self._health.stop()
+        if self._active:
+            # A worker is stuck inside one HTTP call. Nothing half-written is visible (files are replaced
+            # atomically and the cursor is saved last), so leaving now loses nothing.
+            log.warning("%d job run(s) still busy after %.0f s; exiting without them", self._active,
+                        STOP_GRACE_SECONDS)
+            logging.shutdown()
+            os._exit(0)
+        log.info("stopped")
+        return 0
+
+    def _beat(self) -> None:
+        """Runs from the scheduler's own loop: if that loop hangs, the beats stop and so does the watchdog."""
+        self._last_beat = self._clock()
+        self._notifier.watchdog()
+
+    def _run(self, job: JobSettings, tenant: str) -> None:
+        if self._stop.is_set():
+            return
+        with self._active_lock:
+            self._active += 1
+        try:
+            self._runner.run(job, tenant, due_after=due_after(job, self._clock()), stop=self._stop)
+        except Exception:  # a run must never take the scheduler's worker down with it
+            log.exception("run of %s/%s failed unexpectedly", tenant, job.name,
+                          extra={"tenant": tenant, "job": job.name})
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+
+DELTA_TOKEN_WARNING_SECONDS = 6 * 24 * 3600  # directory delta tokens expire after 7 days
+
+
+def fleet_status(settings: Settings, caches: TokenCaches, sink: Sink, locks: BlobStore, now: float) -> dict[str, Any]:
+    """What ``graphsync status`` reports: each tenant's shared token cache and each job's state, fleet-wide."""
+    jobs = []
+    for job in settings.jobs:
+        for tenant in settings.job_tenants(job):
+            state, _ = sink.read_state(tenant, job.name)
+            state = state or {}
+            try:
+                holder = locks.lease_holder(lock_blob(tenant, job.name))
+            except StorageError as exc:
+                holder = f"unknown ({exc})"
+            next_due = trigger(job, jittered=False).get_next_fire_time(None, datetime.fromtimestamp(now, UTC))
+            warnings = []
+            last_success = state.get("last_success")
+            if job.delta and last_success and now - epoch(last_success) > DELTA_TOKEN_WARNING_SECONDS:
+                warnings.append("last success is over 6 days old: the delta token expires after 7 days, "
+                                "and the next run will be a full resync")
+            jobs.append({
+                "tenant": tenant, "job": job.name, "resource": job.resource, "last_success": last_success,
+                "last_failure": state.get("last_failure"), "last_error": state.get("last_error"),
+                "objects": state.get("objects"), "next_due": next_due.isoformat() if next_due else None,
+                "lock_holder": holder, "warnings": warnings,
+            })
+    tenants = [caches[tenant].inspect_blob() for tenant in caches.tenants]
+    return {"output": sink.describe(), "tenants": tenants, "jobs": jobs}
