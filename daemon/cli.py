@@ -151,7 +151,8 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     results = []
-    with SyncProgress(enabled=sys.stdout.isatty()) as progress:
+    terminal = sys.stdout.isatty()
+    with SyncProgress(enabled=terminal) as progress:
         for job, tenant in pairs:
             if stop.is_set():
                 break
@@ -159,7 +160,7 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
             result = runner.run(job, tenant, wait=args.wait, stop=stop, progress=progress.update)
             progress.end(tenant, job.name, result.status)
             results.append(result)
-    print_summary(results)
+    print_summary(results, terminal=terminal)
     if any(r.status in ("failed", "stopped") for r in results) or len(results) < len(pairs):
         return EXIT_FAILED
     return EXIT_BUSY if any(r.status == "busy" for r in results) else EXIT_OK

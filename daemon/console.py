@@ -39,14 +39,22 @@ class SyncProgress:
                               detail=self._progress.tasks[-1].fields["detail"] + f" — {status}")
 
 
-def print_summary(results: list[RunResult]) -> None:
+def print_summary(results: list[RunResult], *, terminal: bool) -> None:
+    """A table on a terminal; otherwise one tab-separated line per run, which logs and scripts read better."""
+    columns = ("tenant", "job", "objects", "changes", "duration", "result")
+    rows = [(r.tenant, r.job, str(r.objects), str(r.changes), f"{r.duration:.1f} s",
+             r.status + (" (full resync)" if r.resync else "") + (f": {r.message}" if r.message else ""))
+            for r in results]
+    if not terminal:
+        for row in (columns, *rows):
+            print("\t".join(row))
+        return
     table = Table(title="graphsync sync")
-    for column in ("tenant", "job", "objects", "changes", "duration", "result"):
+    for column in columns:
         table.add_column(column, justify="right" if column in ("objects", "changes", "duration") else "left")
-    for r in results:
-        outcome = r.status + (" (full resync)" if r.resync else "") + (f": {r.message}" if r.message else "")
-        table.add_row(r.tenant, r.job, str(r.objects), str(r.changes), f"{r.duration:.1f} s", outcome)
-    Console(soft_wrap=True).print(table)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def print_status(report: dict[str, Any]) -> None:

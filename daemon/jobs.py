@@ -114,11 +114,19 @@ class JobRunner:
         except StorageError as exc:
             return self._finish(RunResult(tenant, job.name, "failed", message=f"cannot take the job lock: {exc}"))
         if lease is None:
-            status: RunStatus = "stopped" if stop.is_set() else "busy"
-            return RunResult(tenant, job.name, status, message="running on another replica")
+            if stop.is_set():
+                return RunResult(tenant, job.name, "stopped", message="stopped while waiting for the job lock")
+            holder = self._holder(job, tenant)
+            return RunResult(tenant, job.name, "busy", message=f"running on another replica ({holder})")
         with _LeaseKeeper(lease) as keeper:
             lease.announce(self.replica)
             return self._run_locked(job, tenant, due_after, lambda: stop.is_set() or keeper.lost, progress)
+
+    def _holder(self, job: JobSettings, tenant: str) -> str:
+        try:
+            return self._locks.lease_holder(lock_blob(tenant, job.name)) or "unknown"
+        except StorageError:
+            return "unknown"
 
     def _lock(self, job: JobSettings, tenant: str, wait: bool, stop: threading.Event) -> BlobLease | None:
         name = lock_blob(tenant, job.name)

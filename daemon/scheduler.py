@@ -2,7 +2,7 @@
 
 Every replica runs the same schedule, aligned to the epoch, so the fleet fires each (tenant, job) in the same
 slots: ``every = "15m"`` means :00, :15, :30, :45 for the whole fleet. The first replica to take the job's lease in
-a slot runs it; the others find the slot already served (see :func:`due_after`) and skip.
+a slot runs it; the others find the slot already served (see :func:`slot_start`) and skip.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from daemon.jobs import JobRunner, epoch, lock_blob
@@ -48,17 +49,21 @@ def jitter(job: JobSettings) -> float:
     return min(job.interval_seconds * 0.1, 30.0) if job.interval_seconds else CRON_JITTER_SECONDS
 
 
-def trigger(job: JobSettings, *, jittered: bool = True) -> BaseTrigger:
-    spread = jitter(job) if jittered else None
+def trigger(job: JobSettings) -> BaseTrigger:
+    """The fleet-wide slots of a job, without jitter.
+
+    APScheduler 3 computes an interval's next fire time from the previous *jittered* one, so trigger jitter
+    accumulates and replicas drift apart; the jitter is applied inside the run instead (:meth:`Daemon._run`).
+    """
     if job.interval_seconds:
-        return IntervalTrigger(seconds=job.interval_seconds, start_date=EPOCH, jitter=spread, timezone=UTC)
-    return crontab_trigger(job.cron, jitter=spread)
+        return IntervalTrigger(seconds=job.interval_seconds, start_date=EPOCH, timezone=UTC)
+    return crontab_trigger(job.cron)
 
 
 _WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
-def crontab_trigger(expr: str, *, jitter: float | None = None) -> CronTrigger:
+def crontab_trigger(expr: str) -> CronTrigger:
     """A trigger for a standard 5-field crontab, where day-of-week 0 (and 7) is Sunday.
 
     APScheduler 3.x counts weekdays from Monday = 0 (its issue 286), so numeric weekdays are turned into names
@@ -69,21 +74,32 @@ def crontab_trigger(expr: str, *, jitter: float | None = None) -> CronTrigger:
     for part in weekday.split(","):
         base, slash, step = part.partition("/")
         parts.append(re.sub(r"\d+", lambda m: _WEEKDAYS[int(m.group())], base) + slash + step)
-    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=",".join(parts),
-                       timezone=UTC, jitter=int(jitter) if jitter else None)
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=",".join(parts), timezone=UTC)
 
 
-def due_after(job: JobSettings, now: float) -> float:
-    """A run that started after this instant already served the current slot, so this one can skip.
+def slot_start(job: JobSettings, now: float) -> float:
+    """When the current slot began; a run that started after it already served the slot, so others skip.
 
-    Interval jobs: the slot began at the last multiple of the interval; a run in the second half of the previous
-    slot counts too, so a replica that started just before a slot boundary does not cause a double run. Cron
-    jobs: fire times have minute resolution and jitter stays under a minute, so the slot is the current minute.
+    Interval jobs: the last multiple of the interval since the epoch. Cron jobs: fire times have minute
+    resolution and the jitter stays well under a minute, so the slot is the current minute.
     """
-    if job.interval_seconds:
-        interval = job.interval_seconds
-        return math.floor(now / interval) * interval - interval / 2
-    return math.floor((now - CRON_JITTER_SECONDS) / 60) * 60
+    period = job.interval_seconds or 60
+    return math.floor(now / period) * period
+
+
+def first_run(job: JobSettings, now: float) -> float | None:
+    """When to run soon after start, unless the next slot is near anyway (within half an interval, at most 60 s).
+
+    The first run skips like any other if the fleet already served the current slot, so a rolling restart
+    causes no extra runs. Cron jobs wait for their schedule: an operator who chose cron chose the times too.
+    """
+    if not job.interval_seconds:
+        return None
+    near = min(job.interval_seconds / 2, 60.0)
+    left = slot_start(job, now) + job.interval_seconds - now
+    if left <= near:
+        return None
+    return now + random.uniform(0, min(5.0, left - near))
 
 
 class Daemon:
@@ -106,6 +122,7 @@ class Daemon:
         self._last_beat = clock()
         self._beat_seconds = min(HEARTBEAT_SECONDS, self._notifier.watchdog_interval or HEARTBEAT_SECONDS)
         pairs = [(job, tenant) for job in settings.jobs for tenant in settings.job_tenants(job)]
+        self._pairs = len(pairs)
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={
@@ -115,11 +132,12 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         for job, tenant in pairs:
-            first = min(5.0, (job.interval_seconds or 60) / 2) * random.random()
-            self._scheduler.add_job(
-                self._run, trigger(job), args=(job, tenant), id=f"{tenant}/{job.name}", name=f"{tenant}/{job.name}",
-                next_run_time=datetime.fromtimestamp(clock() + first, UTC),
-            )
+            name = f"{tenant}/{job.name}"
+            self._scheduler.add_job(self._run, trigger(job), args=(job, tenant), id=name, name=name)
+            if (first := first_run(job, clock())) is not None:
+                # A separate one-off job: overriding the interval job's first fire time would shift all its slots.
+                self._scheduler.add_job(self._run, DateTrigger(datetime.fromtimestamp(first, UTC)),
+                                        args=(job, tenant), id=f"{name} (first run)", name=f"{name} (first run)")
         self._scheduler.add_job(self._beat, IntervalTrigger(seconds=self._beat_seconds), id="heartbeat",
                                 executor="heartbeat")
         self._health = health(self) if health else None
@@ -143,9 +161,9 @@ class Daemon:
         if self._health:
             self._health.start()
         self._scheduler.start()
-        self._beat()
         self._notifier.ready()
-        log.info("scheduler running %d job(s) as %s", len(self._scheduler.get_jobs()) - 1, self._runner.replica)
+        self._beat()
+        log.info("scheduler running %d (job, tenant) pair(s) as %s", self._pairs, self._runner.replica)
         self._stop.wait()
         return self._shutdown()
 
@@ -174,12 +192,12 @@ class Daemon:
         self._notifier.watchdog()
 
     def _run(self, job: JobSettings, tenant: str) -> None:
-        if self._stop.is_set():
+        if self._stop.wait(random.uniform(0, jitter(job))):
             return
         with self._active_lock:
             self._active += 1
         try:
-            self._runner.run(job, tenant, due_after=due_after(job, self._clock()), stop=self._stop)
+            self._runner.run(job, tenant, due_after=slot_start(job, self._clock()), stop=self._stop)
         except Exception:  # a run must never take the scheduler's worker down with it
             log.exception("run of %s/%s failed unexpectedly", tenant, job.name,
                           extra={"tenant": tenant, "job": job.name})
@@ -202,7 +220,7 @@ def fleet_status(settings: Settings, caches: TokenCaches, sink: Sink, locks: Blo
                 holder = locks.lease_holder(lock_blob(tenant, job.name))
             except StorageError as exc:
                 holder = f"unknown ({exc})"
-            next_due = trigger(job, jittered=False).get_next_fire_time(None, datetime.fromtimestamp(now, UTC))
+            next_due = trigger(job).get_next_fire_time(None, datetime.fromtimestamp(now, UTC))
             warnings = []
             last_success = state.get("last_success")
             if job.delta and last_success and now - epoch(last_success) > DELTA_TOKEN_WARNING_SECONDS:

@@ -1,0 +1,303 @@
+"""`graphsync run` as real processes: fleet coordination, clean stops, systemd notify, health and metrics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.fakes.graph import FakeGraph, mutate, populate
+
+if TYPE_CHECKING:
+    from tests.conftest import RunGraphsync, WriteConfig
+    from tests.fakes.entra import FakeEntra
+
+TENANTS = ["contoso.onmicrosoft.com", "fabrikam.onmicrosoft.com"]
+USERS_SELECT = ["id", "displayName", "mail", "jobTitle"]
+GROUPS_SELECT = ["id", "displayName", "members"]
+
+
+def _jobs(every: str = "5s") -> list[dict[str, Any]]:
+    return [
+        {"name": "users", "resource": "users", "delta": True, "select": USERS_SELECT, "every": every},
+        {"name": "groups", "resource": "groups", "delta": True, "select": GROUPS_SELECT, "every": every},
+    ]
+
+
+class Replica:
+    """A `graphsync run` process whose logs go to a file (a pipe would fill up and stall it)."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self._file = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+                                        cwd=REPO_ROOT, env=os.environ | env, stdout=self._file,
+                                        stderr=subprocess.STDOUT, text=True)
+
+    def stop(self, timeout: float = 10) -> tuple[int, float]:
+        """SIGTERM; return the exit status and how long the process took to exit."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout + 5)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self._file.close()
+        return code, time.monotonic() - started
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def replicas(tls_env: dict[str, str], tmp_path: Path):
+    started: list[Replica] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> Replica:
+        replica = Replica(config, tmp_path / f"replica-{len(started)}.log", tls_env | (env or {}))
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        if replica.process.poll() is None:
+            replica.stop()
+
+
+def _snapshot(directory: Path, tenant: str, job: str) -> list[dict[str, Any]]:
+    path = directory / tenant / job / "snapshot.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _truth(graph: FakeGraph, tenant: str, job: str, select: list[str]) -> list[dict[str, Any]]:
+    return sorted(({key: obj.get(key) for key in select} for obj in graph.objects(tenant, job).values()),
+                  key=lambda obj: obj["id"])
+
+
+def _assert_snapshots_match(graph: FakeGraph, output: Path, tenants: list[str]) -> None:
+    for tenant in tenants:
+        for job, select in (("users", USERS_SELECT), ("groups", GROUPS_SELECT)):
+            got = [{key: obj.get(key) for key in select} for obj in _snapshot(output, tenant, job)]
+            assert got == _truth(graph, tenant, job, select), f"{tenant}/{job} snapshot differs from the directory"
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+# -- issue 4, must-show 5: a fleet of three replicas --------------------------------------------------------
+
+@pytest.mark.slow
+def test_three_replicas_run_each_job_once_per_interval_and_share_tokens(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, fake_entra: FakeEntra, replicas, tmp_path: Path
+) -> None:
+    usable = 20
+    fake_entra.expires_in = 300 + usable
+    for seed, tenant in enumerate(TENANTS):
+        populate(fake_graph, tenant, users=300, groups=12, seed=seed)
+    output = tmp_path / "out"
+    config = graphsync_config(tenants=TENANTS, extra={
+        "graph": {"endpoint": fake_graph.base_url}, "output": {"directory": str(output)}, "jobs": _jobs("5s")})
+    fleet = [replicas(config) for _ in range(3)]
+    started = time.time()
+
+    stop_mutating = threading.Event()
+
+    def change_the_directory() -> None:
+        rng = random.Random(7)
+        while not stop_mutating.wait(1.5):
+            for tenant in TENANTS:
+                mutate(fake_graph, tenant, rng, changes=5)
+
+    mutator = threading.Thread(target=change_the_directory)
+    mutator.start()
+    time.sleep(45)
+    stop_mutating.set()
+    mutator.join()
+    time.sleep(15)  # let every (tenant, job) run at least twice after the last change
+    for replica in fleet:
+        code, took = replica.stop()
+        assert code == 0 and took < 10
+    elapsed = time.time() - started
+
+    runs: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for replica in fleet:
+        for record in replica.records():
+            if record["message"].startswith("run ") and record["message"].endswith("started"):
+                runs[record["tenant"], record["job"]].append(_log_time(record["time"]))
+    assert set(runs) == {(tenant, job) for tenant in TENANTS for job in ("users", "groups")}
+    for pair, times in runs.items():
+        times.sort()
+        slots = [int(t // 5) for t in times]
+        assert len(slots) == len(set(slots)), f"{pair} ran twice in one 5 s slot: {times}"
+        assert min(b - a for a, b in itertools.pairwise(times)) >= 2.5, f"{pair}: {times}"
+        assert len(times) >= elapsed / 5 - 3, f"{pair} ran only {len(times)} times in {elapsed:.0f} s"
+    served_by = {replica.log.name for replica in fleet for r in replica.records() if r.get("run_id")}
+    assert len(served_by) >= 2, "the work should be spread over the fleet, not pinned to one replica"
+
+    lifetimes = elapsed / usable
+    for tenant in TENANTS:
+        requests = len(fake_entra.token_requests(tenant))
+        assert requests <= lifetimes + 2, f"{tenant}: {requests} token requests in {lifetimes:.1f} lifetimes"
+    _assert_snapshots_match(fake_graph, output, TENANTS)
+
+
+def _log_time(text: str) -> float:
+    """The JSON log's `time` field (asctime, local time) as unix seconds."""
+    stamp, _, millis = text.partition(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis or 0) / 1000
+
+
+# -- issue 4, must-show 6: SIGTERM in the middle of a long sync ----------------------------------------------
+
+def test_sigterm_mid_sync_stops_within_10_s_and_loses_nothing(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, replicas, tmp_path: Path
+) -> None:
+    tenant = TENANTS[0]
+    populate(fake_graph, tenant, users=3000, groups=0, seed=3)
+    fake_graph.page_size = 100
+    output = tmp_path / "out"
+    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
+                                     "output": {"directory": str(output)}, "jobs": _jobs("5s")[:1]})
+    run_graphsync("sync", "--config", str(config))  # a first full sync: snapshot and cursor exist
+    before = (output / tenant / "users" / "snapshot.jsonl").read_bytes()
+    state_before = json.loads((output / tenant / "users" / "state.json").read_text())
+    fake_graph.expire_delta_tokens()  # the daemon's first run becomes a long full resync
+    mutate(fake_graph, tenant, random.Random(11), changes=40)
+    fake_graph.slow_pages = 0.5
+    fake_graph.reset_records()
+
+    replica = replicas(config)
+    _wait_for(lambda: len(fake_graph.requests) >= 6, 30, "the daemon to be several pages into its sync")
+    code, took = replica.stop()
+    assert code == 0, replica.log.read_text()[-2000:]
+    assert took < 10
+    job_dir = output / tenant / "users"
+    assert (job_dir / "snapshot.jsonl").read_bytes() == before, "a stopped run must not publish"
+    assert json.loads((job_dir / "state.json").read_text())["delta_link"] == state_before["delta_link"]
+    assert not [p for p in output.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+    fake_graph.slow_pages = 0
+    result = run_graphsync("sync", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert [{k: o.get(k) for k in USERS_SELECT} for o in _snapshot(output, tenant, "users")] == \
+        _truth(fake_graph, tenant, "users", USERS_SELECT)
+
+
+# -- issue 4, must-show 7: manual sync while a daemon replica runs the job -----------------------------------
+
+def test_manual_sync_exits_3_while_a_replica_runs_the_job_or_waits_for_it(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, replicas, tmp_path: Path
+) -> None:
+    tenant = TENANTS[0]
+    populate(fake_graph, tenant, users=1500, groups=0, seed=5)
+    fake_graph.page_size = 100
+    fake_graph.slow_pages = 0.3  # the daemon's run takes about 5 s
+    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
+                                     "output": {"directory": str(tmp_path / "out")}, "jobs": _jobs("5s")[:1]})
+    replicas(config)
+    _wait_for(lambda: len(fake_graph.requests) >= 2, 30, "the daemon replica to start its run")
+    busy = run_graphsync("sync", "--job", "users", "--config", str(config))
+    assert busy.returncode == 3, busy.stdout + busy.stderr
+    assert "running on another replica" in busy.stdout
+    waited = run_graphsync("sync", "--job", "users", "--wait", "--config", str(config), timeout=90)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+
+
+# -- issue 5, must-show 1: systemd notify --------------------------------------------------------------------
+
+def test_run_tells_systemd_ready_then_watchdog_then_stopping(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, replicas, tmp_path: Path
+) -> None:
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(15)
+    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
+                                     "output": {"directory": str(tmp_path / "out")}, "jobs": _jobs("1h")[:1]})
+    replica = replicas(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"})
+    messages = []
+    with listener:
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        code, _ = replica.stop()
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+    assert code == 0
+    first = {kind: next(i for i, m in enumerate(messages) if kind in m)
+             for kind in ("READY=1", "WATCHDOG=1", "STOPPING=1")}
+    assert first["READY=1"] < first["WATCHDOG=1"] < first["STOPPING=1"], messages
+
+
+# -- issue 5, must-show 2: health and metrics ----------------------------------------------------------------
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_and_health_endpoints_follow_a_running_daemon(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, replicas, tmp_path: Path
+) -> None:
+    tenant = TENANTS[0]
+    populate(fake_graph, tenant, users=200, groups=5, seed=9)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
+                                     "output": {"directory": str(tmp_path / "out")}, "jobs": _jobs("3s"),
+                                     "metrics": {"port": port}})
+    replicas(config)
+    base = f"http://127.0.0.1:{port}"
+    _wait_for(lambda: _get(base + "/healthz")[0] == 200, 20, "/healthz")
+    assert _get(base + "/readyz")[0] == 200
+
+    def metrics() -> str:
+        return _get(base + "/metrics")[1]
+
+    _wait_for(lambda: _sample(metrics(), "graphsync_job_runs_total", result="ok") >= 2, 30, "the first runs")
+    first = metrics()
+    _wait_for(lambda: _sample(metrics(), "graphsync_job_runs_total", result="ok") >= 4, 30, "later runs")
+    later = metrics()
+    assert _sample(first, "graphsync_token_acquisitions_total", source="identity_provider") == 1
+    assert _sample(later, "graphsync_token_acquisitions_total", source="memory") > \
+        _sample(first, "graphsync_token_acquisitions_total", source="memory")
+    assert _sample(later, "graphsync_storage_operations_total", operation="lease") > \
+        _sample(first, "graphsync_storage_operations_total", operation="lease")
+    assert _sample(later, "graphsync_graph_requests_total", status="200") > \
+        _sample(first, "graphsync_graph_requests_total", status="200")
+    assert _sample(later, "graphsync_objects_synced_total") >= 205
+    assert _get(base + "/nothing")[0] == 404
