@@ -23,6 +23,7 @@ from daemon.health import HealthServer
 from daemon.identity import TokenError
 from daemon.jobs import JobRunner
 from daemon.logs import configure_logging
+from daemon.preflight import run_checks
 from daemon.scheduler import Daemon, fleet_status
 from daemon.sinks import sink_from_settings
 from daemon.storage import BlobStore
@@ -66,13 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[common], help="token cache and job state, fleet-wide")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    check = commands.add_parser("check", parents=[common], help="preflight: configuration, storage, a token per "
+                                "tenant, Graph access per job — each failure with its likely fix")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(find_config_file(getattr(args, "config", None)))
+        args.config_file = find_config_file(getattr(args, "config", None))
+        settings = load_settings(args.config_file)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"graphsync: configuration error: {problem}", file=sys.stderr)
@@ -177,7 +183,22 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    checks = []
+    for check in run_checks(settings, args.config_file):
+        checks.append(check)
+        if not args.json:
+            print(f"{'✓' if check.ok else '✗'} {check.name}: {check.detail}", flush=True)
+            if check.fix:
+                print(f"    fix: {check.fix}", flush=True)
+    ok = all(check.ok for check in checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [check.as_dict() for check in checks]}))
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "check": cmd_check,
     "token": cmd_token,
     "run": cmd_run,
     "sync": cmd_sync,

@@ -16,15 +16,28 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.util.retry import Retry
 
 from daemon.identity import retrying_session
-from daemon.metrics import GRAPH_REQUESTS
+from daemon.metrics import GRAPH_REQUESTS, GRAPH_THROTTLED
 from daemon.tokencache import AccessToken
 
 log = logging.getLogger(__name__)
 
 THROTTLE_STATUSES = (429, 503, 504)
 RESYNC_CODES = {"syncstatenotfound", "resyncrequired", "syncstateinvalid"}
+
+
+class _ThrottleAwareRetry(Retry):
+    """urllib3's Retry, counting and logging each throttled response it is about to wait out."""
+
+    def increment(self, method: str | None = None, url: str | None = None, *args: Any, **kwargs: Any) -> Retry:
+        response = kwargs.get("response")
+        if response is not None and response.status in THROTTLE_STATUSES:
+            GRAPH_THROTTLED.labels(str(response.status)).inc()
+            log.warning("Graph answered %s (Retry-After: %s) for %s; retrying", response.status,
+                        response.headers.get("Retry-After", "-"), _path(url or ""))
+        return super().increment(method, url, *args, **kwargs)
 
 
 class TokenSource(Protocol):
@@ -69,7 +82,8 @@ class GraphClient:
         self.base_url = f"{endpoint.rstrip('/')}/{api_version}"
         self._tokens = tokens
         self._timeout = timeout
-        self._session = session or retrying_session(total=max_retries, statuses=THROTTLE_STATUSES, backoff=1.0)
+        self._session = session or retrying_session(total=max_retries, statuses=THROTTLE_STATUSES, backoff=1.0,
+                                                    retry_class=_ThrottleAwareRetry)
 
     def collection_url(self, resource: str, *, select: list[str] | None = None, delta: bool = False,
                        top: int | None = None) -> str:

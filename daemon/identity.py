@@ -41,9 +41,10 @@ def _aadsts_codes(description: str) -> list[int]:
     return [int(code) for code in re.findall(r"AADSTS(\d+)", description)]
 
 
-def retrying_session(total: int, statuses: tuple[int, ...], backoff: float = 0.5) -> requests.Session:
+def retrying_session(total: int, statuses: tuple[int, ...], backoff: float = 0.5,
+                     retry_class: type[Retry] = Retry) -> requests.Session:
     """A pooled session whose retries (with ``Retry-After`` honoured) come from urllib3, not from our code."""
-    retry = Retry(
+    retry = retry_class(
         total=total,
         backoff_factor=backoff,
         backoff_jitter=backoff,

@@ -50,3 +50,8 @@ JOB_LAST_SUCCESS = Gauge(
     "Unix time of the last successful run of a job on this replica.",
     ["tenant", "job"],
 )
+GRAPH_THROTTLED = Counter(
+    "graphsync_graph_throttled_retries_total",
+    "Graph responses (429, 503, 504) waited out and retried, honouring Retry-After.",
+    ["status"],
+)

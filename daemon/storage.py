@@ -42,7 +42,23 @@ if TYPE_CHECKING:
 
 
 class StorageError(Exception):
-    """Storage did not answer usefully; the message names the blob and the cause, never a credential."""
+    """Storage did not answer usefully; the message names the blob and the cause, never a credential.
+
+    ``status`` and ``code`` (e.g. 403 ``AuthorizationPermissionMismatch``) are set when the service answered,
+    so callers can name the fix.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    @classmethod
+    def from_azure(cls, action: str, exc: AzureError) -> StorageError:
+        status = getattr(exc, "status_code", None)
+        code = getattr(exc, "error_code", None)
+        code = getattr(code, "value", code)  # the SDK gives a StorageErrorCode enum where it knows the code
+        return cls(f"{action}: {_cause(exc)}", status=status, code=code)
 
 
 class WriteConflict(Exception):
@@ -68,7 +84,7 @@ class BlobContent:
 def _cause(exc: AzureError) -> str:
     """A one-line cause for logs: status and error code when the service answered, else the transport error."""
     if isinstance(exc, HttpResponseError) and exc.status_code:
-        code = exc.error_code or (exc.reason or "").strip()
+        code = getattr(exc.error_code, "value", exc.error_code) or (exc.reason or "").strip()
         return f"HTTP {exc.status_code} {code}".strip()
     first_line = (str(exc.message or exc) or type(exc).__name__).splitlines()[0]
     return redact(f"{type(exc).__name__}: {first_line}")[:300]
@@ -109,7 +125,7 @@ class BlobStore:
         except ResourceExistsError:
             pass
         except AzureError as exc:
-            raise StorageError(f"cannot create container {self.container_name}: {_cause(exc)}") from exc
+            raise StorageError.from_azure(f"cannot create container {self.container_name}", exc) from exc
 
     def read(self, name: str, *, if_none_match: str | None = None) -> BlobContent | _NotModified | None:
         """Download ``name``; with ``if_none_match`` the service answers 304 when nothing changed."""
@@ -122,13 +138,13 @@ class BlobStore:
                 STORAGE_OPERATIONS.labels("read", "not_modified").inc()
                 return NOT_MODIFIED
             STORAGE_OPERATIONS.labels("read", "error").inc()
-            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+            raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
         except ResourceNotFoundError:
             STORAGE_OPERATIONS.labels("read", "absent").inc()
             return None
         except AzureError as exc:
             STORAGE_OPERATIONS.labels("read", "error").inc()
-            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+            raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
         STORAGE_OPERATIONS.labels("read", "ok").inc()
         props = downloader.properties
         return BlobContent(data=data, etag=props.etag, last_modified=props.last_modified)
@@ -175,7 +191,7 @@ class BlobStore:
 
     def _write_failed(self, name: str, exc: AzureError) -> StorageError:
         STORAGE_OPERATIONS.labels("write", "error").inc()
-        return StorageError(f"writing {self._path(name)}: {_cause(exc)}")
+        return StorageError.from_azure(f"writing {self._path(name)}", exc)
 
     def read_chunks(self, name: str) -> Iterator[bytes]:
         """Stream a (possibly large) blob; nothing when it does not exist."""
@@ -184,7 +200,7 @@ class BlobStore:
         except ResourceNotFoundError:
             return
         except AzureError as exc:
-            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+            raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
 
     def write_blocks(self, name: str, chunks: Iterable[bytes]) -> None:
         """Replace ``name`` atomically with the concatenated ``chunks``: stage blocks, then commit the list.
@@ -202,8 +218,17 @@ class BlobStore:
             blob.commit_block_list(block_ids)
         except AzureError as exc:
             STORAGE_OPERATIONS.labels("write", "error").inc()
-            raise StorageError(f"writing {self._path(name)}: {_cause(exc)}") from exc
+            raise StorageError.from_azure(f"writing {self._path(name)}", exc) from exc
         STORAGE_OPERATIONS.labels("write", "ok").inc()
+
+    def delete(self, name: str) -> None:
+        """Delete ``name`` if it exists."""
+        try:
+            self._container.delete_blob(name)
+        except ResourceNotFoundError:
+            return
+        except AzureError as exc:
+            raise StorageError.from_azure(f"deleting {self._path(name)}", exc) from exc
 
     def lease_holder(self, name: str) -> str | None:
         """Who holds the lease on lock blob ``name`` (as they announced in its metadata), or ``None``."""
@@ -212,7 +237,7 @@ class BlobStore:
         except ResourceNotFoundError:
             return None
         except AzureError as exc:
-            raise StorageError(f"reading {self._path(name)}: {_cause(exc)}") from exc
+            raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
         if props.lease.state != "leased":
             return None
         return (props.metadata or {}).get("holder", "unknown")
@@ -239,10 +264,10 @@ class BlobStore:
                     STORAGE_OPERATIONS.labels("lease", "lease_held").inc()
                     return None
                 STORAGE_OPERATIONS.labels("lease", "error").inc()
-                raise StorageError(f"leasing {self._path(name)}: {_cause(exc)}") from exc
+                raise StorageError.from_azure(f"leasing {self._path(name)}", exc) from exc
             except AzureError as exc:
                 STORAGE_OPERATIONS.labels("lease", "error").inc()
-                raise StorageError(f"leasing {self._path(name)}: {_cause(exc)}") from exc
+                raise StorageError.from_azure(f"leasing {self._path(name)}", exc) from exc
             STORAGE_OPERATIONS.labels("lease", "ok").inc()
             return BlobLease(client, blob, self._path(name))
         raise StorageError(f"leasing {self._path(name)}: the lock blob keeps disappearing")

@@ -1,0 +1,71 @@
+"""`graphsync check` against the local fakes: all green on a good setup, and the named fix for each failure."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from tests.conftest import AZURITE_KEY
+from tests.fakes.graph import FakeGraph, populate
+
+if TYPE_CHECKING:
+    from tests.conftest import Azurite, RunGraphsync, WriteConfig
+
+TENANT = "contoso.onmicrosoft.com"
+JOBS = [{"name": "users", "resource": "users", "delta": True, "every": "15m"},
+        {"name": "groups", "resource": "groups", "every": "1h"}]
+
+
+def _config(graphsync_config: WriteConfig, fake_graph: FakeGraph, **extra: dict) -> str:
+    populate(fake_graph, TENANT, users=5, groups=2)
+    base = {"graph": {"endpoint": fake_graph.base_url}, "jobs": JOBS, "output": {"container": "exports"}}
+    return str(graphsync_config(extra=base | extra))
+
+
+def test_check_passes_on_a_working_setup(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, blob_container: str
+) -> None:
+    result = run_graphsync("check", "--config", _config(graphsync_config, fake_graph))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        "✓ configuration", f"✓ storage {blob_container}", "✓ storage exports", f"✓ token cache {TENANT}",
+        f"✓ token {TENANT}", f"✓ graph {TENANT} users", f"✓ graph {TENANT} groups"]
+
+
+def test_check_names_the_fix_for_a_wrong_secret(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph
+) -> None:
+    config = _config(graphsync_config, fake_graph, identity={"client_secret": "not-the-secret-value"})
+    result = run_graphsync("check", "--json", "--config", config)
+    assert result.returncode == 1
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    [token] = [c for c in report["checks"] if c["name"] == f"token {TENANT}"]
+    assert not token["ok"] and "AADSTS7000215" in token["detail"]
+    assert "client secret is wrong" in token["fix"]
+    assert not [c for c in report["checks"] if c["name"].startswith("graph")], "Graph needs a token: skipped"
+    assert "not-the-secret-value" not in result.stdout + result.stderr
+
+
+def test_check_names_the_fix_for_a_graph_403(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph
+) -> None:
+    config = _config(graphsync_config, fake_graph)
+    fake_graph.deny(TENANT, "users")
+    result = run_graphsync("check", "--config", config)
+    assert result.returncode == 1
+    assert f"✗ graph {TENANT} users: " in result.stdout and "Authorization_RequestDenied" in result.stdout
+    assert "fix: grant the application permission User.Read.All" in result.stdout
+    assert f"✓ graph {TENANT} groups" in result.stdout
+
+
+def test_check_names_the_fix_for_a_wrong_storage_key(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, azurite: Azurite
+) -> None:
+    wrong = azurite.connection_string.replace(AZURITE_KEY, "d3Jvbmcta2V5" * 8)
+    result = run_graphsync("check", "--config", _config(graphsync_config, fake_graph,
+                                                        storage={"connection_string": wrong}))
+    assert result.returncode == 1
+    # Azure answers AuthenticationFailed for a bad key; Azurite answers AuthorizationFailure
+    assert "HTTP 403 AuthorizationFailure" in result.stdout, result.stdout
+    assert "fix: the request was refused: check the account key" in result.stdout
+    assert "d3Jvbmcta2V5" not in result.stdout + result.stderr
