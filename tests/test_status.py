@@ -1,0 +1,78 @@
+"""`graphsync status`: the token cache and every job's state as an operator needs them, never a secret."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tests.conftest import REPO_ROOT
+from tests.fakes.entra import CLIENT_SECRET, FakeEntra
+from tests.fakes.graph import FakeGraph, populate
+
+if TYPE_CHECKING:
+    from tests.conftest import RunGraphsync, WriteConfig
+
+TENANT = "contoso.onmicrosoft.com"
+
+
+def _status(run_graphsync: RunGraphsync, config: Path) -> dict:
+    result = run_graphsync("status", "--json", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert CLIENT_SECRET not in result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_status_reports_cache_jobs_lock_holder_and_stale_delta_tokens(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, fake_entra: FakeEntra,
+    tls_env: dict[str, str], tmp_path: Path,
+) -> None:
+    populate(fake_graph, TENANT, users=400, groups=0)
+    output = tmp_path / "out"
+    config = graphsync_config(extra={
+        "graph": {"endpoint": fake_graph.base_url}, "output": {"directory": str(output)},
+        "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "15m"}]})
+
+    before = _status(run_graphsync, config)
+    assert before["tenants"][0]["problem"].startswith("no cache blob yet")
+    assert before["jobs"][0]["last_success"] is None
+
+    assert run_graphsync("sync", "--config", str(config)).returncode == 0
+    report = _status(run_graphsync, config)
+    [tenant] = report["tenants"]
+    issued = [r for r in fake_entra.token_requests() if r.access_token]
+    assert tenant["tokens"] == 1 and tenant["problem"] is None
+    assert abs(tenant["token_expires_on"] - (issued[0].time + 3600)) < 5
+    assert issued[0].access_token not in json.dumps(report)
+    [job] = report["jobs"]
+    assert job["objects"] == 400 and job["last_error"] is None and job["lock_holder"] is None
+    assert job["warnings"] == []
+    next_due = datetime.fromisoformat(job["next_due"])
+    assert next_due.minute % 15 == 0 and next_due.second == 0 and next_due > datetime.now(UTC)
+
+    fake_graph.page_size = 20
+    fake_graph.slow_pages = 0.3
+    fake_graph.expire_delta_tokens()
+    sync = subprocess.Popen([sys.executable, "-m", "daemon", "sync", "--config", str(config)], cwd=REPO_ROOT,
+                            env=os.environ | tls_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        holder = None
+        while holder is None and time.monotonic() < deadline:
+            holder = _status(run_graphsync, config)["jobs"][0]["lock_holder"]
+        assert holder is not None and holder.endswith(f"-{sync.pid}"), holder
+    finally:
+        sync.wait(timeout=60)
+
+    state_file = output / TENANT / "users" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["last_success"] = (datetime.now(UTC) - timedelta(days=6, hours=1)).isoformat().replace("+00:00", "Z")
+    state_file.write_text(json.dumps(state))
+    [job] = _status(run_graphsync, config)["jobs"]
+    assert any("delta token expires after 7 days" in warning for warning in job["warnings"])
