@@ -213,7 +213,13 @@ class BlobStore:
             block_ids = []
             for chunk in chunks:
                 block_id = uuid.uuid4().hex
-                blob.stage_block(block_id, chunk)
+                try:
+                    blob.stage_block(block_id, chunk)
+                except ResourceNotFoundError as exc:
+                    if exc.error_code != "ContainerNotFound":
+                        raise
+                    self.ensure_container()  # a new output container, or one an operator emptied
+                    blob.stage_block(block_id, chunk)
                 block_ids.append(BlobBlock(block_id))
             blob.commit_block_list(block_ids)
         except AzureError as exc:
