@@ -21,6 +21,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/token_cache.py
+	$(BIN)/python bench/sync.py
+
+demo: setup
+	$(BIN)/python -m tests.demo
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache *.egg-info

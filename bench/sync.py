@@ -31,6 +31,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ if str(REPO_ROOT) not in sys.path:
 PAGE_SIZE = 999  # the largest page Graph serves for directory objects
 SELECT = ["displayName", "givenName", "surname", "mail", "userPrincipalName", "jobTitle"]
 JOB = "users"
+MODES = ("graphsync", "baseline")
 TOKEN_VARIABLE = "BENCH_SYNC_ACCESS_TOKEN"  # hands the baseline its token (not GRAPHSYNC_*: the config rejects those)
 FLAT_LIMIT = 1.25  # peak RSS at the largest size over the smallest; above this, memory is not flat
 STDERR_TAIL = 3000
@@ -118,6 +120,7 @@ class Measurement:
 
     mode: str  # graphsync | baseline
     size: int
+    repeat: int  # 1-based; 0 for a summary of several repeats
     wall_seconds: float  # spawn to exit
     phase_seconds: float  # first Graph request to exit
     startup_seconds: float  # spawn to first Graph request
@@ -142,6 +145,21 @@ class Measurement:
         return asdict(self) | {"objects_per_second": self.objects_per_second,
                                "phase_objects_per_second": self.phase_objects_per_second,
                                "peak_rss_mib": self.peak_rss_mib}
+
+
+def summarize(runs: list[Measurement]) -> Measurement:
+    """Several repeats as one: the median of each time, the highest peak RSS (what must stay flat)."""
+    first = runs[0]
+    return Measurement(
+        mode=first.mode, size=first.size, repeat=0,
+        wall_seconds=statistics.median(r.wall_seconds for r in runs),
+        phase_seconds=statistics.median(r.phase_seconds for r in runs),
+        startup_seconds=statistics.median(r.startup_seconds for r in runs),
+        pages=first.pages,
+        graph_errors=sum(r.graph_errors for r in runs),
+        peak_rss_kib=max(r.peak_rss_kib for r in runs),
+        cpu_seconds=statistics.median(r.cpu_seconds for r in runs),
+    )
 
 
 def tenant_for(size: int) -> str:
@@ -174,35 +192,36 @@ class Bench:
 
     def interpreter_floor(self) -> Measurement:
         """``python -c pass`` through the wrapper: the smallest peak RSS the method can report."""
-        run = self._run("floor", 0, [sys.executable, "-c", "pass"], self.env)
-        return Measurement("floor", 0, run["ended"] - run["started"], 0.0, 0.0, 0, 0, run["maxrss_kib"],
+        run = self._run("floor", 0, 0, [sys.executable, "-c", "pass"], self.env)
+        return Measurement("floor", 0, 0, run["ended"] - run["started"], 0.0, 0.0, 0, 0, run["maxrss_kib"],
                            run["user_seconds"] + run["system_seconds"])
 
-    def baseline(self, size: int) -> Measurement:
+    def baseline(self, size: int, repeat: int) -> Measurement:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", "baseline", "--url", self.delta_url()]
         self.commands["baseline"] = command
         env = self.env | {TOKEN_VARIABLE: self._token(tenant_for(size))}
         self.graph.reset_records()
-        run = self._run("baseline", size, command, env)
-        stdout = (self.workdir / f"baseline-{size}.stdout").read_text()
+        run = self._run("baseline", size, repeat, command, env)
+        stdout = (self.workdir / f"baseline-{size}-{repeat}.stdout").read_text()
         try:
             report = json.loads(stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            raise self._failure("baseline", size, f"printed no summary (stdout: {stdout[-300:]!r})") from None
+            raise self._failure("baseline", size, repeat, f"printed no summary (stdout: {stdout[-300:]!r})") from None
         if report["objects"] != size or not report["delta_link"]:
-            raise self._failure("baseline", size, f"got {report['objects']} objects (expected {size}), "
+            raise self._failure("baseline", size, repeat, f"got {report['objects']} objects (expected {size}), "
                                 f"delta link {'present' if report['delta_link'] else 'missing'}")
-        return self._measurement("baseline", size, run)
+        return self._measurement("baseline", size, repeat, run)
 
-    def graphsync(self, size: int) -> Measurement:
-        output = self.workdir / f"out-{size}"
-        config = self._write_config(size, output)
+    def graphsync(self, size: int, repeat: int) -> Measurement:
+        """A full sync: a fresh output directory and container each time, so there is no delta link to resume."""
+        output = self.workdir / f"out-{size}-{repeat}"
+        config = self._write_config(size, repeat, output)
         command = [sys.executable, "-m", "daemon", "sync", "--config", str(config)]
         self.commands["graphsync"] = command
         self.graph.reset_records()
-        run = self._run("graphsync", size, command, self.env)
-        self._check_output(size, output)
-        return self._measurement("graphsync", size, run)
+        run = self._run("graphsync", size, repeat, command, self.env)
+        self._check_output(size, repeat, output)
+        return self._measurement("graphsync", size, repeat, run)
 
     def _token(self, tenant: str) -> str:
         import requests
@@ -219,7 +238,7 @@ class Bench:
             raise BenchFailure(f"the fake Entra refused a token for {tenant}: {response.status_code} {response.text}")
         return response.json()["access_token"]
 
-    def _write_config(self, size: int, output: Path) -> Path:
+    def _write_config(self, size: int, repeat: int, output: Path) -> Path:
         from azure.storage.blob import BlobServiceClient
 
         from tests.conftest import dumps_toml
@@ -228,7 +247,7 @@ class Bench:
         container = f"bench-sync-{size}-{uuid.uuid4().hex[:8]}"
         with BlobServiceClient.from_connection_string(self.azurite.connection_string) as service:
             service.create_container(container)
-        path = self.workdir / f"graphsync-{size}.toml"
+        path = self.workdir / f"graphsync-{size}-{repeat}.toml"
         path.write_text(dumps_toml({
             "log_level": "INFO",
             "identity": {"client_id": CLIENT_ID, "tenants": [tenant_for(size)],
@@ -240,26 +259,27 @@ class Bench:
         }))
         return path
 
-    def _check_output(self, size: int, output: Path) -> None:
+    def _check_output(self, size: int, repeat: int, output: Path) -> None:
         """Fail unless the run published exactly ``size`` snapshot lines and saved a delta link."""
         directory = output / tenant_for(size) / JOB
         snapshot = directory / "snapshot.jsonl"
         if not snapshot.is_file():
-            raise self._failure("graphsync", size, f"published no {snapshot}")
+            raise self._failure("graphsync", size, repeat, f"published no {snapshot}")
         with snapshot.open("rb") as file:
             lines = sum(1 for _ in file)
         if lines != size:
-            raise self._failure("graphsync", size, f"{snapshot} has {lines} lines, expected {size}")
+            raise self._failure("graphsync", size, repeat, f"{snapshot} has {lines} lines, expected {size}")
         state = json.loads((directory / "state.json").read_text())
         if state.get("objects") != size or not state.get("delta_link"):
-            raise self._failure("graphsync", size, f"state.json says objects={state.get('objects')}, delta_link "
-                                f"{'present' if state.get('delta_link') else 'missing'}")
+            link = "present" if state.get("delta_link") else "missing"
+            raise self._failure("graphsync", size, repeat,
+                                f"state.json says objects={state.get('objects')}, delta_link {link}")
 
-    def _run(self, mode: str, size: int, command: list[str], env: dict[str, str]) -> dict[str, Any]:
+    def _run(self, mode: str, size: int, repeat: int, command: list[str], env: dict[str, str]) -> dict[str, Any]:
         """Run ``command`` under the measuring wrapper; its stdout and stderr go to files in the workdir."""
-        result = self.workdir / f"{mode}-{size}.rusage.json"
+        result = self.workdir / f"{mode}-{size}-{repeat}.rusage.json"
         wrapper = [sys.executable, "-I", "-S", "-c", MEASURE, str(result), *command]
-        stdout_path, stderr_path = (self.workdir / f"{mode}-{size}.{stream}" for stream in ("stdout", "stderr"))
+        stdout_path, stderr_path = (self.workdir / f"{mode}-{size}-{repeat}.{name}" for name in ("stdout", "stderr"))
         with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
             process = subprocess.Popen(wrapper, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
                                        stderr=stderr, start_new_session=True)
@@ -267,22 +287,26 @@ class Bench:
             process.wait(timeout=self.args.timeout)
         except subprocess.TimeoutExpired:
             _stop_group(process)
-            raise self._failure(mode, size, f"did not finish within {self.args.timeout:g} s") from None
+            raise self._failure(mode, size, repeat, f"did not finish within {self.args.timeout:g} s") from None
+        except BaseException:  # Ctrl-C: the child is in its own session and did not get the SIGINT
+            _stop_group(process)
+            raise
         if process.returncode != 0 or not result.is_file():
-            raise self._failure(mode, size, f"measuring wrapper exited with code {process.returncode}")
+            raise self._failure(mode, size, repeat, f"measuring wrapper exited with code {process.returncode}")
         run = json.loads(result.read_text())
         if run["exit_code"] != 0:
-            raise self._failure(mode, size, f"exited with code {run['exit_code']}")
+            raise self._failure(mode, size, repeat, f"exited with code {run['exit_code']}")
         return run
 
-    def _measurement(self, mode: str, size: int, run: dict[str, Any]) -> Measurement:
+    def _measurement(self, mode: str, size: int, repeat: int, run: dict[str, Any]) -> Measurement:
         requests = self.graph.requests  # this child's only: reset before it started
         if not requests:
-            raise self._failure(mode, size, "made no Graph requests")
+            raise self._failure(mode, size, repeat, "made no Graph requests")
         first = min(r.time for r in requests)
         return Measurement(
             mode=mode,
             size=size,
+            repeat=repeat,
             wall_seconds=run["ended"] - run["started"],
             phase_seconds=run["ended"] - first,
             startup_seconds=first - run["started"],
@@ -292,12 +316,13 @@ class Bench:
             cpu_seconds=run["user_seconds"] + run["system_seconds"],
         )
 
-    def _failure(self, mode: str, size: int, why: str) -> BenchFailure:
+    def _failure(self, mode: str, size: int, repeat: int, why: str) -> BenchFailure:
         command = shlex.join(self.commands.get(mode, [mode]))
         tail = ""
         with contextlib.suppress(OSError):
-            tail = (self.workdir / f"{mode}-{size}.stderr").read_text(errors="replace")[-STDERR_TAIL:].rstrip()
-        return BenchFailure(f"{mode} run with {size} objects {why}\n  command: {command}\n"
+            tail = (self.workdir / f"{mode}-{size}-{repeat}.stderr").read_text(errors="replace")[-STDERR_TAIL:]
+            tail = tail.rstrip()
+        return BenchFailure(f"{mode} run {repeat} with {size} objects {why}\n  command: {command}\n"
                             f"  stderr tail:\n{tail or '(empty)'}")
 
 
@@ -320,8 +345,8 @@ def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}x" if denominator else "-"
 
 
-def report(args: argparse.Namespace, results: dict[int, dict[str, Measurement]], floor: Measurement,
-           context: dict[str, str]) -> list[str]:
+def report(args: argparse.Namespace, runs: dict[int, dict[str, list[Measurement]]],
+           results: dict[int, dict[str, Measurement]], floor: Measurement, context: dict[str, str]) -> list[str]:
     """Print the tables; return the notes about memory that is not flat (empty when it is)."""
     from rich import box
     from rich.console import Console
@@ -333,8 +358,9 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Measurement]],
         console.print(f"  {key}: {value}", markup=False)
     console.print()
 
-    throughput = Table(title="Throughput (ratio = graphsync objects/s / baseline objects/s; paging = from the "
-                       "child's first Graph request to its exit)", box=box.MARKDOWN, title_justify="left")
+    throughput = Table(title=f"Throughput, median of {args.repeat} (ratio = graphsync objects/s / baseline objects/s; "
+                       "paging = from the child's first Graph request to its exit)", box=box.MARKDOWN,
+                       title_justify="left")
     for heading in ("objects", "pages", "graphsync obj/s", "baseline obj/s", "ratio", "graphsync paging obj/s",
                     "baseline paging obj/s", "paging ratio"):
         throughput.add_column(heading, justify="right", no_wrap=True)
@@ -348,7 +374,8 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Measurement]],
         )
     console.print(throughput)
 
-    timing = Table(title="Child wall time, spawn to first Graph request, and CPU (user + system), in seconds",
+    timing = Table(title=f"Child wall time, spawn to first Graph request (startup), and CPU (user + system), in "
+                   f"seconds, median of {args.repeat}",
                    box=box.MARKDOWN, title_justify="left")
     for heading in ("objects", "graphsync wall", "baseline wall", "graphsync startup", "baseline startup",
                     "graphsync CPU", "baseline CPU"):
@@ -360,8 +387,8 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Measurement]],
     console.print(timing)
 
     smallest = args.sizes[0]
-    memory = Table(title=f"Peak RSS (ru_maxrss of the child itself; vs {smallest:,} = this size / {smallest:,} "
-                   "objects, flat means about 1.00x)", box=box.MARKDOWN, title_justify="left")
+    memory = Table(title=f"Peak RSS, highest of {args.repeat} (ru_maxrss of the child itself; vs {smallest:,} = this "
+                   f"size / {smallest:,} objects, flat means about 1.00x)", box=box.MARKDOWN, title_justify="left")
     for heading in ("objects", "graphsync MiB", "baseline MiB", "graphsync / baseline", f"graphsync vs {smallest:,}",
                     f"baseline vs {smallest:,}"):
         memory.add_column(heading, justify="right", no_wrap=True)
@@ -403,6 +430,15 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Measurement]],
         "Every graphsync run was checked: exit 0, snapshot.jsonl with exactly N lines, state.json with N objects "
         "and a delta link. Every baseline run counted exactly N objects and ended on a delta link.",
     ]
+    if args.repeat > 1:
+        spread = []
+        for size in args.sizes:
+            for mode in MODES:
+                rates = [m.objects_per_second for m in runs[size][mode]]
+                rss = [m.peak_rss_mib for m in runs[size][mode]]
+                spread.append(f"{mode} {size:,}: {min(rates):,.0f}-{max(rates):,.0f} obj/s, "
+                              f"{min(rss):.1f}-{max(rss):.1f} MiB")
+        notes.append(f"Range over the {args.repeat} repeats: " + "; ".join(spread) + ".")
     for size in args.sizes:
         for m in results[size].values():
             if m.graph_errors:
@@ -429,7 +465,9 @@ def _sizes(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--sizes", type=_sizes, default=[10_000, 100_000],
-                        help="comma-separated numbers of users, one run of each client per size; default 10000,100000")
+                        help="comma-separated numbers of users (one tenant each); default 10000,100000")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each client per size (medians of times, highest peak RSS); default 3")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds a single child run may take before it is stopped; default 300")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
@@ -463,6 +501,9 @@ def _azurite_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.repeat < 1:
+        print("--repeat must be at least 1", file=sys.stderr)
+        return 2
     if args.child == "baseline":
         return _baseline_main(args.url)
 
@@ -476,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.fakes.graph import FakeGraph, populate
 
     started = time.monotonic()
-    results: dict[int, dict[str, Measurement]] = {}
+    runs: dict[int, dict[str, list[Measurement]]] = {size: {"baseline": [], "graphsync": []} for size in args.sizes}
     with contextlib.ExitStack() as stack:
         try:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphsync-bench-sync-")))
@@ -494,11 +535,12 @@ def main(argv: list[str] | None = None) -> int:
                 populate(graph, tenant_for(size), size, 0, seed=size)
             bench = Bench(args, workdir, ca_bundle, azurite, entra, graph)
             floor = bench.interpreter_floor()
-            for size in args.sizes:
-                results[size] = {}
-                for mode in ("baseline", "graphsync"):
-                    print(f"running {mode} over {size:,} objects ...", file=sys.stderr, flush=True)
-                    results[size][mode] = getattr(bench, mode)(size)
+            for repeat in range(1, args.repeat + 1):
+                for size in args.sizes:
+                    for mode in ("baseline", "graphsync"):
+                        print(f"repeat {repeat}/{args.repeat}: {mode} over {size:,} objects ...", file=sys.stderr,
+                              flush=True)
+                        runs[size][mode].append(getattr(bench, mode)(size, repeat))
             commands = dict(bench.commands)
         except BenchFailure as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
@@ -511,9 +553,12 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
     elapsed = time.monotonic() - started
+    results = {size: {mode: summarize(measured) for mode, measured in by_mode.items()}
+               for size, by_mode in runs.items()}
     context = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
-        "parameters": (f"sizes {','.join(str(s) for s in args.sizes)}; page size {PAGE_SIZE}; users from "
+        "parameters": (f"sizes {','.join(str(s) for s in args.sizes)}; {args.repeat} repeats of each run, "
+                       f"alternating; page size {PAGE_SIZE}; users from "
                        f"tests.fakes.graph.populate, one tenant per size; delta round with $select={','.join(SELECT)}"),
         "graphsync child": shlex.join(commands["graphsync"]),
         "baseline child": shlex.join(commands["baseline"]),
@@ -524,12 +569,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs",
         "run": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s wall clock",
     }
-    problems = report(args, results, floor, context)
+    problems = report(args, runs, results, floor, context)
     if args.json:
         document = {
             "context": context,
             "interpreter_floor_peak_rss_mib": floor.peak_rss_mib,
-            "runs": [results[size][mode].to_json() for size in args.sizes for mode in ("graphsync", "baseline")],
+            "summary": [results[size][mode].to_json() for size in args.sizes for mode in MODES],
+            "runs": [m.to_json() for size in args.sizes for mode in MODES for m in runs[size][mode]],
             "memory_not_flat": problems,
         }
         text = json.dumps(document, indent=2)

@@ -17,9 +17,14 @@ from typing import Any
 MEMBERS_DELTA = "members@delta"
 
 
+def _dumps(obj: dict[str, Any]) -> str:
+    """Compact with sorted keys, so equal objects are equal text (and the store holds what the snapshot prints)."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
 def encode(obj: dict[str, Any]) -> bytes:
-    """One snapshot line: compact and with sorted keys, so equal objects are equal bytes."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode() + b"\n"
+    """One JSON line."""
+    return _dumps(obj).encode() + b"\n"
 
 
 def merge_record(stored: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +63,7 @@ class SnapshotStore:
         self._db.execute("BEGIN")
         self._db.executemany(
             "INSERT OR REPLACE INTO objects (id, body) VALUES (?, ?)",
-            ((obj["id"], json.dumps(obj)) for obj in map(json.loads, filter(bytes.strip, lines))),
+            ((obj["id"], _dumps(obj)) for obj in map(json.loads, filter(bytes.strip, lines))),
         )
         self._db.execute("COMMIT")
 
@@ -74,7 +79,7 @@ class SnapshotStore:
                 row = self._db.execute("SELECT body FROM objects WHERE id = ?", (object_id,)).fetchone()
                 merged = merge_record(json.loads(row[0]) if row else None, record)
                 self._db.execute("INSERT OR REPLACE INTO objects (id, body) VALUES (?, ?)",
-                                 (object_id, json.dumps(merged)))
+                                 (object_id, _dumps(merged)))
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -89,7 +94,7 @@ class SnapshotStore:
     def lines(self) -> Iterator[bytes]:
         """The snapshot, sorted by id (SQLite compares TEXT bytewise: UTF-8 order is code-point order)."""
         for (body,) in self._db.execute("SELECT body FROM objects ORDER BY id"):
-            yield encode(json.loads(body))
+            yield body.encode() + b"\n"
 
     def close(self) -> None:
         self._db.close()
