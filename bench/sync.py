@@ -478,24 +478,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _azurite_executable() -> str:
-    local = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
-    if local.exists():
-        return str(local)
-    raise BenchFailure(f"Azurite is not installed (no {local}); run `make setup`")
-
-
 def _version(distribution: str) -> str:
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
-        return "?"
-
-
-def _azurite_version() -> str:
-    try:
-        return json.loads((REPO_ROOT / "node_modules" / "azurite" / "package.json").read_text())["version"]
-    except (OSError, ValueError, KeyError):
         return "?"
 
 
@@ -512,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     import trustme
 
     from daemon import __version__
-    from tests.conftest import Azurite, _free_port
+    from tests.fakes.azurite import Azurite, azurite_executable, azurite_version, free_port
     from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
     from tests.fakes.graph import FakeGraph, populate
 
@@ -525,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             ca_bundle = workdir / "ca.pem"
             ca.cert_pem.write_to_path(str(ca_bundle))
             (workdir / "azurite").mkdir()
-            azurite = Azurite(_azurite_executable(), workdir / "azurite", workdir, _free_port())
+            azurite = Azurite(azurite_executable(), workdir / "azurite", workdir, free_port())
             azurite.start()
             stack.callback(azurite.stop)
             entra = stack.enter_context(FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET))
@@ -565,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": (f"graphsync {__version__}, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
                      f"requests {_version('requests')}, urllib3 {_version('urllib3')}, msal {_version('msal')}, "
                      f"azure-storage-blob {_version('azure-storage-blob')}, pydantic {_version('pydantic')}, "
-                     f"Azurite {_azurite_version()}"),
+                     f"Azurite {azurite_version()}"),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs",
         "run": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s wall clock",
     }

@@ -529,24 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _azurite_executable() -> str:
-    local = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
-    if local.exists():
-        return str(local)
-    raise BenchFailure(f"Azurite is not installed (no {local}); run `make setup`")
-
-
 def _version(distribution: str) -> str:
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
-        return "?"
-
-
-def _azurite_version() -> str:
-    try:
-        return json.loads((REPO_ROOT / "node_modules" / "azurite" / "package.json").read_text())["version"]
-    except (OSError, ValueError, KeyError):
         return "?"
 
 
@@ -558,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import trustme
 
-    from tests.conftest import Azurite, _free_port
+    from tests.fakes.azurite import Azurite, azurite_executable, azurite_version, free_port
     from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 
     started = time.monotonic()
@@ -573,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             key_file = workdir / "cache-key"
             key_file.write_text(base64.b64encode(os.urandom(32)).decode())
             (workdir / "azurite").mkdir()
-            azurite = Azurite(_azurite_executable(), workdir / "azurite", workdir, _free_port())
+            azurite = Azurite(azurite_executable(), workdir / "azurite", workdir, free_port())
             azurite.start()
             stack.callback(azurite.stop)
             entra = stack.enter_context(FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
@@ -608,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                   "with its default in-memory cache; fake Entra on loopback HTTPS"),
         "machine": (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
                     f"{platform.python_version()}, msal {_version('msal')}, azure-storage-blob "
-                    f"{_version('azure-storage-blob')}, Azurite {_azurite_version()}"),
+                    f"{_version('azure-storage-blob')}, Azurite {azurite_version()}"),
         "run": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s wall clock",
     }
     report(args, scenarios, context)

@@ -69,7 +69,15 @@ _WORKLOAD_VARIABLES = {
     "authority_host": "AZURE_AUTHORITY_HOST",
     "federated_token_file": "AZURE_FEDERATED_TOKEN_FILE",
 }
-_CREDENTIAL_KEYS = ("client_secret", "client_secret_file", "certificate_file", "federated_token_file")
+_CREDENTIAL_KEYS = (
+    "client_secret",
+    "client_secret_file",
+    "certificate_file",
+    "federated_token_file",
+    "managed_identity_client_id",
+)
+# identity.managed_identity_client_id's value for the resource's system-assigned identity.
+SYSTEM_ASSIGNED = "system"
 
 # Custom pydantic error types. A model validator can only fail as a whole, at the model's
 # location; these carry the keys involved so the report can still name each key and its origin.
@@ -277,6 +285,16 @@ def _resource(path: str) -> str:
 _GUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _DNS_NAME = r"(?=.{4,253}\Z)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?"
 
+# Lower-cased: a client id is a GUID, and "system" is a keyword, not a name.
+_ManagedIdentity = Annotated[
+    str,
+    AfterValidator(str.lower),
+    _matching(
+        f"(?:{_GUID})|{SYSTEM_ASSIGNED}",
+        f'a user-assigned managed identity\'s client id (a GUID), or "{SYSTEM_ASSIGNED}" for the '
+        "system-assigned identity",
+    ),
+]
 # Lower-cased: tenant GUIDs and domain names are case-insensitive, and job tenants are compared to these.
 _Tenant = Annotated[
     str,
@@ -366,6 +384,8 @@ class IdentitySettings(BaseModel):
     send_certificate_chain: bool = False
     # Checked here but read on every use: the platform rotates the token in place.
     federated_token_file: _ReadableFile | None = None
+    # A managed identity the app registration trusts as a federated credential; its token is the client assertion.
+    managed_identity_client_id: _ManagedIdentity | None = None
 
     @model_validator(mode="after")
     def _check_credential(self) -> Self:
@@ -394,12 +414,14 @@ class IdentitySettings(BaseModel):
         return self
 
     @property
-    def credential_kind(self) -> Literal["secret", "certificate", "federated"]:
+    def credential_kind(self) -> Literal["secret", "certificate", "federated", "managed_identity"]:
         """Which credential MSAL gets; client_secret_file has been read into client_secret by now."""
         if self.client_secret is not None:
             return "secret"
         if self.certificate_file is not None:
             return "certificate"
+        if self.managed_identity_client_id is not None:
+            return "managed_identity"
         return "federated"
 
 
@@ -661,7 +683,9 @@ class _WorkloadIdentitySource(PydanticBaseSettingsSource):
     """Fill [identity] from the AZURE_* variables workload identity injects into a pod.
 
     Lowest precedence, key by key: a value from the file or GRAPHSYNC_* always wins, and the
-    federated token file is only used when no credential is configured at all.
+    federated token file is only used when no credential is configured at all. Nothing is filled
+    when a managed identity is the credential: there AZURE_CLIENT_ID conventionally names the
+    managed identity (for DefaultAzureCredential), not the app registration graphsync signs in as.
     """
 
     def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
@@ -676,7 +700,7 @@ class _WorkloadIdentitySource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         identity = self.current_state.get("identity", {})
-        if not isinstance(identity, Mapping):
+        if not isinstance(identity, Mapping) or "managed_identity_client_id" in identity:
             return {}
         has_credential = any(key in identity for key in _CREDENTIAL_KEYS)
         values: dict[str, Any] = {}

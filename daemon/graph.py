@@ -154,7 +154,10 @@ class GraphClient:
     def _error(self, url: str, response: requests.Response) -> GraphError:
         code, message = _graph_error(response)
         text = f"GET {_path(url)}: HTTP {response.status_code} {code or ''}: {message}; {_ids(response)}"
-        log.warning("Graph call failed: %s", text)
+        log.warning("Graph call failed: %s", text, extra={
+            "request_id": response.headers.get("request-id"),
+            "client_request_id": response.request.headers.get("client-request-id"),
+        })
         resync = response.status_code == 410 or (
             response.status_code == 400 and (code or "").lower() in RESYNC_CODES
         )

@@ -6,19 +6,29 @@ discovery, and a replica that finds its token in memory or in the shared blob sh
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msal
 import requests
+from azure.core.exceptions import AzureError, ClientAuthenticationError
+from azure.identity import ManagedIdentityCredential
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from daemon import redaction
+from daemon.config import SYSTEM_ASSIGNED
 
 if TYPE_CHECKING:
     from daemon.config import IdentitySettings
 
 TRANSIENT_STATUSES = (500, 502, 503, 504)
+# What a managed identity's token must be issued for to serve as a federated credential (public cloud; the
+# audience of the federated identity credential on the app registration).
+TOKEN_EXCHANGE_SCOPE = "api://AzureADTokenExchange/.default"
 
 
 class TokenError(Exception):
@@ -64,7 +74,9 @@ def client_credential(settings: IdentitySettings) -> Any:
     """MSAL's ``client_credential`` for the one credential configured.
 
     A federated token file is handed over as a callable so MSAL re-reads it on every token request: the kubelet
-    rotates that file, and a string read once would eventually expire.
+    rotates that file, and a string read once would eventually expire. A managed identity is a callable for the
+    same reason: MSAL calls it only when it sends a token request, and each call asks azure-identity, which keeps
+    the managed identity's token cached and fetches a new one when it nears expiry.
     """
     kind = settings.credential_kind
     if kind == "secret":
@@ -72,7 +84,41 @@ def client_credential(settings: IdentitySettings) -> Any:
     if kind == "federated":
         token_file = Path(settings.federated_token_file)
         return {"client_assertion": lambda: token_file.read_text().strip()}
+    if kind == "managed_identity":
+        return {"client_assertion": _managed_identity_assertion(settings.managed_identity_client_id)}
     return _certificate_credential(settings)
+
+
+@functools.cache
+def _managed_identity_credential(client_id: str | None) -> ManagedIdentityCredential:
+    """One credential per identity per process, shared by every tenant's MSAL client and by rebuilt ones.
+
+    azure-identity picks the endpoint from the environment when the credential is built: IDENTITY_ENDPOINT and
+    IDENTITY_HEADER (App Service, Container Apps), MSI_ENDPOINT (Azure ML, Cloud Shell), IMDS (VMs) otherwise.
+    """
+    return ManagedIdentityCredential(client_id=client_id)
+
+
+def _managed_identity_assertion(configured: str) -> Callable[[], str]:
+    """A client assertion callable: a managed identity token for Entra's token exchange audience.
+
+    Failures become :class:`ClientAuthenticationError` naming the managed identity, whatever azure-identity raised:
+    an unreachable endpoint is a ``ServiceRequestError``, not an authentication error.
+    """
+    client_id = None if configured == SYSTEM_ASSIGNED else configured
+    which = "system-assigned managed identity" if client_id is None else f"managed identity {client_id}"
+    credential = _managed_identity_credential(client_id)
+
+    def assertion() -> str:
+        try:
+            token = credential.get_token(TOKEN_EXCHANGE_SCOPE).token
+        except AzureError as exc:
+            reason = (str(exc.message or exc).splitlines() or [type(exc).__name__])[0][:300]
+            raise ClientAuthenticationError(f"no token from the {which}: {reason}") from exc
+        redaction.register_secret(token)
+        return token
+
+    return assertion
 
 
 def _certificate_credential(settings: IdentitySettings) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msal
 import requests
+from azure.core.exceptions import ClientAuthenticationError
 from msal.exceptions import MsalServiceError
 
 from daemon.graph import GraphClient, GraphError
@@ -38,11 +39,13 @@ AADSTS_FIXES = {
     "AADSTS700027": "the client assertion was rejected: upload this certificate to the app registration, or "
                     "check that the private key matches it",
     "AADSTS70021": "no federated credential matches this workload: check the federated identity credential's "
-                   "issuer and subject (system:serviceaccount:NAMESPACE:NAME)",
+                   "issuer and subject (system:serviceaccount:NAMESPACE:NAME; for a managed identity, issuer "
+                   "https://login.microsoftonline.com/TENANT_ID/v2.0 and the identity's object id)",
     "AADSTS700024": "the federated token is expired or not yet valid: check the projected service account token "
                     "and the host clock",
     "AADSTS7000218": "no credential was sent: configure exactly one of identity.client_secret, "
-                     "identity.certificate_file or identity.federated_token_file",
+                     "identity.certificate_file, identity.federated_token_file or "
+                     "identity.managed_identity_client_id",
     "AADSTS1002012": "client credentials need a '/.default' scope, e.g. https://graph.microsoft.com/.default",
     "AADSTS500011": "the resource in identity.scopes does not exist in this tenant: check identity.scopes",
 }
@@ -85,6 +88,10 @@ def storage_fix(exc: StorageError) -> str:
 def token_fix(exc: TokenError) -> str:
     if exc.aadsts in AADSTS_FIXES:
         return AADSTS_FIXES[exc.aadsts]
+    if exc.error == "managed_identity_unavailable":
+        return ("no managed identity token: assign the identity to this resource and check "
+                "identity.managed_identity_client_id (its client id, or \"system\"); the platform's endpoint "
+                "(IDENTITY_ENDPOINT, or IMDS on a VM) must answer")
     if exc.error == "identity_provider_unavailable":
         return "the identity provider did not answer: check identity.authority_host, DNS and outbound HTTPS"
     return "see the error above; https://login.microsoftonline.com/error?code=<number> explains AADSTS codes"
@@ -156,6 +163,8 @@ def _check_token(settings: Settings, tenant: str) -> Check:
         result = app.acquire_token_for_client(settings.identity.scopes)
     except (requests.RequestException, MsalServiceError, ValueError) as exc:
         result = {"error": "identity_provider_unavailable", "error_description": str(exc).splitlines()[0][:300]}
+    except ClientAuthenticationError as exc:  # the managed identity gave no client assertion (identity.py)
+        result = {"error": "managed_identity_unavailable", "error_description": str(exc).splitlines()[0][:300]}
     if "access_token" in result:
         return Check(f"token {tenant}", True, f"issued by {settings.identity.authority_host}")
     error = TokenError(tenant, str(result.get("error")), result.get("error_description") or "",

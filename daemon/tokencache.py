@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msal
 import requests
+from azure.core.exceptions import ClientAuthenticationError
 from msal.exceptions import MsalServiceError
 
 from daemon import redaction
@@ -348,6 +349,8 @@ class TenantTokenCache:
             # error), or failed discovery: rebuild (re-discover) next time.
             self._application = None
             result = {"error": "identity_provider_unavailable", "error_description": _first_line(exc)}
+        except ClientAuthenticationError as exc:  # the managed identity gave no client assertion (identity.py)
+            result = {"error": "managed_identity_unavailable", "error_description": _first_line(exc)}
         if "access_token" in result and result.get("token_source") == "identity_provider":
             IDENTITY_PROVIDER_REQUESTS.labels(self.tenant, "ok").inc()
             self._identity_backoff = 2.0

@@ -48,7 +48,8 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.jobs import epoch
-from tests.conftest import REPO_ROOT, Azurite, _free_port, dumps_toml
+from tests.conftest import dumps_toml
+from tests.fakes.azurite import REPO_ROOT, Azurite, azurite_executable, free_port
 from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 from tests.fakes.graph import FakeGraph, mutate, populate
 
@@ -125,7 +126,7 @@ class Replica:
 
     @classmethod
     def start(cls, number: int, ca_pem: Path) -> Replica:
-        port = _free_port()
+        port = free_port()
         log = LOGS / f"replica-{number}.log"
         file = log.open("wb")
         # Its own session: Ctrl-C reaches only the demo, which then stops the replicas in order.
@@ -299,16 +300,6 @@ def show_head(path: Path, lines: int = 3, width: int = 200) -> None:
 # -- the demo ---------------------------------------------------------------------------------------------
 
 
-def azurite_executable() -> str:
-    local = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
-    if local.exists():
-        return str(local)
-    found = shutil.which("azurite-blob")
-    if found:
-        return found
-    raise DemoFailure(f"Azurite is not installed (no {rel(local)} and no azurite-blob on PATH): run `make setup`")
-
-
 def write_config(entra: FakeEntra, graph: FakeGraph, azurite: Azurite) -> None:
     (WORK / "client-secret").write_text(CLIENT_SECRET + "\n")
     (WORK / "cache-key").write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
@@ -400,7 +391,7 @@ def demo(stack: contextlib.ExitStack, replicas: list[Replica]) -> int:
     ca_pem = WORK / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
     (WORK / "azurite").mkdir()
-    azurite = Azurite(azurite_executable(), WORK / "azurite", LOGS, _free_port())
+    azurite = Azurite(azurite_executable(), WORK / "azurite", LOGS, free_port())
     stack.callback(azurite.stop)
     azurite.start()
     with BlobServiceClient.from_connection_string(azurite.connection_string) as service:

@@ -28,17 +28,14 @@ import json
 import logging
 import re
 import secrets
-import socketserver
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -46,6 +43,8 @@ import jwt
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+
+from tests.fakes.https import FakeHttpServer, LoopbackHttpsServer
 
 __all__ = [
     "CLIENT_ID",
@@ -142,7 +141,7 @@ class _Reply:
     headers: Mapping[str, str]
 
 
-class FakeEntra:
+class FakeEntra(LoopbackHttpsServer):
     """A started-on-demand HTTPS server that behaves like Entra ID for client credentials.
 
     Knobs (``expires_in``, ``refresh_in``, ``latency_seconds``, :meth:`fail_next`) may be
@@ -163,16 +162,12 @@ class FakeEntra:
         port: int = 0,
     ) -> None:
         self.client_id = client_id
-        self.host = host
-        self.port = port
+        super().__init__(ca, _Handler, name="fake-entra", host=host, port=port)
         self._client_secret = client_secret
         self._federated_token = federated_token
         self._certificate = (
             x509.load_pem_x509_certificate(certificate_pem) if certificate_pem is not None else None
         )
-        identities = dict.fromkeys([host, "localhost", "127.0.0.1"])
-        self._ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ca.issue_cert(*identities).configure_cert(self._ssl_context)
 
         self._lock = threading.Lock()
         self._expires_in = expires_in
@@ -184,58 +179,12 @@ class FakeEntra:
         self._tenant_names: dict[str, str] = {}  # GUID -> domain name it was discovered as
         self._issued: dict[str, float] = {}  # access token -> expiry (time.time())
 
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
     # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> FakeEntra:
-        """Bind (the same port again after a :meth:`stop`) and serve in a daemon thread."""
-        if self._server is not None:
-            raise RuntimeError("FakeEntra is already running")
-        server = _Server((self.host, self.port), self)
-        # The handshake happens lazily in the handler thread, so one slow client cannot
-        # block the accept loop.
-        server.socket = self._ssl_context.wrap_socket(
-            server.socket, server_side=True, do_handshake_on_connect=False
-        )
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-entra", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; afterwards connections are refused, as in an outage."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> FakeEntra:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def authority_host(self) -> str:
         """``https://HOST:PORT``; append ``/<tenant>`` to get an MSAL authority."""
-        if self.port == 0:
-            raise RuntimeError("FakeEntra has no port yet; call start() first")
-        return f"https://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None
+        return self.url
 
     # -- knobs ---------------------------------------------------------------------------
 
@@ -558,28 +507,12 @@ def _thumbprint_matches(
     return hmac.compare_digest(digest, certificate.fingerprint(algorithm))
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], fake: FakeEntra) -> None:
-        self.fake = fake
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can stall.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("fake Entra: error serving %s", client_address, exc_info=True)
-
-
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.0: one request per connection, so stop() really ends service; a pooled
     # keep-alive connection must not keep reaching a "stopped" fake.
     protocol_version = "HTTP/1.0"
     timeout = 10
-    server: _Server
+    server: FakeHttpServer
 
     def do_GET(self) -> None:
         self._send(self.server.fake._handle_get(self.path))

@@ -47,16 +47,13 @@ import logging
 import math
 import random
 import secrets
-import socketserver
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -64,6 +61,7 @@ import pytest
 import trustme
 
 from tests.fakes.entra import FakeEntra, tenant_id
+from tests.fakes.https import FakeHttpServer, LoopbackHttpsServer
 
 __all__ = [
     "MAX_PAGE_SIZE",
@@ -211,7 +209,7 @@ class _GraphError(Exception):
 # -- the fake ----------------------------------------------------------------------------
 
 
-class FakeGraph:
+class FakeGraph(LoopbackHttpsServer):
     """A started-on-demand HTTPS server that behaves like Microsoft Graph collections.
 
     The directory (:meth:`add`, :meth:`update`, :meth:`delete`, ...) and every knob may be
@@ -234,13 +232,9 @@ class FakeGraph:
         port: int = 0,
         token_tenant: Callable[[str], str | None] | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(ca, _Handler, name="fake-graph", host=host, port=port)
         self._entra = entra
         self._token_tenant = token_tenant or self._tenant_from_entra
-        identities = dict.fromkeys([host, "localhost", "127.0.0.1"])
-        self._ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ca.issue_cert(*identities).configure_cert(self._ssl_context)
 
         self._lock = threading.RLock()
         self._collections: dict[tuple[str, str], _Collection] = {}
@@ -258,55 +252,12 @@ class FakeGraph:
         self._members_chunk: int | None = None
         self._slow_pages = 0.0
 
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
     # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> FakeGraph:
-        """Bind (the same port again after a :meth:`stop`) and serve in a daemon thread."""
-        if self._server is not None:
-            raise RuntimeError("FakeGraph is already running")
-        server = _Server((self.host, self.port), self)
-        # Handshake lazily in the handler thread so one slow client cannot block accept().
-        server.socket = self._ssl_context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-graph", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; afterwards connections are refused, as in an outage."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> FakeGraph:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def base_url(self) -> str:
         """``https://HOST:PORT``; Graph URLs are ``{base_url}/v1.0/...``."""
-        if self.port == 0:
-            raise RuntimeError("FakeGraph has no port yet; call start() first")
-        return f"https://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None
+        return self.url
 
     # -- the directory ---------------------------------------------------------------------
 
@@ -1026,28 +977,12 @@ def _error_body(code: str, message: str, request_id: str, client_request_id: str
     return _json({"error": {"code": code, "message": message, "innerError": inner}})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], fake: FakeGraph) -> None:
-        self.fake = fake
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can stall.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("fake Graph: error serving %s", client_address, exc_info=True)
-
-
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.0: one request per connection, so stop() really ends service; a pooled
     # keep-alive connection must not keep reaching a "stopped" fake.
     protocol_version = "HTTP/1.0"
     timeout = 30
-    server: _Server
+    server: FakeHttpServer
 
     def do_GET(self) -> None:
         self._dispatch()
