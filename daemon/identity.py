@@ -96,7 +96,9 @@ def _managed_identity_credential(client_id: str | None) -> ManagedIdentityCreden
     azure-identity picks the endpoint from the environment when the credential is built: IDENTITY_ENDPOINT and
     IDENTITY_HEADER (App Service, Container Apps), MSI_ENDPOINT (Azure ML, Cloud Shell), IMDS (VMs) otherwise.
     """
-    return ManagedIdentityCredential(client_id=client_id)
+    # Short timeouts and one retry: the endpoint is local to the host, and a hung one must not stall a token
+    # request for azure-core's default of minutes (a still-valid cached token is served meanwhile).
+    return ManagedIdentityCredential(client_id=client_id, connection_timeout=3, read_timeout=10, retry_total=1)
 
 
 def _managed_identity_assertion(configured: str) -> Callable[[], str]:
