@@ -25,6 +25,10 @@ class EnvelopeError(Exception):
     """The blob is not a cache this process can read; the message says why, in operator terms."""
 
 
+class NewerFormat(EnvelopeError):
+    """Written by a newer graphsync: readable by it, so not to be overwritten by this one (a rolling upgrade)."""
+
+
 def key_id(key: bytes) -> str:
     """A fingerprint that identifies a key without revealing anything useful about it."""
     return hashlib.sha256(b"graphsync-key-id" + key).hexdigest()[:12]
@@ -60,6 +64,8 @@ class CacheEnvelope:
         if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
             raise EnvelopeError(f"not a {FORMAT} blob")
         version = envelope.get("version")
+        if isinstance(version, int) and version > VERSION:
+            raise NewerFormat(f"format version {version}, newer than this graphsync's {VERSION}")
         if version != VERSION:
             raise EnvelopeError(f"format version {version!r}; this graphsync reads version {VERSION}")
         if "ciphertext" in envelope:
@@ -70,6 +76,7 @@ class CacheEnvelope:
             state = envelope.get("cache")
         if not isinstance(state, dict):
             raise EnvelopeError("the envelope holds no cache object")
+        _check_entries(state)
         return state
 
     def _decrypt(self, envelope: dict[str, Any], blob_name: str) -> Any:
@@ -89,6 +96,20 @@ class CacheEnvelope:
             ) from None
         except (KeyError, ValueError, TypeError) as exc:
             raise EnvelopeError(f"malformed encrypted envelope ({exc.__class__.__name__})") from None
+
+
+def _check_entries(state: dict[str, Any]) -> None:
+    """Reject what would break MSAL or the merge later: sections of non-objects, tokens without secret or expiry.
+
+    Checked here so a malformed blob is treated like a corrupted one (logged, replaced) instead of raising out of
+    a token request, or poisoning the in-memory cache it would be merged into.
+    """
+    for section, entries in state.items():
+        if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
+            raise EnvelopeError(f"section {section!r} is not a map of entries")
+    for entry in (state.get("AccessToken") or {}).values():
+        if not isinstance(entry.get("secret"), str) or not str(entry.get("expires_on", "")).isdigit():
+            raise EnvelopeError("an access token entry lacks a secret or a numeric expires_on")
 
 
 def _position(exc: Exception) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msal
+import msal.exceptions
 import requests
 from azure.core.exceptions import AzureError, ClientAuthenticationError
 from azure.identity import ManagedIdentityCredential
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from daemon.config import IdentitySettings
 
 TRANSIENT_STATUSES = (500, 502, 503, 504)
+# urllib3 would honour a Retry-After of up to 6 hours; a token request or a Graph page must not sleep that long.
+RETRY_AFTER_MAX = 120
 # What a managed identity's token must be issued for to serve as a federated credential (public cloud; the
 # audience of the federated identity credential on the app registration).
 TOKEN_EXCHANGE_SCOPE = "api://AzureADTokenExchange/.default"
@@ -51,11 +54,31 @@ def _aadsts_codes(description: str) -> list[int]:
     return [int(code) for code in re.findall(r"AADSTS(\d+)", description)]
 
 
+def failure_result(exc: Exception) -> dict[str, str]:
+    """MSAL's error shape for an exception raised on the way to a token, so every failure is reported alike.
+
+    MSAL raises instead of returning an error for a 5xx that outlived the retries (``MsalServiceError``), a
+    transport failure, failed discovery (``ValueError``), and whatever a client-assertion callable raises: a
+    federated token file that is gone (``OSError``), a managed identity that gives no token.
+    """
+    if isinstance(exc, ClientAuthenticationError):
+        error = "managed_identity_unavailable"
+    elif isinstance(exc, (requests.RequestException, msal.exceptions.MsalServiceError, ValueError)):
+        error = "identity_provider_unavailable"
+    elif isinstance(exc, OSError):
+        error = "credential_unreadable"
+    else:
+        error = "token_request_failed"
+    first_line = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    return {"error": error, "error_description": first_line[:300]}
+
+
 def retrying_session(total: int, statuses: tuple[int, ...], backoff: float = 0.5,
-                     retry_class: type[Retry] = Retry) -> requests.Session:
+                     retry_class: type[Retry] = Retry, retry_after_max: int = RETRY_AFTER_MAX) -> requests.Session:
     """A pooled session whose retries (with ``Retry-After`` honoured) come from urllib3, not from our code."""
     retry = retry_class(
         total=total,
+        retry_after_max=retry_after_max,
         backoff_factor=backoff,
         backoff_jitter=backoff,
         status_forcelist=statuses,

@@ -69,32 +69,6 @@ class RunInterrupted(Exception):
     """The run stopped between pages (shutdown, or the lock was lost); nothing of it was published."""
 
 
-class _LeaseKeeper:
-    """Renews a job lease while the run works; if renewal fails the run must stop, not publish."""
-
-    def __init__(self, lease: BlobLease) -> None:
-        self._lease = lease
-        self._done = threading.Event()
-        self.lost = False
-        self._thread = threading.Thread(target=self._renew, name=f"lease {lease.path}", daemon=True)
-
-    def __enter__(self) -> _LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self._lease.release()
-
-    def _renew(self) -> None:
-        while not self._done.wait(LOCK_SECONDS / 3):
-            if not self._lease.renew():
-                log.error("lost the lock %s; the run stops without publishing", self._lease.path)
-                self.lost = True
-                return
-
-
 class JobRunner:
     def __init__(self, *, graph: GraphClient, sink: Sink, locks: BlobStore, replica: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -118,9 +92,9 @@ class JobRunner:
                 return RunResult(tenant, job.name, "stopped", message="stopped while waiting for the job lock")
             holder = self._holder(job, tenant)
             return RunResult(tenant, job.name, "busy", message=f"running on another replica ({holder})")
-        with _LeaseKeeper(lease) as keeper:
+        with lease:  # renewed in the background; a lost lease stops the run before it publishes
             lease.announce(self.replica)
-            return self._run_locked(job, tenant, due_after, lambda: stop.is_set() or keeper.lost, progress)
+            return self._run_locked(job, tenant, due_after, lambda: stop.is_set() or lease.lost, progress)
 
     def _holder(self, job: JobSettings, tenant: str) -> str:
         try:

@@ -12,12 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import msal
-import requests
-from azure.core.exceptions import ClientAuthenticationError
-from msal.exceptions import MsalServiceError
 
 from daemon.graph import GraphClient, GraphError
-from daemon.identity import TRANSIENT_STATUSES, TokenError, build_application, retrying_session
+from daemon.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
 from daemon.jobs import replica_name
 from daemon.storage import BlobStore, StorageError, WriteConflict
 from daemon.tokencache import TokenCaches
@@ -92,6 +89,9 @@ def token_fix(exc: TokenError) -> str:
         return ("no managed identity token: assign the identity to this resource and check "
                 "identity.managed_identity_client_id (its client id, or \"system\"); the platform's endpoint "
                 "(IDENTITY_ENDPOINT, or IMDS on a VM) must answer")
+    if exc.error == "credential_unreadable":
+        return ("a credential file could not be read: check identity.certificate_file / federated_token_file "
+                "(mounted, and readable by the service's user)")
     if exc.error == "identity_provider_unavailable":
         return "the identity provider did not answer: check identity.authority_host, DNS and outbound HTTPS"
     return "see the error above; https://login.microsoftonline.com/error?code=<number> explains AADSTS codes"
@@ -161,10 +161,8 @@ def _check_token(settings: Settings, tenant: str) -> Check:
     try:
         app = build_application(settings.identity, tenant, msal.SerializableTokenCache(), session)
         result = app.acquire_token_for_client(settings.identity.scopes)
-    except (requests.RequestException, MsalServiceError, ValueError) as exc:
-        result = {"error": "identity_provider_unavailable", "error_description": str(exc).splitlines()[0][:300]}
-    except ClientAuthenticationError as exc:  # the managed identity gave no client assertion (identity.py)
-        result = {"error": "managed_identity_unavailable", "error_description": str(exc).splitlines()[0][:300]}
+    except Exception as exc:  # reported as a failed check, like any other credential problem
+        result = failure_result(exc)
     if "access_token" in result:
         return Check(f"token {tenant}", True, f"issued by {settings.identity.authority_host}")
     error = TokenError(tenant, str(result.get("error")), result.get("error_description") or "",

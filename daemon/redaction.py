@@ -15,15 +15,22 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 _SAS_SIGNATURE = re.compile(r"(\bsig=)[^&\s'\"]+", re.IGNORECASE)
 _MAX_REMEMBERED = 512  # a long-running daemon sees a new token per lifetime per tenant; old ones age out
 
-_secrets: OrderedDict[str, None] = OrderedDict()
+_secrets: OrderedDict[str, None] = OrderedDict()  # tokens: the most recent ones
+_permanent: set[str] = set()  # configured credentials: never forgotten, however many tokens come after
 _lock = threading.Lock()
 
 
-def register_secret(value: str | None) -> None:
-    """Remember ``value`` so that it is replaced by ``[redacted]`` wherever it would be printed."""
+def register_secret(value: str | None, *, permanent: bool = False) -> None:
+    """Remember ``value`` so that it is replaced by ``[redacted]`` wherever it would be printed.
+
+    ``permanent`` is for configured credentials (a client secret): they must outlive any number of tokens.
+    """
     if not value or len(value) < 6:  # a very short "secret" would redact ordinary words
         return
     with _lock:
+        if permanent:
+            _permanent.add(value)
+            return
         _secrets[value] = None
         _secrets.move_to_end(value)
         while len(_secrets) > _MAX_REMEMBERED:
@@ -32,7 +39,7 @@ def register_secret(value: str | None) -> None:
 
 def redact(text: str) -> str:
     with _lock:
-        known = list(_secrets)
+        known = [*_permanent, *_secrets]
     for secret in known:
         if secret in text:
             text = text.replace(secret, "[redacted]")

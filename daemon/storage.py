@@ -11,6 +11,8 @@ request must not wait that long for a cache it can do without.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from azure.storage.blob import (
 
 from daemon.metrics import STORAGE_OPERATIONS
 from daemon.redaction import redact
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from daemon.config import StorageSettings
@@ -133,15 +137,15 @@ class BlobStore:
         try:
             downloader = self._container.download_blob(name, **conditions)
             data = downloader.readall()
-        except ResourceModifiedError as exc:
-            if exc.status_code == 304:
+        except ResourceNotFoundError:
+            STORAGE_OPERATIONS.labels("read", "absent").inc()
+            return None
+        except HttpResponseError as exc:
+            if exc.status_code == 304:  # ResourceModifiedError when the service names ConditionNotMet
                 STORAGE_OPERATIONS.labels("read", "not_modified").inc()
                 return NOT_MODIFIED
             STORAGE_OPERATIONS.labels("read", "error").inc()
             raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
-        except ResourceNotFoundError:
-            STORAGE_OPERATIONS.labels("read", "absent").inc()
-            return None
         except AzureError as exc:
             STORAGE_OPERATIONS.labels("read", "error").inc()
             raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
@@ -158,6 +162,8 @@ class BlobStore:
             etag = self._conditional_upload(name, data, if_match)
         except ResourceNotFoundError as exc:
             if exc.error_code != "ContainerNotFound":
+                if if_match is not None:  # the blob we last saw was deleted: someone else changed it
+                    raise self._conflict(name) from exc
                 raise self._write_failed(name, exc) from exc
             self.ensure_container()
             try:
@@ -275,7 +281,7 @@ class BlobStore:
                 STORAGE_OPERATIONS.labels("lease", "error").inc()
                 raise StorageError.from_azure(f"leasing {self._path(name)}", exc) from exc
             STORAGE_OPERATIONS.labels("lease", "ok").inc()
-            return BlobLease(client, blob, self._path(name))
+            return BlobLease(client, blob, self._path(name), seconds)
         raise StorageError(f"leasing {self._path(name)}: the lock blob keeps disappearing")
 
     def _create_lock_blob(self, name: str) -> None:
@@ -287,12 +293,20 @@ class BlobStore:
 
 
 class BlobLease:
-    """A held lease; renew it while the guarded work runs, release it when done (or let it expire)."""
+    """A held lease. As a context manager it renews itself in the background until released.
 
-    def __init__(self, client: BlobLeaseClient, blob: BlobClient, path: str) -> None:
+    A renewal that fails (the lease expired and was taken, was broken, or storage went away) sets :attr:`lost`;
+    work guarded by the lease checks it before publishing anything.
+    """
+
+    def __init__(self, client: BlobLeaseClient, blob: BlobClient, path: str, seconds: int) -> None:
         self._client = client
         self._blob = blob
         self.path = path
+        self._seconds = seconds
+        self._released = threading.Event()
+        self.lost = False
+        self._keeper = threading.Thread(target=self._keep_alive, name=f"lease {path}", daemon=True)
 
     def announce(self, holder: str) -> None:
         """Record who holds the lease in the lock blob's metadata, for ``graphsync status``; best effort."""
@@ -310,13 +324,23 @@ class BlobLease:
 
     def release(self) -> None:
         """Give the lease back early so the next holder need not wait for it to expire; failures are harmless."""
+        self._released.set()
         try:
             self._client.release()
         except AzureError:
             STORAGE_OPERATIONS.labels("lease", "error").inc()
 
+    def _keep_alive(self) -> None:
+        while not self._released.wait(self._seconds / 3):
+            if not self.renew():
+                log.warning("lost the lease on %s", self.path)
+                self.lost = True
+                return
+
     def __enter__(self) -> BlobLease:
+        self._keeper.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+        self._keeper.join()

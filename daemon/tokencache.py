@@ -29,13 +29,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msal
-import requests
-from azure.core.exceptions import ClientAuthenticationError
-from msal.exceptions import MsalServiceError
 
 from daemon import redaction
-from daemon.cache_envelope import CacheEnvelope, EnvelopeError
-from daemon.identity import TRANSIENT_STATUSES, TokenError, build_application, retrying_session
+from daemon.cache_envelope import CacheEnvelope, EnvelopeError, NewerFormat
+from daemon.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
 from daemon.metrics import IDENTITY_PROVIDER_REQUESTS, TOKEN_ACQUISITIONS
 from daemon.storage import NOT_MODIFIED, BlobContent, BlobLease, BlobStore, StorageError, WriteConflict
 
@@ -53,7 +50,7 @@ MSAL_EXPIRY_MARGIN = 300
 # When the identity provider fails, a token with at least this much life left is still worth handing out.
 FALLBACK_MARGIN = 30
 MAX_WRITE_ATTEMPTS = 5
-STORAGE_BACKOFF_MAX = 10.0
+STORAGE_BACKOFF_MAX = 60.0
 IDENTITY_BACKOFF_MAX = 60.0
 
 
@@ -137,27 +134,40 @@ class TenantTokenCache:
         self._etag: str | None = None  # of the blob version merged into memory last
         self._pending_write = False  # memory holds a token the blob lacks
         self._rejected: dict[str, float] = {}  # secrets a resource refused (401) -> their expiry
+        self._blob_is_newer = False  # written by a newer graphsync: read it, never overwrite it
+        self._flusher: threading.Thread | None = None
+        # Backoffs run on the monotonic clock: a wall-clock step must not stretch or skip them.
         self._storage_down_since: float | None = None
         self._storage_retry_at = 0.0
         self._storage_backoff = 1.0
         self._identity_retry_at = 0.0
         self._identity_backoff = 2.0
+        self._last_error: TokenError | None = None
 
     # -- public ---------------------------------------------------------------------------------------------
 
     def acquire(self, *, rejected: str | None = None) -> AccessToken:
-        """A token for the configured scopes. ``rejected``: a token the resource server refused (401); skip it."""
-        with self._mutex:
+        """A token for the configured scopes. ``rejected``: a token the resource server refused (401); skip it.
+
+        Never waits for storage or for another caller's refresh while a token that still works is in memory.
+        """
+        if not self._mutex.acquire(blocking=False):
+            # Another thread of this process is refreshing: a token that still works beats waiting for it.
+            if not rejected and (entry := self._find(FALLBACK_MARGIN, honour_refresh_on=False)):
+                return self._hand_out(entry, "memory")
+            self._mutex.acquire()
+        try:
             if rejected:
                 self._reject(rejected)
             if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
-                self._flush_if_pending()
                 return self._hand_out(entry, "memory")
             self._sync_from_blob()
             if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
                 self._flush_if_pending()
                 return self._hand_out(entry, "blob")
             return self._refresh()
+        finally:
+            self._mutex.release()
 
     def inspect_blob(self) -> dict[str, Any]:
         """What the shared blob holds, for ``graphsync status``: age, token count and expiry — never a secret."""
@@ -245,6 +255,14 @@ class TenantTokenCache:
         self._etag = content.etag
         try:
             remote = self._envelope.decode(content.data, self.blob_name)
+            self._blob_is_newer = False
+        except NewerFormat as exc:
+            if not self._blob_is_newer:
+                log.warning("token cache blob %s/%s has %s; reading around it and not overwriting it until this "
+                            "replica is upgraded", self._store.container_name, self.blob_name, exc,
+                            extra={"tenant": self.tenant})
+            self._blob_is_newer = True
+            return
         except EnvelopeError as exc:
             log.warning("token cache blob %s/%s is unreadable: %s; using memory and the identity provider, "
                         "and the next write replaces it", self._store.container_name, self.blob_name, exc,
@@ -260,9 +278,18 @@ class TenantTokenCache:
             self._flush()
 
     def _flush(self) -> None:
-        """Write memory to the blob conditionally; on conflict re-read, merge and try again (bounded)."""
+        """Write memory to the blob conditionally; on conflict re-read, merge and try again (bounded).
+
+        A write that cannot happen now is retried by a background thread once storage is due again, so other
+        replicas get the token without any acquisition here waiting on storage.
+        """
+        self._write_or_give_up()
+        if self._pending_write:
+            self._schedule_flush()
+
+    def _write_or_give_up(self) -> None:
         for attempt in range(MAX_WRITE_ATTEMPTS):
-            if not self._storage_ready():
+            if not self._storage_ready() or self._blob_is_newer:
                 return
             state = merge_cache_states(self._state(), {}, self._clock(), exclude=self._rejected)  # prune
             try:
@@ -284,36 +311,69 @@ class TenantTokenCache:
             return
         log.warning("gave up writing %s after %d conflicting writes; will try again later",
                     self.blob_name, MAX_WRITE_ATTEMPTS, extra={"tenant": self.tenant})
+        self._back_off_storage()
+
+    def _schedule_flush(self) -> None:
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_later, name=f"token cache {self.tenant}",
+                                             daemon=True)
+            self._flusher.start()
+
+    def _flush_later(self) -> None:
+        while True:
+            time.sleep(max(0.0, self._storage_retry_at - time.monotonic()))
+            with self._mutex:
+                if not self._pending_write or self._blob_is_newer:
+                    return
+                self._write_or_give_up()
+                if not self._pending_write:
+                    return
 
     def _storage_ready(self) -> bool:
-        return self._clock() >= self._storage_retry_at
+        return time.monotonic() >= self._storage_retry_at
 
     def _storage_failed(self, exc: StorageError) -> None:
-        now = self._clock()
         if self._storage_down_since is None:
-            self._storage_down_since = now
+            self._storage_down_since = time.monotonic()
             log.warning("token cache storage unavailable for %s (%s); using memory and the identity provider "
                         "until it answers", self.blob_name, exc, extra={"tenant": self.tenant})
         else:
             log.debug("token cache storage still unavailable: %s", exc)
-        self._storage_retry_at = now + self._storage_backoff * random.uniform(0.8, 1.2)
+        self._back_off_storage()
+
+    def _back_off_storage(self) -> None:
+        self._storage_retry_at = time.monotonic() + self._storage_backoff * random.uniform(0.8, 1.2)
         self._storage_backoff = min(self._storage_backoff * 2, STORAGE_BACKOFF_MAX)
 
     def _storage_answered(self) -> None:
         if self._storage_down_since is not None:
             log.warning("token cache storage answers again for %s after %.0f s", self.blob_name,
-                        self._clock() - self._storage_down_since, extra={"tenant": self.tenant})
+                        time.monotonic() - self._storage_down_since, extra={"tenant": self.tenant})
         self._storage_down_since = None
         self._storage_backoff = 1.0
 
     # -- refresh --------------------------------------------------------------------------------------------
 
     def _refresh(self) -> AccessToken:
-        """Single-flight across the fleet: hold the lock blob's lease, or wait for the holder's result."""
-        deadline = self._clock() + self._lock_wait
+        """Single-flight across the fleet: hold the lock blob's lease, or use what the holder publishes.
+
+        A replica that still has a working token (past refresh_on, or inside MSAL's five-minute margin) never
+        waits: it keeps using it while another replica refreshes, or while the identity provider is backing off.
+        """
+        fallback = self._find(FALLBACK_MARGIN, honour_refresh_on=False)
+        if time.monotonic() < self._identity_retry_at:
+            if fallback is not None:
+                return self._hand_out(fallback, "memory")
+            if self._last_error is not None:
+                raise self._last_error  # backing off: the next attempt comes when the backoff ends
         lease = self._try_lease()
-        while lease is None and self._storage_ready() and self._clock() < deadline:
-            self._sleep(random.uniform(0.15, 0.4))
+        if lease is None and fallback is not None and self._storage_ready():
+            return self._hand_out(fallback, "memory")  # another replica holds the lease and is refreshing
+        deadline = time.monotonic() + self._lock_wait
+        delay = 0.25
+        while lease is None and self._storage_ready() and time.monotonic() < deadline:
+            self._sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 1.5, 2.0)  # poll often at first, then gently: many replicas may be waiting
             self._sync_from_blob()
             if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
                 return self._hand_out(entry, "blob")
@@ -321,12 +381,12 @@ class TenantTokenCache:
         if lease is None and self._storage_ready():
             log.warning("another replica held %s for %.0f s without publishing a token; asking the identity "
                         "provider directly", self.lock_name, self._lock_wait, extra={"tenant": self.tenant})
-        with lease or contextlib.nullcontext():
+        with lease or contextlib.nullcontext():  # the lease renews itself while the identity provider answers
             if lease is not None:
                 self._sync_from_blob()  # the previous holder may have published just before we got the lease
                 if entry := self._find(MSAL_EXPIRY_MARGIN, honour_refresh_on=True):
                     return self._hand_out(entry, "blob")
-            return self._from_identity_provider()
+            return self._from_identity_provider(fallback)
 
     def _try_lease(self) -> BlobLease | None:
         if not self._storage_ready():
@@ -337,29 +397,21 @@ class TenantTokenCache:
             self._storage_failed(exc)
             return None
 
-    def _from_identity_provider(self) -> AccessToken:
-        now = self._clock()
-        fallback = self._find(FALLBACK_MARGIN, honour_refresh_on=False)
-        if fallback is not None and now < self._identity_retry_at:
-            return self._hand_out(fallback, "memory")  # backing off after a failure; the old token still works
+    def _from_identity_provider(self, fallback: dict[str, Any] | None) -> AccessToken:
         try:
             result = self._msal().acquire_token_for_client(self._scopes)
-        except (requests.RequestException, MsalServiceError, ValueError) as exc:
-            # Transport failure, a 5xx that outlived our retries (MSAL raises for those instead of returning an
-            # error), or failed discovery: rebuild (re-discover) next time.
-            self._application = None
-            result = {"error": "identity_provider_unavailable", "error_description": _first_line(exc)}
-        except ClientAuthenticationError as exc:  # the managed identity gave no client assertion (identity.py)
-            result = {"error": "managed_identity_unavailable", "error_description": _first_line(exc)}
+        except Exception as exc:  # whatever fails on the way (see failure_result) degrades; it never escapes here
+            result = failure_result(exc)
         if "access_token" in result and result.get("token_source") == "identity_provider":
             IDENTITY_PROVIDER_REQUESTS.labels(self.tenant, "ok").inc()
             self._identity_backoff = 2.0
             self._identity_retry_at = 0.0
+            self._last_error = None
             self._pending_write = True
             self._flush()
             return self._token(result["access_token"], self._expiry_of(result), "identity_provider")
         IDENTITY_PROVIDER_REQUESTS.labels(self.tenant, "error").inc()
-        self._identity_retry_at = now + self._identity_backoff
+        self._identity_retry_at = time.monotonic() + self._identity_backoff  # from now: the call itself took time
         self._identity_backoff = min(self._identity_backoff * 2, IDENTITY_BACKOFF_MAX)
         if "access_token" in result:
             # MSAL answered from its cache: the proactive refresh (refresh_on passed) failed and MSAL quietly
@@ -369,6 +421,7 @@ class TenantTokenCache:
             return self._token(result["access_token"], self._expiry_of(result), "memory")
         error = TokenError(self.tenant, str(result.get("error")), result.get("error_description") or "",
                            result.get("error_codes"))
+        self._last_error = error
         if fallback is not None:
             log.warning("%s; using the cached token until it expires", error, extra={"tenant": self.tenant})
             return self._hand_out(fallback, "memory")
@@ -382,13 +435,11 @@ class TenantTokenCache:
         return int(self._clock()) + int(result["expires_in"])
 
     def _msal(self) -> msal.ConfidentialClientApplication:
+        """Built on first use and kept: a failed construction (discovery) is tried again next time, while a
+        failed token request keeps the client and with it MSAL's own throttling state."""
         if self._application is None:
             self._application = self._application_factory(self._cache)
         return self._application
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 class TokenCaches:
@@ -401,9 +452,10 @@ class TokenCaches:
     def from_settings(cls, settings: Settings, store: BlobStore) -> TokenCaches:
         identity = settings.identity
         if identity.credential_kind == "secret":
-            redaction.register_secret(identity.client_secret.get_secret_value())
+            redaction.register_secret(identity.client_secret.get_secret_value(), permanent=True)
         envelope = CacheEnvelope(settings.storage.encryption_keys)
-        http = retrying_session(total=3, statuses=TRANSIENT_STATUSES)
+        # A short Retry-After cap: a replica without a usable token waits in this call, and MSAL throttles too.
+        http = retrying_session(total=3, statuses=TRANSIENT_STATUSES, retry_after_max=10)
 
         def factory_for(tenant: str) -> Callable[[msal.SerializableTokenCache], msal.ConfidentialClientApplication]:
             return lambda cache: build_application(identity, tenant, cache, http)

@@ -99,3 +99,22 @@ def test_merge_excludes_rejected_tokens_and_breaks_ties_the_same_way_on_every_re
     assert one == other
     rejected_b = merge_cache_states({"AccessToken": {"k": a}}, {"AccessToken": {"k": b}}, NOW, exclude={"token-b"})
     assert rejected_b["AccessToken"]["k"]["secret"] == "token-a"
+
+
+def test_a_configured_secret_stays_redacted_after_any_number_of_tokens():
+    redaction.register_secret("Qx8~client-secret-value.notAJwt", permanent=True)
+    for i in range(2000):
+        redaction.register_secret(f"token-number-{i:06d}")
+    assert "Qx8~client-secret-value.notAJwt" not in redaction.redact("client_secret=Qx8~client-secret-value.notAJwt")
+
+
+@pytest.mark.parametrize("entry", [
+    {"secret": "s", "expires_on": "soon"},
+    {"expires_on": str(NOW + 60)},
+    ["not", "an", "object"],
+])
+def test_envelope_rejects_malformed_token_entries_instead_of_passing_them_on(entry):
+    envelope = json.dumps({"format": "graphsync-token-cache", "version": 1,
+                           "cache": {"AccessToken": {"k": entry}}}).encode()
+    with pytest.raises(EnvelopeError, match="entr"):
+        CacheEnvelope([]).decode(envelope, "a.json")

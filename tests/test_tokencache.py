@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 
 from daemon.cache_envelope import CacheEnvelope
 from daemon.config import load_settings
+from daemon.identity import TokenError
 from daemon.storage import BlobContent, BlobStore
 from daemon.tokencache import AT, TokenCaches
 from tests.conftest import REPO_ROOT
@@ -141,6 +142,9 @@ def test_racing_writers_lose_no_update_and_keep_the_blob_valid(
         scoped = settings.model_copy(deep=True)
         scoped.identity.scopes = [f"api://resource-{i}/.default"]
         writers.append(TokenCaches.from_settings(scoped, BlobStore.from_settings(scoped.storage)))
+    store = BlobStore.from_settings(settings.storage)
+    store.ensure_container()
+    store.write(BLOB.replace(".json", ".lock"), b"", if_match=None)  # so only cache-blob writes can conflict
     conflicts_before = _counter("graphsync_storage_operations_total", operation="write", result="conflict")
     barrier = threading.Barrier(len(writers))
     tokens: dict[int, str] = {}
@@ -179,15 +183,19 @@ def test_a_stale_writer_never_overwrites_a_newer_token(
     newer = _caches(config).acquire(TENANT)
     assert newer.source == "identity_provider" and newer.expires_on > older.expires_on
 
+    conflicts = _counter("graphsync_storage_operations_total", operation="write", result="conflict")
     deadline = time.time() + 30
-    while time.time() < deadline:  # X retries its pending write once its storage backoff ends
-        assert x.acquire(TENANT).token in (older.token, newer.token)
-        if _counter("graphsync_storage_operations_total", operation="write", result="conflict"):
+    while time.time() < deadline:  # X's background flush retries once its storage backoff ends
+        token = x.acquire(TENANT).token
+        assert token in (older.token, newer.token)
+        if token == newer.token:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
+    else:
+        pytest.fail("X never merged the newer token: its pending write was not retried, or it overwrote")
     [entry] = _blob_tokens(config).values()
-    assert entry["secret"] == newer.token
-    assert x.acquire(TENANT).token == newer.token, "X should have merged the newer token into memory"
+    assert entry["secret"] == newer.token, "the stale writer overwrote a newer token"
+    assert _counter("graphsync_storage_operations_total", operation="write", result="conflict") > conflicts
 
 
 # -- 5. storage outage -------------------------------------------------------------------------------------
@@ -394,3 +402,97 @@ def test_federated_token_file_is_read_again_for_every_token_request(
         second = caches.acquire(TENANT, rejected=first.token)
         assert second.source == "identity_provider"
         assert [(r.auth, r.status) for r in entra.token_requests()] == [("federated", 200), ("federated", 200)]
+
+
+# -- a working token is never held hostage ------------------------------------------------------------------
+
+def test_a_replica_with_a_working_token_does_not_wait_for_another_replicas_refresh(
+    graphsync_config: WriteConfig, fake_entra: FakeEntra
+) -> None:
+    fake_entra.refresh_in = 1  # past refresh_on after a second, valid for an hour
+    config = graphsync_config()
+    a, b = _caches(config), _caches(config)
+    held = b.acquire(TENANT)
+    time.sleep(1.5)
+    lease = _store(config).try_lease(BLOB.replace(".json", ".lock"), 15)  # "another replica" is refreshing
+    assert lease is not None
+    try:
+        started = time.monotonic()
+        token = b.acquire(TENANT)
+        assert (token.source, token.token) == ("memory", held.token)
+        assert time.monotonic() - started < 1.0
+    finally:
+        lease.release()
+    fake_entra.latency_seconds = 3  # a slow identity provider: one thread refreshes, the others carry on
+    results: dict[str, float] = {}
+
+    def timed(name: str) -> None:
+        started = time.monotonic()
+        a.acquire(TENANT)
+        results[name] = time.monotonic() - started
+
+    a.acquire(TENANT)  # a's own token, from the blob
+    time.sleep(1.5)
+    refresher = threading.Thread(target=timed, args=("refresher",))
+    refresher.start()
+    time.sleep(0.3)
+    timed("bystander")
+    refresher.join()
+    assert results["refresher"] >= 3 and results["bystander"] < 1.0, results
+
+
+def test_a_hung_storage_account_never_stalls_tokens_served_from_memory(
+    graphsync_config: WriteConfig, fake_entra: FakeEntra
+) -> None:
+    import socket
+
+    with socket.socket() as hung:  # accepts connections, never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}/devstoreaccount1"
+        config = graphsync_config(extra={"storage": {
+            "connection_string": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                                 f"AccountKey={base64.b64encode(b'k' * 32).decode()};BlobEndpoint={endpoint};",
+            "timeout_seconds": 1.0}})
+        caches = _caches(config)
+        assert caches.acquire(TENANT).source == "identity_provider"  # pays the storage timeouts once
+        latencies = []
+        for _ in range(40):
+            started = time.monotonic()
+            assert caches.acquire(TENANT).source == "memory"
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.1)
+    assert max(latencies) < 0.2, max(latencies)
+
+
+def test_a_credential_file_gone_during_a_refresh_keeps_the_working_token(
+    ca: trustme.CA, graphsync_config: WriteConfig, tls_env: dict[str, str], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text("federated-assertion\n")
+    with FakeEntra(ca, client_id=CLIENT_ID, federated_token="federated-assertion", refresh_in=1) as entra:
+        config = graphsync_config(extra={"identity": {
+            "client_secret": None, "federated_token_file": str(token_file), "authority_host": entra.authority_host}})
+        caches = _caches(config)
+        first = caches.acquire(TENANT)
+        time.sleep(1.5)
+        token_file.unlink()  # e.g. the projected volume is being remounted
+        caplog.set_level(logging.WARNING, logger="daemon")
+        kept = caches.acquire(TENANT)
+        assert (kept.source, kept.token) == ("memory", first.token)
+        assert any("credential_unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_without_a_working_token_a_failing_identity_provider_is_not_hammered(
+    graphsync_config: WriteConfig, fake_entra: FakeEntra
+) -> None:
+    caches = _caches(graphsync_config())
+    fake_entra.fail_next(20, status=400, error="invalid_request", description="AADSTS90002: Tenant not found.")
+    with pytest.raises(TokenError) as first:
+        caches.acquire(TENANT)
+    sent = len(fake_entra.token_requests())
+    with pytest.raises(TokenError) as again:
+        caches.acquire(TENANT)
+    assert again.value is first.value and again.value.aadsts == "AADSTS90002"
+    assert len(fake_entra.token_requests()) == sent, "a second request during the backoff"
