@@ -21,6 +21,8 @@ from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeAlias, get_args, get_origin
 
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -260,11 +262,62 @@ def _interval(every: str) -> str:
     return every
 
 
+_CRON_DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
+
+
+def _cron_day(text: str) -> int:
+    day = _CRON_DAYS[text] if text in _CRON_DAYS else int(text)
+    if not 0 <= day <= 7:
+        raise ValueError(f"day of week {text} is not 0-7 or sun-sat")
+    return day
+
+
+def _cron_weekdays(field: str) -> str:
+    """A crontab day-of-week field as APScheduler's explicit list of days.
+
+    Crontab counts Sunday as 0 (and 7); APScheduler 3 counts Monday as 0 (its issue 286), so numbers, names,
+    ranges (``1-5``, ``5-7``) and steps (``*/2``) are expanded here rather than passed through.
+    """
+    if field == "*":
+        return "*"
+    days: set[int] = set()
+    for part in field.split(","):
+        base, _, step = part.partition("/")
+        every = int(step) if step else 1
+        if base == "*":
+            first, last = 0, 6
+        elif "-" in base:
+            first, last = (_cron_day(end) for end in base.split("-", 1))
+        else:
+            first = _cron_day(base)
+            last = 6 if step else first
+        if first > last or every < 1:
+            raise ValueError(f"day-of-week range {part} is empty")
+        days.update(day % 7 for day in range(first, last + 1, every))
+    return ",".join(str((day + 6) % 7) for day in sorted(days))
+
+
+def crontab_trigger(expression: str) -> BaseTrigger:
+    """An APScheduler trigger (UTC) that fires when a standard 5-field crontab line would.
+
+    Besides the weekday numbering, crontab runs when *either* the day of month or the day of week matches if
+    both are restricted, while APScheduler requires both: that case becomes an OrTrigger of the two.
+    """
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError("expected 5 fields: minute hour day-of-month month day-of-week")
+    minute, hour, day, month, weekday = fields
+    weekdays = _cron_weekdays(weekday.lower())
+    common = {"minute": minute, "hour": hour, "month": month, "timezone": UTC}
+    if day != "*" and weekdays != "*":
+        return OrTrigger([CronTrigger(day=day, **common), CronTrigger(day_of_week=weekdays, **common)])
+    return CronTrigger(day=day, day_of_week=weekdays, **common)
+
+
 def _crontab(expression: str) -> str:
-    # The scheduler applies its own time zone; UTC here only keeps the syntax check independent of the host's.
     try:
-        CronTrigger.from_crontab(expression, timezone=UTC)
-    except ValueError as exc:
+        crontab_trigger(expression)
+    except (ValueError, KeyError) as exc:
         raise ValueError(f'expected a 5-field crontab expression such as "0 * * * *" ({exc})') from None
     return expression
 

@@ -108,6 +108,8 @@ class GraphClient:
             if not isinstance(objects, list):
                 raise MalformedResponse(f"GET {_path(next_url)}: the response has no 'value' array")
             page = Page(objects, body.get("@odata.nextLink"), body.get("@odata.deltaLink"))
+            if page.next_link == next_url:  # following it would loop forever while holding the job lock
+                raise MalformedResponse(f"GET {_path(next_url)}: the @odata.nextLink points at the same page")
             yield page
             next_url = page.next_link
 
@@ -168,7 +170,7 @@ class GraphClient:
 def _graph_error(response: requests.Response) -> tuple[str | None, str]:
     try:
         error = response.json().get("error") or {}
-        return error.get("code"), (error.get("message") or "").splitlines()[0][:300]
+        return error.get("code"), ((error.get("message") or "").splitlines() or [""])[0][:300]
     except (ValueError, AttributeError):
         return None, (response.reason or "")
 

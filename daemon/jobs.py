@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from daemon.graph import GraphClient, GraphError, MalformedResponse, ResyncRequired
+from daemon.identity import TokenError
 from daemon.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
 from daemon.sinks import Sink
-from daemon.snapshot import SnapshotStore, encode
+from daemon.snapshot import MEMBERS_DELTA, SnapshotStore, encode
 from daemon.storage import BlobLease, BlobStore, StorageError, WriteConflict
 
 if TYPE_CHECKING:
@@ -129,23 +131,36 @@ class JobRunner:
         except RunInterrupted as exc:
             result.status, result.message = "stopped", str(exc)
             return self._finish(result, started)
-        except (GraphError, StorageError, OSError) as exc:
-            result.status, result.message = "failed", str(exc)
-            self._save_state(tenant, job, etag, state | {
-                "last_failure": _iso(self._clock()), "last_error": str(exc), "last_run_id": result.run_id})
+        except WriteConflict:
+            result.status = "failed"
+            result.message = "another replica published this job's snapshot during this run (lock lost?); " \
+                             "this run published nothing"
             return self._finish(result, started)
-        self._save_state(tenant, job, etag, state | {
+        except Exception as exc:  # any failure is the run's result, never the scheduler's problem
+            if not isinstance(exc, (GraphError, StorageError, TokenError, OSError)):
+                log.exception("unexpected failure in run %s of %s/%s", result.run_id, tenant, job.name)
+            result.status, result.message = "failed", str(exc) or type(exc).__name__
+            self._save_state(tenant, job, etag, state | {
+                "last_failure": _iso(self._clock()), "last_error": result.message, "last_run_id": result.run_id})
+            return self._finish(result, started)
+        saved = self._save_state(tenant, job, etag, state | {
             "job": job.name, "tenant": tenant, "query": _query(job), "delta_link": delta_link,
             "last_run_id": result.run_id, "last_success": _iso(self._clock()),
             "last_success_started": _iso(started), "objects": result.objects, "changes": result.changes,
             "replica": self.replica, "last_error": None,
         })
+        if not saved:  # the data is published and safe; the next run fetches these changes again
+            result.status, result.message = "failed", "published, but the cursor (state.json) could not be saved"
         return self._finish(result, started)
 
     def _sync(self, job: JobSettings, tenant: str, state: dict[str, Any], result: RunResult, started: float,
               interrupted: Callable[[], bool], progress: Progress | None) -> str | None:
         """Fetch and apply; publish snapshot and change file; return the delta link to save."""
         delta_link = state.get("delta_link") if job.delta and state.get("query") == _query(job) else None
+        version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
+        if delta_link and version is None:
+            log.warning("snapshot of %s/%s is missing; doing a full sync", tenant, job.name)
+            delta_link = None
         with tempfile.TemporaryDirectory(prefix="graphsync-") as scratch:
             store = SnapshotStore(Path(scratch) / "work.sqlite")
             changes_path = Path(scratch) / "changes.jsonl"
@@ -154,7 +169,7 @@ class JobRunner:
                     if delta_link:
                         try:
                             store.load(self._sink.snapshot_lines(tenant, job.name))
-                        except (ValueError, KeyError, TypeError):
+                        except (ValueError, KeyError, TypeError, sqlite3.Error):
                             log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
                             delta_link = None
                             store.clear()
@@ -170,17 +185,18 @@ class JobRunner:
                         store.clear()
                         changes.seek(0)
                         changes.truncate()
-                        url = self._graph.collection_url(job.resource, select=job.select, delta=True)
+                        url = self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
                         new_link = self._fetch(tenant, job, url, store, changes, result, interrupted, progress)
                 if job.delta and new_link is None:
                     raise MalformedResponse(f"delta round of {job.resource} ended without an @odata.deltaLink")
                 if interrupted():
                     raise RunInterrupted("stopped before publishing")
                 result.objects = store.count()
-                if result.changes:
+                # The snapshot first, fenced: a replica that lost its lock fails here and publishes nothing.
+                self._sink.write_snapshot(tenant, job.name, store.lines(), if_version=version)
+                if result.changes or result.full:  # a full round says so even when it received nothing
                     name = f"{_stamp(started)}-{result.run_id}{'-full' if result.full else ''}.jsonl"
                     self._sink.write_changes(tenant, job.name, name, _read_lines(changes_path))
-                self._sink.write_snapshot(tenant, job.name, store.lines())
             finally:
                 store.close()
         return new_link
@@ -190,8 +206,7 @@ class JobRunner:
         """Stream pages into the working store and the change file; return the round's delta link."""
         for page in self._graph.pages(tenant, url, minimal=not result.full):
             for record in page.objects:
-                if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                    raise MalformedResponse(f"a record in {job.resource} has no string 'id'")
+                _check_record(record, job.resource)
                 changes.write(encode(_change(record)))
             store.apply(page.objects)
             result.pages += 1
@@ -204,14 +219,17 @@ class JobRunner:
                 raise RunInterrupted("stopped between pages")
         return None
 
-    def _save_state(self, tenant: str, job: JobSettings, etag: str | None, state: dict[str, Any]) -> None:
+    def _save_state(self, tenant: str, job: JobSettings, etag: str | None, state: dict[str, Any]) -> bool:
         try:
             self._sink.write_state(tenant, job.name, state, if_match=etag)
         except WriteConflict:
             log.error("state of %s/%s changed under this run (lock lost?); not saving this run's cursor",
                       tenant, job.name, extra={"tenant": tenant, "job": job.name})
-        except StorageError as exc:
+            return False
+        except (StorageError, OSError) as exc:
             log.error("cannot save state of %s/%s: %s", tenant, job.name, exc)
+            return False
+        return True
 
     def _finish(self, result: RunResult, started: float | None = None) -> RunResult:
         if started is not None:
@@ -229,6 +247,16 @@ class JobRunner:
             log.log(logging.ERROR if result.status == "failed" else logging.INFO, "run of %s/%s %s: %s",
                     result.tenant, result.job, result.status, result.message, extra=extra)
         return result
+
+
+def _check_record(record: Any, resource: str) -> None:
+    """What the working store relies on: a string id, and member changes that are objects with an id."""
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        raise MalformedResponse(f"a record in {resource} has no string 'id'")
+    members = record.get(MEMBERS_DELTA, [])
+    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                for m in members):
+        raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{MEMBERS_DELTA}'")
 
 
 def _change(record: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import threading
 import time
@@ -22,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from daemon.config import crontab_trigger
 from daemon.jobs import JobRunner, epoch, lock_blob
 from daemon.sinks import Sink
 from daemon.storage import BlobStore, StorageError
@@ -60,23 +59,6 @@ def trigger(job: JobSettings) -> BaseTrigger:
     return crontab_trigger(job.cron)
 
 
-_WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-def crontab_trigger(expr: str) -> CronTrigger:
-    """A trigger for a standard 5-field crontab, where day-of-week 0 (and 7) is Sunday.
-
-    APScheduler 3.x counts weekdays from Monday = 0 (its issue 286), so numeric weekdays are turned into names
-    first: ``0 3 * * 0`` runs on Sundays, as every crontab reader expects.
-    """
-    minute, hour, day, month, weekday = expr.split()
-    parts = []
-    for part in weekday.split(","):
-        base, slash, step = part.partition("/")
-        parts.append(re.sub(r"\d+", lambda m: _WEEKDAYS[int(m.group())], base) + slash + step)
-    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=",".join(parts), timezone=UTC)
-
-
 def slot_start(job: JobSettings, now: float) -> float:
     """When the current slot began; a run that started after it already served the slot, so others skip.
 
@@ -84,7 +66,8 @@ def slot_start(job: JobSettings, now: float) -> float:
     resolution and the jitter stays well under a minute, so the slot is the current minute.
     """
     period = job.interval_seconds or 60
-    return math.floor(now / period) * period
+    origin = EPOCH.timestamp()  # the same origin as the interval trigger's start_date
+    return origin + math.floor((now - origin) / period) * period
 
 
 def first_run(job: JobSettings, now: float) -> float | None:
@@ -197,6 +180,8 @@ class Daemon:
         with self._active_lock:
             self._active += 1
         try:
+            if self._stop.is_set():  # a stop that came just now: shutdown may not have seen this run as active
+                return
             self._runner.run(job, tenant, due_after=slot_start(job, self._clock()), stop=self._stop)
         except Exception:  # a run must never take the scheduler's worker down with it
             log.exception("run of %s/%s failed unexpectedly", tenant, job.name,

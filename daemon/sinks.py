@@ -5,8 +5,9 @@
     <tenant>/<job>/state.json                          delta link, last success / failure, counts
 
 Every file is replaced atomically (directory: temp file + rename; blob: staged blocks + one commit), so a reader
-never sees a half-written file. ``state.json`` is written only if it still has the ETag the run read at its
-start: a replica that lost its lock can never overwrite a newer cursor.
+never sees a half-written file. ``snapshot.jsonl`` and ``state.json`` are replaced only if they are still the
+versions the run saw at its start: a replica that lost its lock (stalled, then resumed) can overwrite neither a
+newer snapshot nor a newer cursor.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class Sink(Protocol):
     def describe(self) -> str: ...
     def read_state(self, tenant: str, job: str) -> tuple[dict[str, Any] | None, str | None]: ...
     def write_state(self, tenant: str, job: str, state: dict[str, Any], *, if_match: str | None) -> str: ...
+    def snapshot_version(self, tenant: str, job: str) -> str | None: ...
     def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]: ...
-    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes]) -> None: ...
+    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes], *, if_version: str | None) -> None: ...
     def write_changes(self, tenant: str, job: str, name: str, lines: Iterable[bytes]) -> None: ...
 
 
@@ -83,23 +85,43 @@ class DirectorySink:
         return _decode_state(data), _etag(data)
 
     def write_state(self, tenant: str, job: str, state: dict[str, Any], *, if_match: str | None) -> str:
+        data = _encode_state(state)
+        with self._locked(tenant, job):  # compare-and-replace must be one step across processes
+            _, current = self.read_state(tenant, job)
+            if current != if_match:
+                raise WriteConflict(f"{self._dir(tenant, job) / STATE} was changed by another process")
+            _atomic_write(self._dir(tenant, job) / STATE, [data])
+        return _etag(data)
+
+    def snapshot_version(self, tenant: str, job: str) -> str | None:
+        try:
+            stat = (self._dir(tenant, job) / SNAPSHOT).stat()
+        except FileNotFoundError:
+            return None
+        return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"  # a rename always gives a new inode
+
+    def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]:
+        with open(self._dir(tenant, job) / SNAPSHOT, "rb") as file:
+            yield from file
+
+    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes], *, if_version: str | None) -> None:
+        path = self._dir(tenant, job) / SNAPSHOT
+        temp = _write_temp(path, lines)  # the slow part, outside the lock
+        try:
+            with self._locked(tenant, job):
+                if self.snapshot_version(tenant, job) != if_version:
+                    raise WriteConflict(f"{path} was replaced by another process during this run")
+                _replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self, tenant: str, job: str) -> Iterator[None]:
         directory = self._dir(tenant, job)
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / ".state.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # compare-and-replace must be one step across processes
-            _, current = self.read_state(tenant, job)
-            if current != if_match:
-                raise WriteConflict(f"{directory / STATE} was changed by another process")
-            data = _encode_state(state)
-            _atomic_write(directory / STATE, [data])
-        return _etag(data)
-
-    def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]:
-        with contextlib.suppress(FileNotFoundError), open(self._dir(tenant, job) / SNAPSHOT, "rb") as file:
-            yield from file
-
-    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes]) -> None:
-        _atomic_write(self._dir(tenant, job) / SNAPSHOT, lines)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def write_changes(self, tenant: str, job: str, name: str, lines: Iterable[bytes]) -> None:
         _atomic_write(self._dir(tenant, job) / CHANGES / name, lines)
@@ -111,18 +133,36 @@ def _etag(data: bytes) -> str:
 
 def _atomic_write(path: Path, lines: Iterable[bytes]) -> None:
     """Write to a hidden temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _write_temp(path, lines)
+    try:
+        _replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _write_temp(path: Path, lines: Iterable[bytes]) -> Path:
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True)
+        _fsync_directory(path.parent.parent)  # a new directory must survive a crash too
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temp, "wb") as file:
             file.writelines(lines)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    return temp
+
+
+def _replace(temp: Path, path: Path) -> None:
+    os.replace(temp, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
@@ -147,6 +187,9 @@ class BlobSink:
     def write_state(self, tenant: str, job: str, state: dict[str, Any], *, if_match: str | None) -> str:
         return self._store.write(f"{tenant}/{job}/{STATE}", _encode_state(state), if_match=if_match)
 
+    def snapshot_version(self, tenant: str, job: str) -> str | None:
+        return self._store.etag(f"{tenant}/{job}/{SNAPSHOT}")
+
     def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]:
         pending = b""
         for chunk in self._store.read_chunks(f"{tenant}/{job}/{SNAPSHOT}"):
@@ -156,8 +199,8 @@ class BlobSink:
         if pending:
             yield pending
 
-    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes]) -> None:
-        self._store.write_blocks(f"{tenant}/{job}/{SNAPSHOT}", _chunks(lines))
+    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes], *, if_version: str | None) -> None:
+        self._store.write_blocks(f"{tenant}/{job}/{SNAPSHOT}", _chunks(lines), fenced=True, if_match=if_version)
 
     def write_changes(self, tenant: str, job: str, name: str, lines: Iterable[bytes]) -> None:
         self._store.write_blocks(f"{tenant}/{job}/{CHANGES}/{name}", _chunks(lines))

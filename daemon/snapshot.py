@@ -61,10 +61,14 @@ class SnapshotStore:
     def load(self, lines: Iterable[bytes]) -> None:
         """Fill the store from an existing snapshot (one JSON object per line)."""
         self._db.execute("BEGIN")
-        self._db.executemany(
-            "INSERT OR REPLACE INTO objects (id, body) VALUES (?, ?)",
-            ((obj["id"], _dumps(obj)) for obj in map(json.loads, filter(bytes.strip, lines))),
-        )
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO objects (id, body) VALUES (?, ?)",
+                ((obj["id"], _dumps(obj)) for obj in map(json.loads, filter(bytes.strip, lines))),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")  # leave the store usable: the caller falls back to a full sync
+            raise
         self._db.execute("COMMIT")
 
     def apply(self, records: Iterable[dict[str, Any]]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -208,11 +209,22 @@ class BlobStore:
         except AzureError as exc:
             raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
 
-    def write_blocks(self, name: str, chunks: Iterable[bytes]) -> None:
+    def etag(self, name: str) -> str | None:
+        """The blob's current ETag, or ``None`` when it does not exist: a version to make a later write conditional."""
+        try:
+            return self._container.get_blob_client(name).get_blob_properties().etag
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
+
+    def write_blocks(self, name: str, chunks: Iterable[bytes], *, fenced: bool = False,
+                     if_match: str | None = None) -> None:
         """Replace ``name`` atomically with the concatenated ``chunks``: stage blocks, then commit the list.
 
         Readers see the old blob until the commit and the whole new one after it, never a half-written file,
-        and memory holds one chunk at a time.
+        and memory holds one chunk at a time. ``fenced``: commit only if the blob still has ETag ``if_match``
+        (``None``: only if it still does not exist), else :class:`WriteConflict`.
         """
         blob = self._container.get_blob_client(name)
         try:
@@ -227,7 +239,14 @@ class BlobStore:
                     self.ensure_container()  # a new output container, or one an operator emptied
                     blob.stage_block(block_id, chunk)
                 block_ids.append(BlobBlock(block_id))
-            blob.commit_block_list(block_ids)
+            if not fenced:
+                blob.commit_block_list(block_ids)
+            elif if_match is None:
+                blob.commit_block_list(block_ids, match_condition=MatchConditions.IfMissing)
+            else:
+                blob.commit_block_list(block_ids, etag=if_match, match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceExistsError) as exc:
+            raise self._conflict(name) from exc
         except AzureError as exc:
             STORAGE_OPERATIONS.labels("write", "error").inc()
             raise StorageError.from_azure(f"writing {self._path(name)}", exc) from exc
@@ -331,11 +350,18 @@ class BlobLease:
             STORAGE_OPERATIONS.labels("lease", "error").inc()
 
     def _keep_alive(self) -> None:
-        while not self._released.wait(self._seconds / 3):
-            if not self.renew():
-                log.warning("lost the lease on %s", self.path)
+        """Renew every third of the lease; one failed renewal is retried, the lease is lost only once it expired."""
+        renewed = time.monotonic()
+        interval = self._seconds / 3
+        while not self._released.wait(interval):
+            if self.renew():
+                renewed, interval = time.monotonic(), self._seconds / 3
+            elif time.monotonic() - renewed > self._seconds - 2:
+                log.warning("lost the lease on %s: renewals failed until it expired", self.path)
                 self.lost = True
                 return
+            else:
+                interval = 1.0
 
     def __enter__(self) -> BlobLease:
         self._keeper.start()

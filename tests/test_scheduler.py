@@ -28,7 +28,33 @@ def test_first_run_is_soon_unless_the_next_slot_is_near():
     assert first_run(_job(cron="0 * * * *"), start + 60) is None  # cron keeps to its schedule
 
 
-def test_crontab_weekday_0_is_sunday_not_apschedulers_monday():
-    tuesday = datetime(2026, 11, 24, tzinfo=UTC)
-    assert crontab_trigger("0 3 * * 0").get_next_fire_time(None, tuesday) == datetime(2026, 11, 29, 3, tzinfo=UTC)
-    assert crontab_trigger("0 3 * * 1-5").get_next_fire_time(None, tuesday).weekday() == 1  # Tuesday itself
+def _fire_days(expr: str, days: int = 14) -> list[str]:
+    """The weekday names on which ``expr`` fires at least once in the ``days`` after Tuesday 2026-11-24."""
+    trig, now, end = crontab_trigger(expr), datetime(2026, 11, 24, tzinfo=UTC), datetime(2026, 12, 8, tzinfo=UTC)
+    fired = []
+    while (now := trig.get_next_fire_time(None, now)) and now < end:
+        fired.append(now.strftime("%a %d"))
+        now = now.replace(hour=23, minute=59)
+    return fired
+
+
+def test_crontab_weekdays_follow_crontab_not_apscheduler():
+    assert _fire_days("0 3 * * 0")[:2] == ["Sun 29", "Sun 06"]  # APScheduler alone would say Monday
+    assert _fire_days("0 3 * * 7")[:1] == ["Sun 29"]
+    assert _fire_days("0 3 * * 1-5")[:4] == ["Tue 24", "Wed 25", "Thu 26", "Fri 27"]
+    assert _fire_days("0 3 * * 5-7")[:3] == ["Fri 27", "Sat 28", "Sun 29"]
+    assert _fire_days("0 3 * * 0-6")[:7] == ["Tue 24", "Wed 25", "Thu 26", "Fri 27", "Sat 28", "Sun 29", "Mon 30"]
+    assert _fire_days("0 3 * * */2")[:4] == ["Tue 24", "Thu 26", "Sat 28", "Sun 29"]
+    assert _fire_days("0 3 * * mon,wed")[:2] == ["Wed 25", "Mon 30"]
+
+
+def test_crontab_day_of_month_and_weekday_mean_either_as_in_cron():
+    assert _fire_days("0 3 1 * 1") == ["Mon 30", "Tue 01", "Mon 07"]  # the 1st, or any Monday
+
+
+def test_interval_slots_of_days_and_odd_minutes_match_the_trigger():
+    for every in ("7d", "2d", "7m", "25m", "49s"):
+        job = _job(every=every)
+        now = 1_800_000_123.4
+        fire = trigger(job).get_next_fire_time(None, datetime.fromtimestamp(now, UTC)).timestamp()
+        assert slot_start(job, now) == fire - job.interval_seconds, every
