@@ -468,8 +468,9 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
         + (f" (measured mean {sum(usable) / len(usable):.2f} s)." if usable else "."),
         "reads = conditional GETs (200, 304, 404); writes = conditional PUTs incl. 409/412 conflicts and the "
         "lock-blob creation; leases = lease attempts incl. 'held by another replica'. Baseline does no storage I/O.",
-        "A blob hit includes any wait (polls from 0.25 s, backing off to 2 s) for the replica holding the refresh lease; a shared "
-        "IdP acquisition includes the lease, MSAL's lazy tenant discovery on first use and the conditional write. "
+        "A blob hit includes any wait (polls from 0.25 s, backing off to 2 s) for the replica holding the "
+        "refresh lease; a shared IdP acquisition includes the lease, MSAL's lazy tenant discovery on first use "
+        "and the conditional write. "
         "The baseline builds its MSAL client (discovery) before the window starts.",
         "Azurite and the fake Entra run on loopback: blob and IdP latencies lack real network round trips; memory "
         "and cache hits do no I/O. All replicas of a scenario share this machine's CPUs, so compare within a run.",
