@@ -121,8 +121,6 @@ class Daemon:
                 # A separate one-off job: overriding the interval job's first fire time would shift all its slots.
                 self._scheduler.add_job(self._run, DateTrigger(datetime.fromtimestamp(first, UTC)),
                                         args=(job, tenant), id=f"{name} (first run)", name=f"{name} (first run)")
-        self._scheduler.add_job(self._beat, IntervalTrigger(seconds=self._beat_seconds), id="heartbeat",
-                                executor="heartbeat")
         self._health = health(self) if health else None
 
     def live(self) -> tuple[bool, str]:
@@ -146,6 +144,9 @@ class Daemon:
         self._scheduler.start()
         self._notifier.ready()
         self._beat()
+        # Added only now, so that no heartbeat (WATCHDOG=1) can reach systemd before READY=1.
+        self._scheduler.add_job(self._beat, IntervalTrigger(seconds=self._beat_seconds), id="heartbeat",
+                                executor="heartbeat")
         log.info("scheduler running %d (job, tenant) pair(s) as %s", self._pairs, self._runner.replica)
         self._stop.wait()
         return self._shutdown()
