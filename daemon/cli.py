@@ -103,18 +103,23 @@ def _tenant(args: argparse.Namespace, settings: Settings) -> str:
     return tenant
 
 
-def _services(settings: Settings) -> tuple[BlobStore, TokenCaches, JobRunner]:
-    """The composition root: storage, the shared token caches, the Graph client, the output and the runner."""
+def _token_caches(settings: Settings) -> tuple[BlobStore, TokenCaches]:
+    """Storage and the shared token caches on it: what every command that needs a token starts from."""
     store = BlobStore.from_settings(settings.storage)
-    caches = TokenCaches.from_settings(settings, store)
+    return store, TokenCaches.from_settings(settings, store)
+
+
+def _job_runner(settings: Settings) -> JobRunner:
+    """The composition root of a sync: token caches, the Graph client, the output, the job locks."""
+    store, caches = _token_caches(settings)
     graph = GraphClient(settings.graph.endpoint, settings.graph.api_version, caches,
                         timeout=settings.graph.timeout_seconds, max_retries=settings.graph.max_retries)
-    return store, caches, JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store)
+    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store)
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     tenant = _tenant(args, settings)
-    caches = TokenCaches.from_settings(settings, BlobStore.from_settings(settings.storage))
+    _, caches = _token_caches(settings)
     try:
         token = caches.acquire(tenant)
     except TokenError as exc:
@@ -131,7 +136,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.jobs:
         raise UsageError("no [[jobs]] are configured: nothing to schedule")
-    _, _, runner = _services(settings)
+    runner = _job_runner(settings)
     metrics = settings.metrics
     health = (lambda daemon: HealthServer(metrics.host, metrics.port, live=daemon.live, ready=daemon.ready)
               ) if metrics.port else None
@@ -152,7 +157,7 @@ def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSet
 
 def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     pairs = _selected(args, settings)
-    _, _, runner = _services(settings)
+    runner = _job_runner(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -173,9 +178,8 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    store, caches, _ = _services(settings)
-    sink = sink_from_settings(settings)
-    report = fleet_status(settings, caches, sink, store, time.time())
+    store, caches = _token_caches(settings)
+    report = fleet_status(settings, caches, sink_from_settings(settings), store, time.time())
     if args.json:
         print(json.dumps(report))
     else:

@@ -200,8 +200,10 @@ def fleet_status(settings: Settings, caches: TokenCaches, sink: Sink, locks: Blo
     jobs = []
     for job in settings.jobs:
         for tenant in settings.job_tenants(job):
-            state, _ = sink.read_state(tenant, job.name)
-            state = state or {}
+            try:
+                state = sink.read_state(tenant, job.name)[0] or {}
+            except StorageError as exc:  # report it on this job's line; the other lines still help
+                state = {"last_error": f"state.json unreadable: {exc}"}
             try:
                 holder = locks.lease_holder(lock_blob(tenant, job.name))
             except StorageError as exc:

@@ -141,15 +141,11 @@ class BlobStore:
         except ResourceNotFoundError:
             STORAGE_OPERATIONS.labels("read", "absent").inc()
             return None
-        except HttpResponseError as exc:
-            if exc.status_code == 304:  # ResourceModifiedError when the service names ConditionNotMet
+        except AzureError as exc:
+            if getattr(exc, "status_code", None) == 304:  # ResourceModifiedError when the service says why
                 STORAGE_OPERATIONS.labels("read", "not_modified").inc()
                 return NOT_MODIFIED
-            STORAGE_OPERATIONS.labels("read", "error").inc()
-            raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
-        except AzureError as exc:
-            STORAGE_OPERATIONS.labels("read", "error").inc()
-            raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
+            raise self._failure("read", name, exc) from exc
         STORAGE_OPERATIONS.labels("read", "ok").inc()
         props = downloader.properties
         return BlobContent(data=data, etag=props.etag, last_modified=props.last_modified)
@@ -165,18 +161,18 @@ class BlobStore:
             if exc.error_code != "ContainerNotFound":
                 if if_match is not None:  # the blob we last saw was deleted: someone else changed it
                     raise self._conflict(name) from exc
-                raise self._write_failed(name, exc) from exc
+                raise self._failure("write", name, exc) from exc
             self.ensure_container()
             try:
                 etag = self._conditional_upload(name, data, if_match)
             except (ResourceModifiedError, ResourceExistsError) as conflict:
                 raise self._conflict(name) from conflict
             except AzureError as retry_exc:
-                raise self._write_failed(name, retry_exc) from retry_exc
+                raise self._failure("write", name, retry_exc) from retry_exc
         except (ResourceModifiedError, ResourceExistsError) as exc:
             raise self._conflict(name) from exc
         except AzureError as exc:
-            raise self._write_failed(name, exc) from exc
+            raise self._failure("write", name, exc) from exc
         STORAGE_OPERATIONS.labels("write", "ok").inc()
         return etag
 
@@ -196,9 +192,11 @@ class BlobStore:
         STORAGE_OPERATIONS.labels("write", "conflict").inc()
         return WriteConflict(f"{self._path(name)} was changed by someone else")
 
-    def _write_failed(self, name: str, exc: AzureError) -> StorageError:
-        STORAGE_OPERATIONS.labels("write", "error").inc()
-        return StorageError.from_azure(f"writing {self._path(name)}", exc)
+    def _failure(self, operation: str, name: str, exc: AzureError) -> StorageError:
+        """Count a failed ``operation`` (read, write, lease) and describe it for the caller's log line."""
+        STORAGE_OPERATIONS.labels(operation, "error").inc()
+        verb = {"read": "reading", "write": "writing", "lease": "leasing"}[operation]
+        return StorageError.from_azure(f"{verb} {self._path(name)}", exc)
 
     def read_chunks(self, name: str) -> Iterator[bytes]:
         """Stream a (possibly large) blob; nothing when it does not exist."""
@@ -248,8 +246,7 @@ class BlobStore:
         except (ResourceModifiedError, ResourceExistsError) as exc:
             raise self._conflict(name) from exc
         except AzureError as exc:
-            STORAGE_OPERATIONS.labels("write", "error").inc()
-            raise StorageError.from_azure(f"writing {self._path(name)}", exc) from exc
+            raise self._failure("write", name, exc) from exc
         STORAGE_OPERATIONS.labels("write", "ok").inc()
 
     def delete(self, name: str) -> None:
@@ -287,18 +284,11 @@ class BlobStore:
             except ResourceNotFoundError:
                 self._create_lock_blob(name)
                 continue
-            except ResourceExistsError:
-                STORAGE_OPERATIONS.labels("lease", "lease_held").inc()
-                return None
-            except HttpResponseError as exc:
-                if exc.status_code == 409:  # LeaseAlreadyPresent surfaces as a plain 409 in some SDK paths
+            except AzureError as exc:
+                if getattr(exc, "status_code", None) == 409:  # LeaseAlreadyPresent (or ResourceExistsError)
                     STORAGE_OPERATIONS.labels("lease", "lease_held").inc()
                     return None
-                STORAGE_OPERATIONS.labels("lease", "error").inc()
-                raise StorageError.from_azure(f"leasing {self._path(name)}", exc) from exc
-            except AzureError as exc:
-                STORAGE_OPERATIONS.labels("lease", "error").inc()
-                raise StorageError.from_azure(f"leasing {self._path(name)}", exc) from exc
+                raise self._failure("lease", name, exc) from exc
             STORAGE_OPERATIONS.labels("lease", "ok").inc()
             return BlobLease(client, blob, self._path(name), seconds)
         raise StorageError(f"leasing {self._path(name)}: the lock blob keeps disappearing")
