@@ -185,7 +185,7 @@ class Bench:
 
     def delta_url(self) -> str:
         """The URL graphsync itself starts a delta round of the job from."""
-        from daemon.graph import GraphClient
+        from graphsync.graph import GraphClient
 
         client = GraphClient(self.graph.base_url, "v1.0", tokens=None)  # type: ignore[arg-type]
         return client.collection_url(JOB, select=SELECT, delta=True)
@@ -216,7 +216,7 @@ class Bench:
         """A full sync: a fresh output directory and container each time, so there is no delta link to resume."""
         output = self.workdir / f"out-{size}-{repeat}"
         config = self._write_config(size, repeat, output)
-        command = [sys.executable, "-m", "daemon", "sync", "--config", str(config)]
+        command = [sys.executable, "-m", "graphsync", "sync", "--config", str(config)]
         self.commands["graphsync"] = command
         self.graph.reset_records()
         run = self._run("graphsync", size, repeat, command, self.env)
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import trustme
 
-    from daemon import __version__
+    from graphsync import __version__
     from tests.fakes.azurite import Azurite, azurite_executable, azurite_version, free_port
     from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
     from tests.fakes.graph import FakeGraph, populate

@@ -79,11 +79,11 @@ def _child_main(args: argparse.Namespace) -> None:
 
 
 def _shared_replica(config: Path) -> tuple[Any, Any]:
-    from daemon.config import load_settings
-    from daemon.logs import configure_logging
-    from daemon.metrics import IDENTITY_PROVIDER_REQUESTS, STORAGE_OPERATIONS
-    from daemon.storage import BlobStore
-    from daemon.tokencache import TokenCaches
+    from graphsync.config import load_settings
+    from graphsync.logs import configure_logging
+    from graphsync.metrics import IDENTITY_PROVIDER_REQUESTS, STORAGE_OPERATIONS
+    from graphsync.storage import BlobStore
+    from graphsync.tokencache import TokenCaches
 
     settings = load_settings(config)
     configure_logging(settings.log_level, json_output=False)

@@ -234,7 +234,7 @@ def graphsync_config(
 
 
 def _daemon_command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "daemon", *args]
+    return [sys.executable, "-m", "graphsync", *args]
 
 
 def _daemon_env(tls_env: Mapping[str, str], env: Mapping[str, str] | None) -> dict[str, str]:

@@ -47,7 +47,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from daemon.jobs import epoch
+from graphsync.jobs import epoch
 from tests.conftest import dumps_toml
 from tests.fakes.azurite import REPO_ROOT, Azurite, azurite_executable, free_port
 from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
@@ -100,7 +100,7 @@ class DemoFailure(Exception):
 def graphsync() -> list[str]:
     """The installed ``graphsync`` console script, or its equivalent ``python -m daemon``."""
     script = Path(sys.executable).with_name("graphsync")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "graphsync"]
 
 
 def child_env(ca_pem: Path, **extra: str) -> dict[str, str]:
@@ -327,7 +327,7 @@ def run_command(ca_pem: Path, *args: str) -> int:
 
 
 def has_command(name: str) -> bool:
-    return subprocess.run([sys.executable, "-m", "daemon", name, "--help"], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "graphsync", name, "--help"], cwd=REPO_ROOT, capture_output=True,
                           check=False).returncode == 0
 
 

@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from daemon.config import load_settings
-from daemon.logs import configure_logging
-from daemon.storage import BlobStore
-from daemon.tokencache import TokenCaches
+from graphsync.config import load_settings
+from graphsync.logs import configure_logging
+from graphsync.storage import BlobStore
+from graphsync.tokencache import TokenCaches
 
 
 def main() -> None:

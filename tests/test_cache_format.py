@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from daemon import redaction
-from daemon.cache_envelope import CacheEnvelope, EnvelopeError
-from daemon.tokencache import merge_cache_states
+from graphsync import redaction
+from graphsync.cache_envelope import CacheEnvelope, EnvelopeError
+from graphsync.tokencache import merge_cache_states
 
 NOW = 1_800_000_000
 

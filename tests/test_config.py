@@ -1,4 +1,4 @@
-"""daemon.config: loading, precedence, and error reports that name key, origin and expectation, never a secret."""
+"""graphsync.config: loading, precedence, and error reports that name key, origin and expectation, never a secret."""
 
 import base64
 from collections.abc import Callable
@@ -8,8 +8,8 @@ import pytest
 import trustme
 from pydantic import SecretStr
 
-from daemon import config
-from daemon.config import ConfigError, find_config_file, load_settings
+from graphsync import config
+from graphsync.config import ConfigError, find_config_file, load_settings
 
 SECRET = "s3cr3t-VALUE-123"
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "graphsync.example.toml"

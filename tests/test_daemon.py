@@ -44,7 +44,7 @@ class Replica:
     def __init__(self, config: Path, log: Path, env: dict[str, str]) -> None:
         self.log = log
         self._file = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        self.process = subprocess.Popen([sys.executable, "-m", "graphsync", "run", "--config", str(config)],
                                         cwd=REPO_ROOT, env=os.environ | env, stdout=self._file,
                                         stderr=subprocess.STDOUT, text=True)
 

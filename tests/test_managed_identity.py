@@ -24,10 +24,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import trustme
 
-from daemon import identity
-from daemon.config import ConfigError, load_settings
-from daemon.storage import BlobStore
-from daemon.tokencache import TokenCaches
+from graphsync import identity
+from graphsync.config import ConfigError, load_settings
+from graphsync.storage import BlobStore
+from graphsync.tokencache import TokenCaches
 from tests.fakes.entra import CLIENT_ID, FakeEntra
 
 if TYPE_CHECKING:

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ import kubernetes_validate.utils as kubernetes_validate
 import pytest
 import yaml
 
-from daemon.config import ConfigError, load_settings
+import graphsync
+from graphsync.config import ConfigError, load_settings
 from tests.conftest import REPO_ROOT, Azurite, dumps_toml
 from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 from tests.fakes.graph import FakeGraph
@@ -56,9 +56,9 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 KUBERNETES_DIR = REPO_ROOT / "config" / "kubernetes"
 EXAMPLE_CONFIG = REPO_ROOT / "config" / "graphsync.example.toml"
-VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+VERSION = graphsync.__version__  # the one place the version is set (pyproject reads it from there)
 
-STOP_GRACE_SECONDS = 8  # how long the daemon gives running jobs after SIGTERM (daemon/scheduler.py)
+STOP_GRACE_SECONDS = 8  # how long the daemon gives running jobs after SIGTERM (daemon/graphsync/scheduler.py)
 DOCKER_STOP_SECONDS = 10  # `docker stop` sends SIGKILL after this by default
 KUBERNETES_VERSION = "1.30"
 TENANT = "contoso.onmicrosoft.com"
@@ -268,10 +268,10 @@ def graphsync_container(workload: dict[str, Any]) -> dict[str, Any]:
 @needs_systemd_analyze
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     """``verify`` insists that ExecStart's binary exists, so the units are checked from a copy whose ExecStart runs
-    this interpreter's ``-m daemon`` instead of /usr/local/bin/graphsync; every other line is verified as shipped."""
+    this interpreter's ``-m graphsync`` instead of /usr/local/bin/graphsync; every other line is verified as shipped."""
     for name in UNITS:
         text = (SYSTEMD_DIR / name).read_text()
-        rewritten = re.sub(rf"^(ExecStart=){re.escape(UNIT_BINARY)}\b", rf"\g<1>{sys.executable} -m daemon", text,
+        rewritten = re.sub(rf"^(ExecStart=){re.escape(UNIT_BINARY)}\b", rf"\g<1>{sys.executable} -m graphsync", text,
                            flags=re.MULTILINE)
         assert (rewritten != text) == name.endswith(".service"), f"{name}: ExecStart should run {UNIT_BINARY}"
         (tmp_path / name).write_text(rewritten)
@@ -401,11 +401,12 @@ def test_image_contract() -> None:
 
 def test_dockerignore_keeps_the_context_to_what_the_build_copies() -> None:
     for path in (".venv/bin/python", "node_modules/.bin/azurite", "tests/conftest.py", ".git/HEAD", ".ci/run",
-                 ".pytest_cache/v", "bench/token_cache.py", "daemon/__pycache__/cli.cpython-311.pyc", "Dockerfile"):
+                 ".pytest_cache/v", "bench/token_cache.py", "daemon/graphsync/__pycache__/cli.cpython-311.pyc",
+                 "Dockerfile"):
         assert dockerignored(path), f"{path} would be sent to the Docker daemon"
     for source in builder_copy_sources():
         assert not dockerignored(source), f"the Dockerfile COPYs {source}, which .dockerignore leaves out"
-    assert not dockerignored("daemon/cli.py")
+    assert not dockerignored("daemon/graphsync/cli.py")
 
 
 # -- the wheel, installed as the image installs it ----------------------------------------
@@ -670,12 +671,14 @@ def test_the_unit_sandbox_emulation_bites(unit_sandbox: UnitSandbox) -> None:
         assert result.returncode != 0 and error in result.stderr, (command[-1], result.stderr)
 
 
-def test_wheel_holds_the_daemon_package_and_console_script(wheelhouse: Path) -> None:
+def test_wheel_holds_the_graphsync_package_and_no_top_level_daemon(wheelhouse: Path) -> None:
+    """A top-level ``daemon`` package would overwrite python-daemon's (a dependency of Airflow and others)."""
     with zipfile.ZipFile(_project_wheel(wheelhouse)) as wheel:
         names = wheel.namelist()
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-        assert "graphsync = daemon.cli:main" in wheel.read(entry_points).decode()
-    assert "daemon/cli.py" in names
+        assert "graphsync = graphsync.cli:main" in wheel.read(entry_points).decode()
+    assert "graphsync/cli.py" in names
+    assert not [n for n in names if n.startswith("daemon/")]
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
 
 
@@ -807,7 +810,7 @@ def test_image_default_command_passes_its_healthcheck_and_stops_on_sigterm(
                      REQUESTS_CA_BUNDLE=str(ca), GRAPHSYNC_METRICS__PORT=port)
     healthcheck = [*as_user(uid, gid),
                    *(part.replace(f":{image_port}/", f":{port}/") for part in healthcheck_command())]
-    log = sandbox.root / "daemon.log"
+    log = sandbox.root / "graphsync.log"
     with log.open("wb") as out:
         process = subprocess.Popen([*as_user(uid, gid), *image_command()], env=env, cwd=output,
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -928,7 +931,7 @@ def test_daemon_unit_command_notifies_systemd_and_stops_in_time(
     port = _free_port()
     config = _unit_config(sandbox, output, fake_entra, azurite, blob_container, fake_graph,
                           metrics={"port": port, "host": "127.0.0.1"})
-    log = sandbox.root / "daemon.log"
+    log = sandbox.root / "graphsync.log"
     with notify_socket() as (sock, address):
         env = _systemd_env(unit, installed, _credentials(sandbox, unit), config,
                            sandbox.file("ca.pem", ca_bundle.read_text()), NOTIFY_SOCKET=address,

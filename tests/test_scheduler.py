@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from daemon.config import JobSettings
-from daemon.scheduler import crontab_trigger, first_run, slot_start, trigger
+from graphsync.config import JobSettings
+from graphsync.scheduler import crontab_trigger, first_run, slot_start, trigger
 
 
 def _job(**schedule: str) -> JobSettings:

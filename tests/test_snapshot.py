@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.snapshot import SnapshotStore
+from graphsync.snapshot import SnapshotStore
 
 
 def _lines(store: SnapshotStore) -> list[dict]:

@@ -58,7 +58,7 @@ def test_status_reports_cache_jobs_lock_holder_and_stale_delta_tokens(
     fake_graph.page_size = 20
     fake_graph.slow_pages = 0.3
     fake_graph.expire_delta_tokens()
-    sync = subprocess.Popen([sys.executable, "-m", "daemon", "sync", "--config", str(config)], cwd=REPO_ROOT,
+    sync = subprocess.Popen([sys.executable, "-m", "graphsync", "sync", "--config", str(config)], cwd=REPO_ROOT,
                             env=os.environ | tls_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

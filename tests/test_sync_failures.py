@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from azure.storage.blob import BlobLeaseClient, BlobServiceClient
 
-from daemon.config import load_settings
-from daemon.graph import GraphClient
-from daemon.jobs import JobRunner, lock_blob
-from daemon.sinks import sink_from_settings
-from daemon.storage import BlobStore
-from daemon.tokencache import TokenCaches
+from graphsync.config import load_settings
+from graphsync.graph import GraphClient
+from graphsync.jobs import JobRunner, lock_blob
+from graphsync.sinks import sink_from_settings
+from graphsync.storage import BlobStore
+from graphsync.tokencache import TokenCaches
 from tests.fakes.graph import FakeGraph, mutate, populate
 
 if TYPE_CHECKING:

@@ -42,7 +42,7 @@ def test_sync_on_a_terminal_shows_progress_and_a_summary_table(
     config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
                                      "output": {"directory": str(tmp_path / "out")},
                                      "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "1h"}]})
-    code, screen = _run_on_a_terminal([sys.executable, "-m", "daemon", "sync", "--config", str(config)],
+    code, screen = _run_on_a_terminal([sys.executable, "-m", "graphsync", "sync", "--config", str(config)],
                                       os.environ | tls_env)
     assert code == 0, screen
     assert "pages" in screen and "records" in screen, screen  # the progress line

@@ -18,11 +18,11 @@ import pytest
 import trustme
 from prometheus_client import REGISTRY
 
-from daemon.cache_envelope import CacheEnvelope
-from daemon.config import load_settings
-from daemon.identity import TokenError
-from daemon.storage import BlobContent, BlobStore
-from daemon.tokencache import AT, TokenCaches
+from graphsync.cache_envelope import CacheEnvelope
+from graphsync.config import load_settings
+from graphsync.identity import TokenError
+from graphsync.storage import BlobContent, BlobStore
+from graphsync.tokencache import AT, TokenCaches
 from tests.conftest import REPO_ROOT
 from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 
@@ -207,7 +207,7 @@ def test_tokens_keep_coming_while_azurite_is_down_and_the_cache_is_written_when_
     config = graphsync_config()
     caches = _caches(config)
     assert caches.acquire(TENANT).source == "identity_provider"
-    caplog.set_level(logging.WARNING, logger="daemon")
+    caplog.set_level(logging.WARNING, logger="graphsync")
     azurite.stop()
     try:
         started = time.time()
@@ -337,7 +337,7 @@ def test_proactive_refresh_goes_through_the_shared_cache(
     a.acquire(TENANT, rejected=refreshed.token)
     time.sleep(1.5)
     fake_entra.fail_next(5, status=500, error="server_error", description="AADSTS90033: down")
-    caplog.set_level(logging.WARNING, logger="daemon")
+    caplog.set_level(logging.WARNING, logger="graphsync")
     kept = a.acquire(TENANT)
     assert kept.source == "memory", "a failed proactive refresh keeps the still-valid token"
     assert any("using the cached token" in r.getMessage() for r in caplog.records)
@@ -478,7 +478,7 @@ def test_a_credential_file_gone_during_a_refresh_keeps_the_working_token(
         first = caches.acquire(TENANT)
         time.sleep(1.5)
         token_file.unlink()  # e.g. the projected volume is being remounted
-        caplog.set_level(logging.WARNING, logger="daemon")
+        caplog.set_level(logging.WARNING, logger="graphsync")
         kept = caches.acquire(TENANT)
         assert (kept.source, kept.token) == ("memory", first.token)
         assert any("credential_unreadable" in r.getMessage() for r in caplog.records)

@@ -22,15 +22,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from daemon.graph import GraphClient, GraphError, MalformedResponse, ResyncRequired
-from daemon.identity import TokenError
-from daemon.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
-from daemon.sinks import Sink
-from daemon.snapshot import MEMBERS_DELTA, SnapshotStore, encode
-from daemon.storage import BlobLease, BlobStore, StorageError, WriteConflict
+from graphsync.graph import GraphClient, GraphError, MalformedResponse, ResyncRequired
+from graphsync.identity import TokenError
+from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
+from graphsync.sinks import Sink
+from graphsync.snapshot import MEMBERS_DELTA, SnapshotStore, encode
+from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
 
 if TYPE_CHECKING:
-    from daemon.config import JobSettings
+    from graphsync.config import JobSettings
 
 log = logging.getLogger(__name__)
 

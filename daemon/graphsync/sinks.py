@@ -22,10 +22,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from daemon.storage import BlobContent, BlobStore, WriteConflict
+from graphsync.storage import BlobContent, BlobStore, WriteConflict
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
+    from graphsync.config import Settings
 
 SNAPSHOT = "snapshot.jsonl"
 STATE = "state.json"

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from daemon.jobs import RunResult
+from graphsync.jobs import RunResult
 
 
 class SyncProgress:

@@ -15,19 +15,19 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from daemon import __version__
-from daemon.config import ConfigError, JobSettings, Settings, find_config_file, load_settings
-from daemon.console import SyncProgress, print_status, print_summary
-from daemon.graph import GraphClient
-from daemon.health import HealthServer
-from daemon.identity import TokenError
-from daemon.jobs import JobRunner
-from daemon.logs import configure_logging
-from daemon.preflight import run_checks
-from daemon.scheduler import Daemon, fleet_status
-from daemon.sinks import sink_from_settings
-from daemon.storage import BlobStore
-from daemon.tokencache import TokenCaches
+from graphsync import __version__
+from graphsync.config import ConfigError, JobSettings, Settings, find_config_file, load_settings
+from graphsync.console import SyncProgress, print_status, print_summary
+from graphsync.graph import GraphClient
+from graphsync.health import HealthServer
+from graphsync.identity import TokenError
+from graphsync.jobs import JobRunner
+from graphsync.logs import configure_logging
+from graphsync.preflight import run_checks
+from graphsync.scheduler import Daemon, fleet_status
+from graphsync.sinks import sink_from_settings
+from graphsync.storage import BlobStore
+from graphsync.tokencache import TokenCaches
 
 EXIT_OK = 0
 EXIT_FAILED = 1

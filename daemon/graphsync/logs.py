@@ -11,7 +11,7 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
-from daemon.redaction import redact
+from graphsync.redaction import redact
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 JSON_FIELDS = ["asctime", "levelname", "name", "message"]

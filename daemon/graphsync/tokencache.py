@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msal
 
-from daemon import redaction
-from daemon.cache_envelope import CacheEnvelope, EnvelopeError, NewerFormat
-from daemon.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
-from daemon.metrics import IDENTITY_PROVIDER_REQUESTS, TOKEN_ACQUISITIONS
-from daemon.storage import NOT_MODIFIED, BlobContent, BlobLease, BlobStore, StorageError, WriteConflict
+from graphsync import redaction
+from graphsync.cache_envelope import CacheEnvelope, EnvelopeError, NewerFormat
+from graphsync.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
+from graphsync.metrics import IDENTITY_PROVIDER_REQUESTS, TOKEN_ACQUISITIONS
+from graphsync.storage import NOT_MODIFIED, BlobContent, BlobLease, BlobStore, StorageError, WriteConflict
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
+    from graphsync.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import msal
 
-from daemon.graph import GraphClient, GraphError
-from daemon.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
-from daemon.jobs import replica_name
-from daemon.storage import BlobStore, StorageError, WriteConflict
-from daemon.tokencache import TokenCaches
+from graphsync.graph import GraphClient, GraphError
+from graphsync.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
+from graphsync.jobs import replica_name
+from graphsync.storage import BlobStore, StorageError, WriteConflict
+from graphsync.tokencache import TokenCaches
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from daemon.config import Settings
+    from graphsync.config import Settings
 
 AADSTS_FIXES = {
     "AADSTS7000215": "the client secret is wrong: use the secret's Value (not its Secret ID) from the app "

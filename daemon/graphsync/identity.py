@@ -20,11 +20,11 @@ from azure.identity import ManagedIdentityCredential
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from daemon import redaction
-from daemon.config import SYSTEM_ASSIGNED
+from graphsync import redaction
+from graphsync.config import SYSTEM_ASSIGNED
 
 if TYPE_CHECKING:
-    from daemon.config import IdentitySettings
+    from graphsync.config import IdentitySettings
 
 TRANSIENT_STATUSES = (500, 502, 503, 504)
 # urllib3 would honour a Retry-After of up to 6 hours; a token request or a Graph page must not sleep that long.

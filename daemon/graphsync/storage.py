@@ -37,13 +37,13 @@ from azure.storage.blob import (
     LinearRetry,
 )
 
-from daemon.metrics import STORAGE_OPERATIONS
-from daemon.redaction import redact
+from graphsync.metrics import STORAGE_OPERATIONS
+from graphsync.redaction import redact
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from daemon.config import StorageSettings
+    from graphsync.config import StorageSettings
 
 
 class StorageError(Exception):

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.util.retry import Retry
 
-from daemon.identity import retrying_session
-from daemon.metrics import GRAPH_REQUESTS, GRAPH_THROTTLED
-from daemon.tokencache import AccessToken
+from graphsync.identity import retrying_session
+from graphsync.metrics import GRAPH_REQUESTS, GRAPH_THROTTLED
+from graphsync.tokencache import AccessToken
 
 log = logging.getLogger(__name__)
 

@@ -24,16 +24,16 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from daemon.config import crontab_trigger
-from daemon.jobs import JobRunner, epoch, lock_blob
-from daemon.sinks import Sink
-from daemon.storage import BlobStore, StorageError
-from daemon.systemd import Notifier
-from daemon.tokencache import TokenCaches
+from graphsync.config import crontab_trigger
+from graphsync.jobs import JobRunner, epoch, lock_blob
+from graphsync.sinks import Sink
+from graphsync.storage import BlobStore, StorageError
+from graphsync.systemd import Notifier
+from graphsync.tokencache import TokenCaches
 
 if TYPE_CHECKING:
-    from daemon.config import JobSettings, Settings
-    from daemon.health import HealthServer
+    from graphsync.config import JobSettings, Settings
+    from graphsync.health import HealthServer
 
 log = logging.getLogger(__name__)
 
