@@ -142,16 +142,20 @@ class Measurement:
         return self.peak_rss_kib / 1024
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"objects_per_second": self.objects_per_second,
-                               "phase_objects_per_second": self.phase_objects_per_second,
-                               "peak_rss_mib": self.peak_rss_mib}
+        return asdict(self) | {
+            "objects_per_second": self.objects_per_second,
+            "phase_objects_per_second": self.phase_objects_per_second,
+            "peak_rss_mib": self.peak_rss_mib,
+        }
 
 
 def summarize(runs: list[Measurement]) -> Measurement:
     """Several repeats as one: the median of each time, the highest peak RSS (what must stay flat)."""
     first = runs[0]
     return Measurement(
-        mode=first.mode, size=first.size, repeat=0,
+        mode=first.mode,
+        size=first.size,
+        repeat=0,
         wall_seconds=statistics.median(r.wall_seconds for r in runs),
         phase_seconds=statistics.median(r.phase_seconds for r in runs),
         startup_seconds=statistics.median(r.startup_seconds for r in runs),
@@ -171,8 +175,9 @@ def tenant_for(size: int) -> str:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, ca_bundle: Path, azurite: Any, entra: Any,
-                 graph: Any) -> None:
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, ca_bundle: Path, azurite: Any, entra: Any, graph: Any
+    ) -> None:
         self.args = args
         self.workdir = workdir
         self.ca_bundle = ca_bundle
@@ -193,8 +198,18 @@ class Bench:
     def interpreter_floor(self) -> Measurement:
         """``python -c pass`` through the wrapper: the smallest peak RSS the method can report."""
         run = self._run("floor", 0, 0, [sys.executable, "-c", "pass"], self.env)
-        return Measurement("floor", 0, 0, run["ended"] - run["started"], 0.0, 0.0, 0, 0, run["maxrss_kib"],
-                           run["user_seconds"] + run["system_seconds"])
+        return Measurement(
+            "floor",
+            0,
+            0,
+            run["ended"] - run["started"],
+            0.0,
+            0.0,
+            0,
+            0,
+            run["maxrss_kib"],
+            run["user_seconds"] + run["system_seconds"],
+        )
 
     def baseline(self, size: int, repeat: int) -> Measurement:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", "baseline", "--url", self.delta_url()]
@@ -208,8 +223,13 @@ class Bench:
         except (IndexError, ValueError):
             raise self._failure("baseline", size, repeat, f"printed no summary (stdout: {stdout[-300:]!r})") from None
         if report["objects"] != size or not report["delta_link"]:
-            raise self._failure("baseline", size, repeat, f"got {report['objects']} objects (expected {size}), "
-                                f"delta link {'present' if report['delta_link'] else 'missing'}")
+            raise self._failure(
+                "baseline",
+                size,
+                repeat,
+                f"got {report['objects']} objects (expected {size}), "
+                f"delta link {'present' if report['delta_link'] else 'missing'}",
+            )
         return self._measurement("baseline", size, repeat, run)
 
     def graphsync(self, size: int, repeat: int) -> Measurement:
@@ -230,9 +250,14 @@ class Bench:
 
         response = requests.post(
             f"{self.entra.authority_host}/{tenant}/oauth2/v2.0/token",
-            data={"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-                  "scope": "https://graph.microsoft.com/.default"},
-            verify=str(self.ca_bundle), timeout=30,
+            data={
+                "grant_type": "client_credentials",
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "scope": "https://graph.microsoft.com/.default",
+            },
+            verify=str(self.ca_bundle),
+            timeout=30,
         )
         if response.status_code != 200:
             raise BenchFailure(f"the fake Entra refused a token for {tenant}: {response.status_code} {response.text}")
@@ -248,15 +273,23 @@ class Bench:
         with BlobServiceClient.from_connection_string(self.azurite.connection_string) as service:
             service.create_container(container)
         path = self.workdir / f"graphsync-{size}-{repeat}.toml"
-        path.write_text(dumps_toml({
-            "log_level": "INFO",
-            "identity": {"client_id": CLIENT_ID, "tenants": [tenant_for(size)],
-                         "authority_host": self.entra.authority_host, "client_secret": CLIENT_SECRET},
-            "storage": {"connection_string": self.azurite.connection_string, "container": container},
-            "graph": {"endpoint": self.graph.base_url},
-            "output": {"directory": str(output)},
-            "jobs": [{"name": JOB, "resource": "users", "delta": True, "select": SELECT, "every": "1h"}],
-        }))
+        path.write_text(
+            dumps_toml(
+                {
+                    "log_level": "INFO",
+                    "identity": {
+                        "client_id": CLIENT_ID,
+                        "tenants": [tenant_for(size)],
+                        "authority_host": self.entra.authority_host,
+                        "client_secret": CLIENT_SECRET,
+                    },
+                    "storage": {"connection_string": self.azurite.connection_string, "container": container},
+                    "graph": {"endpoint": self.graph.base_url},
+                    "output": {"directory": str(output)},
+                    "jobs": [{"name": JOB, "resource": "users", "delta": True, "select": SELECT, "every": "1h"}],
+                }
+            )
+        )
         return path
 
     def _check_output(self, size: int, repeat: int, output: Path) -> None:
@@ -272,8 +305,9 @@ class Bench:
         state = json.loads((directory / "state.json").read_text())
         if state.get("objects") != size or not state.get("delta_link"):
             link = "present" if state.get("delta_link") else "missing"
-            raise self._failure("graphsync", size, repeat,
-                                f"state.json says objects={state.get('objects')}, delta_link {link}")
+            raise self._failure(
+                "graphsync", size, repeat, f"state.json says objects={state.get('objects')}, delta_link {link}"
+            )
 
     def _run(self, mode: str, size: int, repeat: int, command: list[str], env: dict[str, str]) -> dict[str, Any]:
         """Run ``command`` under the measuring wrapper; its stdout and stderr go to files in the workdir."""
@@ -281,8 +315,15 @@ class Bench:
         wrapper = [sys.executable, "-I", "-S", "-c", MEASURE, str(result), *command]
         stdout_path, stderr_path = (self.workdir / f"{mode}-{size}-{repeat}.{name}" for name in ("stdout", "stderr"))
         with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
-            process = subprocess.Popen(wrapper, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                                       stderr=stderr, start_new_session=True)
+            process = subprocess.Popen(
+                wrapper,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            )
         try:
             process.wait(timeout=self.args.timeout)
         except subprocess.TimeoutExpired:
@@ -322,8 +363,9 @@ class Bench:
         with contextlib.suppress(OSError):
             tail = (self.workdir / f"{mode}-{size}-{repeat}.stderr").read_text(errors="replace")[-STDERR_TAIL:]
             tail = tail.rstrip()
-        return BenchFailure(f"{mode} run {repeat} with {size} objects {why}\n  command: {command}\n"
-                            f"  stderr tail:\n{tail or '(empty)'}")
+        return BenchFailure(
+            f"{mode} run {repeat} with {size} objects {why}\n  command: {command}\n  stderr tail:\n{tail or '(empty)'}"
+        )
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
@@ -345,8 +387,13 @@ def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}x" if denominator else "-"
 
 
-def report(args: argparse.Namespace, runs: dict[int, dict[str, list[Measurement]]],
-           results: dict[int, dict[str, Measurement]], floor: Measurement, context: dict[str, str]) -> list[str]:
+def report(
+    args: argparse.Namespace,
+    runs: dict[int, dict[str, list[Measurement]]],
+    results: dict[int, dict[str, Measurement]],
+    floor: Measurement,
+    context: dict[str, str],
+) -> list[str]:
     """Print the tables; return the notes about memory that is not flat (empty when it is)."""
     from rich import box
     from rich.console import Console
@@ -358,46 +405,93 @@ def report(args: argparse.Namespace, runs: dict[int, dict[str, list[Measurement]
         console.print(f"  {key}: {value}", markup=False)
     console.print()
 
-    throughput = Table(title=f"Throughput, median of {args.repeat} (ratio = graphsync objects/s / baseline objects/s; "
-                       "paging = from the child's first Graph request to its exit)", box=box.MARKDOWN,
-                       title_justify="left")
-    for heading in ("objects", "pages", "graphsync obj/s", "baseline obj/s", "ratio", "graphsync paging obj/s",
-                    "baseline paging obj/s", "paging ratio"):
+    throughput = Table(
+        title=f"Throughput, median of {args.repeat} (ratio = graphsync objects/s / baseline objects/s; "
+        "paging = from the child's first Graph request to its exit)",
+        box=box.MARKDOWN,
+        title_justify="left",
+    )
+    for heading in (
+        "objects",
+        "pages",
+        "graphsync obj/s",
+        "baseline obj/s",
+        "ratio",
+        "graphsync paging obj/s",
+        "baseline paging obj/s",
+        "paging ratio",
+    ):
         throughput.add_column(heading, justify="right", no_wrap=True)
     for size in args.sizes:
         g, b = results[size]["graphsync"], results[size]["baseline"]
         throughput.add_row(
-            f"{size:,}", str(g.pages), f"{g.objects_per_second:,.0f}", f"{b.objects_per_second:,.0f}",
+            f"{size:,}",
+            str(g.pages),
+            f"{g.objects_per_second:,.0f}",
+            f"{b.objects_per_second:,.0f}",
             _ratio(g.objects_per_second, b.objects_per_second),
-            f"{g.phase_objects_per_second:,.0f}", f"{b.phase_objects_per_second:,.0f}",
+            f"{g.phase_objects_per_second:,.0f}",
+            f"{b.phase_objects_per_second:,.0f}",
             _ratio(g.phase_objects_per_second, b.phase_objects_per_second),
         )
     console.print(throughput)
 
-    timing = Table(title=f"Child wall time, spawn to first Graph request (startup), and CPU (user + system), in "
-                   f"seconds, median of {args.repeat}",
-                   box=box.MARKDOWN, title_justify="left")
-    for heading in ("objects", "graphsync wall", "baseline wall", "graphsync startup", "baseline startup",
-                    "graphsync CPU", "baseline CPU"):
+    timing = Table(
+        title=f"Child wall time, spawn to first Graph request (startup), and CPU (user + system), in "
+        f"seconds, median of {args.repeat}",
+        box=box.MARKDOWN,
+        title_justify="left",
+    )
+    for heading in (
+        "objects",
+        "graphsync wall",
+        "baseline wall",
+        "graphsync startup",
+        "baseline startup",
+        "graphsync CPU",
+        "baseline CPU",
+    ):
         timing.add_column(heading, justify="right", no_wrap=True)
     for size in args.sizes:
         g, b = results[size]["graphsync"], results[size]["baseline"]
-        timing.add_row(f"{size:,}", f"{g.wall_seconds:.2f}", f"{b.wall_seconds:.2f}", f"{g.startup_seconds:.2f}",
-                       f"{b.startup_seconds:.2f}", f"{g.cpu_seconds:.2f}", f"{b.cpu_seconds:.2f}")
+        timing.add_row(
+            f"{size:,}",
+            f"{g.wall_seconds:.2f}",
+            f"{b.wall_seconds:.2f}",
+            f"{g.startup_seconds:.2f}",
+            f"{b.startup_seconds:.2f}",
+            f"{g.cpu_seconds:.2f}",
+            f"{b.cpu_seconds:.2f}",
+        )
     console.print(timing)
 
     smallest = args.sizes[0]
-    memory = Table(title=f"Peak RSS, highest of {args.repeat} (ru_maxrss of the child itself; vs {smallest:,} = this "
-                   f"size / {smallest:,} objects, flat means about 1.00x)", box=box.MARKDOWN, title_justify="left")
-    for heading in ("objects", "graphsync MiB", "baseline MiB", "graphsync / baseline", f"graphsync vs {smallest:,}",
-                    f"baseline vs {smallest:,}"):
+    memory = Table(
+        title=f"Peak RSS, highest of {args.repeat} (ru_maxrss of the child itself; vs {smallest:,} = this "
+        f"size / {smallest:,} objects, flat means about 1.00x)",
+        box=box.MARKDOWN,
+        title_justify="left",
+    )
+    for heading in (
+        "objects",
+        "graphsync MiB",
+        "baseline MiB",
+        "graphsync / baseline",
+        f"graphsync vs {smallest:,}",
+        f"baseline vs {smallest:,}",
+    ):
         memory.add_column(heading, justify="right", no_wrap=True)
     for size in args.sizes:
         g, b = results[size]["graphsync"], results[size]["baseline"]
         g0, b0 = results[smallest]["graphsync"], results[smallest]["baseline"]
-        memory.add_row(f"{size:,}", f"{g.peak_rss_mib:.1f}", f"{b.peak_rss_mib:.1f}",
-                       _ratio(g.peak_rss_kib, b.peak_rss_kib), _ratio(g.peak_rss_kib, g0.peak_rss_kib),
-                       _ratio(b.peak_rss_kib, b0.peak_rss_kib))
+        memory.add_row(
+            f"{size:,}",
+            f"{g.peak_rss_mib:.1f}",
+            f"{b.peak_rss_mib:.1f}",
+            _ratio(g.peak_rss_kib, b.peak_rss_kib),
+            _ratio(g.peak_rss_kib, g0.peak_rss_kib),
+            _ratio(b.peak_rss_kib, b0.peak_rss_kib),
+        )
     console.print(memory)
 
     largest = args.sizes[-1]
@@ -409,10 +503,16 @@ def report(args: argparse.Namespace, runs: dict[int, dict[str, list[Measurement]
         summary.append(f"{mode} {ratio:.2f}x ({low.peak_rss_mib:.1f} -> {high.peak_rss_mib:.1f} MiB)")
         if largest > smallest and ratio > FLAT_LIMIT:
             per_object = (high.peak_rss_kib - low.peak_rss_kib) * 1024 / (largest - smallest)
-            problems.append(f"{mode} peak RSS grows with N: {ratio:.2f}x from {smallest:,} to {largest:,} objects, "
-                            f"about {per_object:,.0f} bytes per extra object (flat means under {FLAT_LIMIT:.2f}x)")
-    console.print(f"Peak RSS {largest:,} / {smallest:,} objects: " + "; ".join(summary)
-                  + (" — NOT FLAT" if problems else " — flat"), markup=False)
+            problems.append(
+                f"{mode} peak RSS grows with N: {ratio:.2f}x from {smallest:,} to {largest:,} objects, "
+                f"about {per_object:,.0f} bytes per extra object (flat means under {FLAT_LIMIT:.2f}x)"
+            )
+    console.print(
+        f"Peak RSS {largest:,} / {smallest:,} objects: "
+        + "; ".join(summary)
+        + (" — NOT FLAT" if problems else " — flat"),
+        markup=False,
+    )
 
     notes = [
         "graphsync = `python -m daemon sync --config <toml>` (one job: users, delta = true, select "
@@ -436,8 +536,9 @@ def report(args: argparse.Namespace, runs: dict[int, dict[str, list[Measurement]
             for mode in MODES:
                 rates = [m.objects_per_second for m in runs[size][mode]]
                 rss = [m.peak_rss_mib for m in runs[size][mode]]
-                spread.append(f"{mode} {size:,}: {min(rates):,.0f}-{max(rates):,.0f} obj/s, "
-                              f"{min(rss):.1f}-{max(rss):.1f} MiB")
+                spread.append(
+                    f"{mode} {size:,}: {min(rates):,.0f}-{max(rates):,.0f} obj/s, {min(rss):.1f}-{max(rss):.1f} MiB"
+                )
         notes.append(f"Range over the {args.repeat} repeats: " + "; ".join(spread) + ".")
     for size in args.sizes:
         for m in results[size].values():
@@ -464,14 +565,31 @@ def _sizes(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--sizes", type=_sizes, default=[10_000, 100_000],
-                        help="comma-separated numbers of users (one tenant each); default 10000,100000")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each client per size (medians of times, highest peak RSS); default 3")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds a single child run may take before it is stopped; default 300")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                        help="also dump the results as JSON, to PATH or (without PATH) to stdout")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=[10_000, 100_000],
+        help="comma-separated numbers of users (one tenant each); default 10000,100000",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each client per size (medians of times, highest peak RSS); default 3",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds a single child run may take before it is stopped; default 300",
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="also dump the results as JSON, to PATH or (without PATH) to stdout",
+    )
     # Internal: the baseline child.
     parser.add_argument("--child", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -524,8 +642,11 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(1, args.repeat + 1):
                 for size in args.sizes:
                     for mode in ("baseline", "graphsync"):
-                        print(f"repeat {repeat}/{args.repeat}: {mode} over {size:,} objects ...", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"repeat {repeat}/{args.repeat}: {mode} over {size:,} objects ...",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         runs[size][mode].append(getattr(bench, mode)(size, repeat))
             commands = dict(bench.commands)
         except BenchFailure as exc:
@@ -539,19 +660,24 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
     elapsed = time.monotonic() - started
-    results = {size: {mode: summarize(measured) for mode, measured in by_mode.items()}
-               for size, by_mode in runs.items()}
+    results = {
+        size: {mode: summarize(measured) for mode, measured in by_mode.items()} for size, by_mode in runs.items()
+    }
     context = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
-        "parameters": (f"sizes {','.join(str(s) for s in args.sizes)}; {args.repeat} repeats of each run, "
-                       f"alternating; page size {PAGE_SIZE}; users from "
-                       f"tests.fakes.graph.populate, one tenant per size; delta round with $select={','.join(SELECT)}"),
+        "parameters": (
+            f"sizes {','.join(str(s) for s in args.sizes)}; {args.repeat} repeats of each run, "
+            f"alternating; page size {PAGE_SIZE}; users from "
+            f"tests.fakes.graph.populate, one tenant per size; delta round with $select={','.join(SELECT)}"
+        ),
         "graphsync child": shlex.join(commands["graphsync"]),
         "baseline child": shlex.join(commands["baseline"]),
-        "versions": (f"graphsync {__version__}, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
-                     f"requests {_version('requests')}, urllib3 {_version('urllib3')}, msal {_version('msal')}, "
-                     f"azure-storage-blob {_version('azure-storage-blob')}, pydantic {_version('pydantic')}, "
-                     f"Azurite {azurite_version()}"),
+        "versions": (
+            f"graphsync {__version__}, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+            f"requests {_version('requests')}, urllib3 {_version('urllib3')}, msal {_version('msal')}, "
+            f"azure-storage-blob {_version('azure-storage-blob')}, pydantic {_version('pydantic')}, "
+            f"Azurite {azurite_version()}"
+        ),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs",
         "run": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s wall clock",
     }

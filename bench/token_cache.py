@@ -115,8 +115,11 @@ def _baseline_replica(authority_host: str, client_id: str, client_secret: str) -
 
     applications = {
         tenant: msal.ConfidentialClientApplication(
-            client_id, client_credential=client_secret, authority=f"{authority_host}/{tenant}",
-            instance_discovery=False, timeout=10,
+            client_id,
+            client_credential=client_secret,
+            authority=f"{authority_host}/{tenant}",
+            instance_discovery=False,
+            timeout=10,
         )
         for tenant in TENANTS
     }
@@ -244,8 +247,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, azurite: Any, entra: Any, ca_bundle: Path,
-                 key_file: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, azurite: Any, entra: Any, ca_bundle: Path, key_file: Path
+    ) -> None:
         self.args = args
         self.workdir = workdir
         self.azurite = azurite
@@ -260,13 +264,27 @@ class Bench:
         from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET
 
         name = f"{mode}-{replicas}"
-        base = [sys.executable, str(Path(__file__).resolve()), "--child", mode,
-                "--duration", repr(self.window), "--interval", repr(self.args.interval)]
+        base = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            mode,
+            "--duration",
+            repr(self.window),
+            "--interval",
+            repr(self.args.interval),
+        ]
         if mode == "shared":
             base += ["--config", str(self._write_config(name))]
         else:
-            base += ["--authority", self.entra.authority_host, "--client-id", CLIENT_ID,
-                     "--client-secret", CLIENT_SECRET]
+            base += [
+                "--authority",
+                self.entra.authority_host,
+                "--client-id",
+                CLIENT_ID,
+                "--client-secret",
+                CLIENT_SECRET,
+            ]
         scenario = Scenario(mode, replicas, self.window, self.args.lifetimes)
         self.entra.reset()
         spawned = time.monotonic()
@@ -287,7 +305,8 @@ class Bench:
             scenario.samples += report["samples"]
             for operation, results in report["counters"]["storage"].items():
                 scenario.storage.setdefault(operation, Counter()).update(
-                    {result: int(value) for result, value in results.items()})
+                    {result: int(value) for result, value in results.items()}
+                )
             scenario.child_idp_requests += int(sum(report["counters"]["identity_provider_requests"].values()))
         requests = self.entra.token_requests()
         scenario.idp_requests = dict(Counter(r.tenant for r in requests))
@@ -305,20 +324,39 @@ class Bench:
         with BlobServiceClient.from_connection_string(self.azurite.connection_string) as service:
             service.create_container(container)
         path = self.workdir / f"{name}.toml"
-        path.write_text(dumps_toml({
-            "log_level": "INFO",
-            "identity": {"client_id": CLIENT_ID, "tenants": TENANTS, "authority_host": self.entra.authority_host,
-                         "client_secret": CLIENT_SECRET, "scopes": SCOPES},
-            "storage": {"connection_string": self.azurite.connection_string, "container": container,
-                        "encryption_key_file": self.key_file},
-        }))
+        path.write_text(
+            dumps_toml(
+                {
+                    "log_level": "INFO",
+                    "identity": {
+                        "client_id": CLIENT_ID,
+                        "tenants": TENANTS,
+                        "authority_host": self.entra.authority_host,
+                        "client_secret": CLIENT_SECRET,
+                        "scopes": SCOPES,
+                    },
+                    "storage": {
+                        "connection_string": self.azurite.connection_string,
+                        "container": container,
+                        "encryption_key_file": self.key_file,
+                    },
+                }
+            )
+        )
         return path
 
     def _spawn(self, base: list[str], name: str, index: int) -> Child:
         stderr_path = self.workdir / f"{name}.{index}.stderr"
         with stderr_path.open("w") as stderr:
-            process = subprocess.Popen(base, cwd=REPO_ROOT, env=self.env, text=True, stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=stderr)
+            process = subprocess.Popen(
+                base,
+                cwd=REPO_ROOT,
+                env=self.env,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
         child = Child(index, process, stderr_path)
         self.live.append(child)
         return child
@@ -355,8 +393,10 @@ class Bench:
 
     def _failure(self, child: Child, why: str) -> BenchFailure:
         command = shlex.join(child.process.args)  # type: ignore[arg-type]
-        return BenchFailure(f"child {child.index} (pid {child.process.pid}) {why}\n  command: {command}\n"
-                            f"  stderr tail:\n{child.stderr_tail()}")
+        return BenchFailure(
+            f"child {child.index} (pid {child.process.pid}) {why}\n  command: {command}\n"
+            f"  stderr tail:\n{child.stderr_tail()}"
+        )
 
     def _stop(self, children: list[Child]) -> None:
         """End our own children (by their Popen handles), waiting briefly; those still alive are killed."""
@@ -412,36 +452,69 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
         console.print(f"  {key}: {value}", markup=False)
 
     console.print()
-    first = Table(title="Identity provider and storage (acquisitions by source: memory/cache, blob, IdP)",
-                  box=box.MARKDOWN, title_justify="left")
-    for heading in ("mode", "R", "acquisitions", "memory/cache", "blob", "IdP", "IdP requests",
-                    "IdP req/lifetime/tenant", "reads/acq", "writes/acq", "leases/acq"):
+    first = Table(
+        title="Identity provider and storage (acquisitions by source: memory/cache, blob, IdP)",
+        box=box.MARKDOWN,
+        title_justify="left",
+    )
+    for heading in (
+        "mode",
+        "R",
+        "acquisitions",
+        "memory/cache",
+        "blob",
+        "IdP",
+        "IdP requests",
+        "IdP req/lifetime/tenant",
+        "reads/acq",
+        "writes/acq",
+        "leases/acq",
+    ):
         first.add_column(heading, justify="left" if heading == "mode" else "right", no_wrap=True)
     for s in scenarios:
         sources = s.sources()
         hit = "memory" if s.mode == "shared" else "cache"
-        first.add_row(s.mode, str(s.replicas), str(s.acquisitions), str(sources[hit]),
-                      str(sources["blob"]) if s.mode == "shared" else "-", str(sources["identity_provider"]),
-                      str(s.idp_total), fmt_number(s.idp_per_lifetime_per_tenant, 2),
-                      fmt_number(s.per_acquisition("read")), fmt_number(s.per_acquisition("write")),
-                      fmt_number(s.per_acquisition("lease")))
+        first.add_row(
+            s.mode,
+            str(s.replicas),
+            str(s.acquisitions),
+            str(sources[hit]),
+            str(sources["blob"]) if s.mode == "shared" else "-",
+            str(sources["identity_provider"]),
+            str(s.idp_total),
+            fmt_number(s.idp_per_lifetime_per_tenant, 2),
+            fmt_number(s.per_acquisition("read")),
+            fmt_number(s.per_acquisition("write")),
+            fmt_number(s.per_acquisition("lease")),
+        )
     console.print(first)
 
-    second = Table(title="Acquisition latency, pooled over all replicas of a scenario", box=box.MARKDOWN,
-                   title_justify="left")
+    second = Table(
+        title="Acquisition latency, pooled over all replicas of a scenario", box=box.MARKDOWN, title_justify="left"
+    )
     for heading in ("mode", "R", "source", "n", "p50", "p99"):
         second.add_column(heading, justify="left" if heading in ("mode", "source") else "right", no_wrap=True)
     for s in scenarios:
         sources = ["memory", "blob", "identity_provider"] if s.mode == "shared" else ["cache", "identity_provider"]
         for source in sources:
             values = s.latencies(source)
-            second.add_row(s.mode, str(s.replicas), source, str(len(values)),
-                           fmt_seconds(percentile(values, 50)), fmt_seconds(percentile(values, 99)))
+            second.add_row(
+                s.mode,
+                str(s.replicas),
+                source,
+                str(len(values)),
+                fmt_seconds(percentile(values, 50)),
+                fmt_seconds(percentile(values, 99)),
+            )
     console.print(second)
 
     third = Table(title="Ratios", box=box.MARKDOWN, title_justify="left")
-    for heading in ("R", "IdP requests baseline/shared", "shared memory p50 / baseline cache p50",
-                    "shared memory p99 / baseline cache p99"):
+    for heading in (
+        "R",
+        "IdP requests baseline/shared",
+        "shared memory p50 / baseline cache p50",
+        "shared memory p99 / baseline cache p99",
+    ):
         third.add_column(heading, justify="right", no_wrap=True)
     by_key = {(s.mode, s.replicas): s for s in scenarios}
     for replicas in args.replicas:
@@ -477,8 +550,10 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
     ]
     for s in scenarios:
         if s.child_idp_requests != s.idp_total:
-            notes.append(f"{s.mode} x{s.replicas}: the replicas counted {s.child_idp_requests} IdP requests, the "
-                         f"fake Entra {s.idp_total}.")
+            notes.append(
+                f"{s.mode} x{s.replicas}: the replicas counted {s.child_idp_requests} IdP requests, the "
+                f"fake Entra {s.idp_total}."
+            )
         if s.idp_errors:
             notes.append(f"{s.mode} x{s.replicas}: {s.idp_errors} IdP requests failed.")
     console.print("Notes:")
@@ -505,21 +580,40 @@ def _positive(kind: type) -> Any:
         if value <= 0:
             raise argparse.ArgumentTypeError("must be > 0")
         return value
+
     return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--lifetime", type=_positive(int), default=10,
-                        help="usable token lifetime in seconds (the fake issues expires_in = 300 + this); default 10")
-    parser.add_argument("--lifetimes", type=_positive(int), default=3,
-                        help="token lifetimes begun per scenario; the window is (N - 0.5) x lifetime; default 3")
-    parser.add_argument("--replicas", type=_replica_counts, default=[1, 5, 20],
-                        help="comma-separated replica counts; default 1,5,20")
-    parser.add_argument("--interval", type=_positive(float), default=0.2,
-                        help="seconds between acquisitions in each replica (±10%% jitter); default 0.2")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                        help="also dump the results as JSON, to PATH or (without PATH) to stdout")
+    parser.add_argument(
+        "--lifetime",
+        type=_positive(int),
+        default=10,
+        help="usable token lifetime in seconds (the fake issues expires_in = 300 + this); default 10",
+    )
+    parser.add_argument(
+        "--lifetimes",
+        type=_positive(int),
+        default=3,
+        help="token lifetimes begun per scenario; the window is (N - 0.5) x lifetime; default 3",
+    )
+    parser.add_argument(
+        "--replicas", type=_replica_counts, default=[1, 5, 20], help="comma-separated replica counts; default 1,5,20"
+    )
+    parser.add_argument(
+        "--interval",
+        type=_positive(float),
+        default=0.2,
+        help="seconds between acquisitions in each replica (±10%% jitter); default 0.2",
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="also dump the results as JSON, to PATH or (without PATH) to stdout",
+    )
     # Internal: one replica process.
     parser.add_argument("--child", choices=["shared", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
@@ -563,8 +657,11 @@ def main(argv: list[str] | None = None) -> int:
             azurite = Azurite(azurite_executable(), workdir / "azurite", workdir, free_port())
             azurite.start()
             stack.callback(azurite.stop)
-            entra = stack.enter_context(FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-                                                  expires_in=MSAL_EXPIRY_MARGIN + args.lifetime))
+            entra = stack.enter_context(
+                FakeEntra(
+                    ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, expires_in=MSAL_EXPIRY_MARGIN + args.lifetime
+                )
+            )
             bench = Bench(args, workdir, azurite, entra, ca_bundle, key_file)
             for replicas in args.replicas:
                 for mode in ("shared", "baseline"):
@@ -586,16 +683,22 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     context = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
-        "parameters": (f"replicas {','.join(map(str, args.replicas))}; usable lifetime {args.lifetime:g} s "
-                       f"(expires_in {MSAL_EXPIRY_MARGIN + args.lifetime}); {args.lifetimes} lifetimes; "
-                       f"window {(args.lifetimes - 0.5) * args.lifetime:g} s per scenario; acquisition every "
-                       f"{args.interval:g} s ±10 % per replica; {len(TENANTS)} tenant"),
-        "setup": ("each replica a separate process started together; shared = graphsync TokenCaches on Azurite "
-                  "(fresh container per scenario, encrypted envelope), baseline = msal.ConfidentialClientApplication "
-                  "with its default in-memory cache; fake Entra on loopback HTTPS"),
-        "machine": (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
-                    f"{platform.python_version()}, msal {_version('msal')}, azure-storage-blob "
-                    f"{_version('azure-storage-blob')}, Azurite {azurite_version()}"),
+        "parameters": (
+            f"replicas {','.join(map(str, args.replicas))}; usable lifetime {args.lifetime:g} s "
+            f"(expires_in {MSAL_EXPIRY_MARGIN + args.lifetime}); {args.lifetimes} lifetimes; "
+            f"window {(args.lifetimes - 0.5) * args.lifetime:g} s per scenario; acquisition every "
+            f"{args.interval:g} s ±10 % per replica; {len(TENANTS)} tenant"
+        ),
+        "setup": (
+            "each replica a separate process started together; shared = graphsync TokenCaches on Azurite "
+            "(fresh container per scenario, encrypted envelope), baseline = msal.ConfidentialClientApplication "
+            "with its default in-memory cache; fake Entra on loopback HTTPS"
+        ),
+        "machine": (
+            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}, msal {_version('msal')}, azure-storage-blob "
+            f"{_version('azure-storage-blob')}, Azurite {azurite_version()}"
+        ),
         "run": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s wall clock",
     }
     report(args, scenarios, context)

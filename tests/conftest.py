@@ -125,8 +125,7 @@ TomlScalar = str | int | float | bool | os.PathLike[str]
 
 def _toml_string(text: str) -> str:
     escaped = "".join(
-        _TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
-        for ch in text
+        _TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch) for ch in text
     )
     return f'"{escaped}"'
 
@@ -194,9 +193,7 @@ class WriteConfig(Protocol):
 
 
 @pytest.fixture
-def graphsync_config(
-    tmp_path: Path, fake_entra: FakeEntra, azurite: Azurite, blob_container: str
-) -> WriteConfig:
+def graphsync_config(tmp_path: Path, fake_entra: FakeEntra, azurite: Azurite, blob_container: str) -> WriteConfig:
     """Factory writing a daemon TOML config wired to this test's fake Entra and container.
 
     ``path`` defaults to ``tmp_path/graphsync.toml`` (relative paths are under tmp_path);
@@ -256,9 +253,7 @@ class StartGraphsync(Protocol):
 def run_graphsync(tls_env: dict[str, str]) -> RunGraphsync:
     """Run ``python -m daemon ARGS`` to completion from the repo root, capturing text output."""
 
-    def run(
-        *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             _daemon_command(args),
             cwd=REPO_ROOT,
@@ -312,4 +307,3 @@ def _stop_process(process: subprocess.Popen[str], grace: float = 10) -> None:
     for stream in (process.stdout, process.stderr):
         if stream is not None:
             stream.close()
-

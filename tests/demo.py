@@ -130,10 +130,15 @@ class Replica:
         log = LOGS / f"replica-{number}.log"
         file = log.open("wb")
         # Its own session: Ctrl-C reaches only the demo, which then stops the replicas in order.
-        process = subprocess.Popen([*graphsync(), "run", "--config", str(CONFIG)], cwd=REPO_ROOT,
-                                   env=child_env(ca_pem, GRAPHSYNC_METRICS__PORT=str(port)),
-                                   stdin=subprocess.DEVNULL, stdout=file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [*graphsync(), "run", "--config", str(CONFIG)],
+            cwd=REPO_ROOT,
+            env=child_env(ca_pem, GRAPHSYNC_METRICS__PORT=str(port)),
+            stdin=subprocess.DEVNULL,
+            stdout=file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return cls(number, port, log, process, file)
 
     @property
@@ -154,9 +159,12 @@ class Replica:
         status, text = self.get("/metrics")
         if status != 200:
             return []
-        return [(sample.name, sample.labels, sample.value)
-                for family in text_string_to_metric_families(text) for sample in family.samples
-                if sample.name.endswith("_total")]
+        return [
+            (sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        ]
 
     def tail(self, limit: int = 2000) -> str:
         try:
@@ -209,8 +217,13 @@ class Metrics:
     samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
 
     def total(self, name: str, **labels: str) -> int:
-        return int(sum(value for sample, have, value in self.samples
-                       if sample == name and all(have.get(k) == v for k, v in labels.items())))
+        return int(
+            sum(
+                value
+                for sample, have, value in self.samples
+                if sample == name and all(have.get(k) == v for k, v in labels.items())
+            )
+        )
 
     def by(self, name: str, label: str, **labels: str) -> Counter[str]:
         counts: Counter[str] = Counter()
@@ -285,8 +298,10 @@ def compare(graph: FakeGraph, tenant: str, job: str) -> tuple[int, str | None]:
     stale = [oid for oid in truth.keys() & got.keys() if truth[oid] != got[oid]]
     if not (missing or extra or stale):
         return len(got), None
-    return len(got), (f"{len(missing)} missing, {len(extra)} that should be gone, {len(stale)} out of date"
-                      + (f" (e.g. {sorted(stale)[0]})" if stale else ""))
+    return len(got), (
+        f"{len(missing)} missing, {len(extra)} that should be gone, {len(stale)} out of date"
+        + (f" (e.g. {sorted(stale)[0]})" if stale else "")
+    )
 
 
 def show_head(path: Path, lines: int = 3, width: int = 200) -> None:
@@ -305,30 +320,53 @@ def write_config(entra: FakeEntra, graph: FakeGraph, azurite: Azurite) -> None:
     (WORK / "cache-key").write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     for path in (WORK / "client-secret", WORK / "cache-key"):
         path.chmod(0o600)
-    CONFIG.write_text("# Written by `python -m tests.demo`; relative files are next to this one.\n" + dumps_toml({
-        "log_level": "INFO",
-        "identity": {"client_id": CLIENT_ID, "tenants": TENANTS, "authority_host": entra.authority_host,
-                     "client_secret_file": "client-secret"},
-        "storage": {"connection_string": azurite.connection_string, "container": "graphsync",
-                    "encryption_key_file": "cache-key"},
-        "graph": {"endpoint": graph.base_url},
-        "output": {"directory": str(OUTPUT)},
-        "jobs": [{"name": job, "resource": job, "delta": True, "select": select, "every": f"{EVERY}s"}
-                 for job, select in JOBS.items()],
-    }))
+    CONFIG.write_text(
+        "# Written by `python -m tests.demo`; relative files are next to this one.\n"
+        + dumps_toml(
+            {
+                "log_level": "INFO",
+                "identity": {
+                    "client_id": CLIENT_ID,
+                    "tenants": TENANTS,
+                    "authority_host": entra.authority_host,
+                    "client_secret_file": "client-secret",
+                },
+                "storage": {
+                    "connection_string": azurite.connection_string,
+                    "container": "graphsync",
+                    "encryption_key_file": "cache-key",
+                },
+                "graph": {"endpoint": graph.base_url},
+                "output": {"directory": str(OUTPUT)},
+                "jobs": [
+                    {"name": job, "resource": job, "delta": True, "select": select, "every": f"{EVERY}s"}
+                    for job, select in JOBS.items()
+                ],
+            }
+        )
+    )
 
 
 def run_command(ca_pem: Path, *args: str) -> int:
     """Run ``graphsync ARGS --config CONFIG`` in the foreground, its output straight to the terminal."""
     say(f"[dim]$ graphsync {' '.join(args)} --config {rel(CONFIG)}[/dim]")
     sys.stdout.flush()
-    return subprocess.run([*graphsync(), *args, "--config", str(CONFIG)], cwd=REPO_ROOT, env=child_env(ca_pem),
-                          stdin=subprocess.DEVNULL, check=False).returncode
+    return subprocess.run(
+        [*graphsync(), *args, "--config", str(CONFIG)],
+        cwd=REPO_ROOT,
+        env=child_env(ca_pem),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    ).returncode
 
 
 def has_command(name: str) -> bool:
-    return subprocess.run([sys.executable, "-m", "graphsync", name, "--help"], cwd=REPO_ROOT, capture_output=True,
-                          check=False).returncode == 0
+    return (
+        subprocess.run(
+            [sys.executable, "-m", "graphsync", name, "--help"], cwd=REPO_ROOT, capture_output=True, check=False
+        ).returncode
+        == 0
+    )
 
 
 def wait_ready(replicas: list[Replica], timeout: float = 60) -> float:
@@ -337,13 +375,17 @@ def wait_ready(replicas: list[Replica], timeout: float = 60) -> float:
     while waiting:
         for replica in list(waiting):
             if replica.process.poll() is not None:
-                raise DemoFailure(f"replica {replica.number} exited with code {replica.process.returncode} "
-                                  f"while starting; end of {rel(replica.log)}:\n{replica.tail()}")
+                raise DemoFailure(
+                    f"replica {replica.number} exited with code {replica.process.returncode} "
+                    f"while starting; end of {rel(replica.log)}:\n{replica.tail()}"
+                )
             if replica.get("/readyz")[0] == 200:
                 waiting.remove(replica)
         if time.monotonic() - started > timeout:
-            raise DemoFailure(f"replica(s) {', '.join(str(r.number) for r in waiting)} not ready after "
-                              f"{timeout:.0f} s; see {', '.join(rel(r.log) for r in waiting)}")
+            raise DemoFailure(
+                f"replica(s) {', '.join(str(r.number) for r in waiting)} not ready after "
+                f"{timeout:.0f} s; see {', '.join(rel(r.log) for r in waiting)}"
+            )
         time.sleep(0.2)
     return time.monotonic() - started
 
@@ -351,8 +393,10 @@ def wait_ready(replicas: list[Replica], timeout: float = 60) -> float:
 def check_alive(replicas: list[Replica]) -> None:
     for replica in replicas:
         if replica.process.poll() is not None:
-            raise DemoFailure(f"replica {replica.number} exited with code {replica.process.returncode}; "
-                              f"end of {rel(replica.log)}:\n{replica.tail()}")
+            raise DemoFailure(
+                f"replica {replica.number} exited with code {replica.process.returncode}; "
+                f"end of {rel(replica.log)}:\n{replica.tail()}"
+            )
 
 
 def idp_requests(entra: FakeEntra, since: float) -> Counter[str]:
@@ -363,11 +407,13 @@ def progress(t: float, mutator: Mutator, entra: FakeEntra, since: float, replica
     metrics = scrape_all(replicas)
     runs = metrics.by("graphsync_job_runs_total", "result")
     idp = idp_requests(entra, since)
-    say(f"  [{t:3.0f} s] {sum(mutator.changes.values())} directory changes · runs {breakdown(runs)} · "
+    say(
+        f"  [{t:3.0f} s] {sum(mutator.changes.values())} directory changes · runs {breakdown(runs)} · "
         f"records applied {metrics.total('graphsync_objects_synced_total')} · IdP token requests "
         f"{sum(idp.values())} · lease contention "
         f"{metrics.total('graphsync_storage_operations_total', operation='lease', result='lease_held')}",
-        markup=False)
+        markup=False,
+    )
 
 
 def demo(stack: contextlib.ExitStack, replicas: list[Replica]) -> int:
@@ -396,26 +442,38 @@ def demo(stack: contextlib.ExitStack, replicas: list[Replica]) -> int:
     azurite.start()
     with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
         service.create_container("graphsync")
-    say(f"▸ Azurite blob storage on 127.0.0.1:{azurite.port} (data {rel(WORK / 'azurite')}/, "
-        f"log {rel(LOGS)}/azurite.*.log), container 'graphsync'")
+    say(
+        f"▸ Azurite blob storage on 127.0.0.1:{azurite.port} (data {rel(WORK / 'azurite')}/, "
+        f"log {rel(LOGS)}/azurite.*.log), container 'graphsync'"
+    )
 
-    entra = stack.enter_context(FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-                                          expires_in=MSAL_EXPIRY_MARGIN + USABLE_LIFETIME))
-    say(f"▸ emulated Entra token endpoint {entra.authority_host}: tokens with expires_in "
+    entra = stack.enter_context(
+        FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, expires_in=MSAL_EXPIRY_MARGIN + USABLE_LIFETIME)
+    )
+    say(
+        f"▸ emulated Entra token endpoint {entra.authority_host}: tokens with expires_in "
         f"{MSAL_EXPIRY_MARGIN + USABLE_LIFETIME} s, i.e. {USABLE_LIFETIME} s usable (MSAL renews with 5 min left); "
-        f"TLS from the CA in {rel(ca_pem)}")
+        f"TLS from the CA in {rel(ca_pem)}"
+    )
     graph = stack.enter_context(FakeGraph(ca, entra))
     for seed, tenant in enumerate(TENANTS):
         populate(graph, tenant, users=USERS, groups=GROUPS, seed=seed)
-    say(f"▸ emulated Microsoft Graph {graph.base_url}: " + "; ".join(
-        f"{tenant} {len(graph.objects(tenant, 'users'))} users, {len(graph.objects(tenant, 'groups'))} groups"
-        for tenant in TENANTS) + f" (requests logged to {rel(LOGS / 'emulators.log')})")
+    say(
+        f"▸ emulated Microsoft Graph {graph.base_url}: "
+        + "; ".join(
+            f"{tenant} {len(graph.objects(tenant, 'users'))} users, {len(graph.objects(tenant, 'groups'))} groups"
+            for tenant in TENANTS
+        )
+        + f" (requests logged to {rel(LOGS / 'emulators.log')})"
+    )
 
     write_config(entra, graph, azurite)
-    say(f"▸ configuration {rel(CONFIG)}: jobs " + ", ".join(f"{job} (delta, $select {','.join(select)})"
-                                                           for job, select in JOBS.items())
+    say(
+        f"▸ configuration {rel(CONFIG)}: jobs "
+        + ", ".join(f"{job} (delta, $select {','.join(select)})" for job, select in JOBS.items())
         + f" every {EVERY} s for both tenants; output {rel(OUTPUT)}/; token cache encrypted with "
-        f"{rel(WORK / 'cache-key')}")
+        f"{rel(WORK / 'cache-key')}"
+    )
 
     say()
     if has_command("check"):
@@ -431,16 +489,20 @@ def demo(stack: contextlib.ExitStack, replicas: list[Replica]) -> int:
     for number in range(1, REPLICAS + 1):
         replica = Replica.start(number, ca_pem)
         replicas.append(replica)
-        say(f"▸ replica {number}: graphsync run (pid {replica.process.pid}), metrics {replica.url}/metrics, "
-            f"log {rel(replica.log)}")
+        say(
+            f"▸ replica {number}: graphsync run (pid {replica.process.pid}), metrics {replica.url}/metrics, "
+            f"log {rel(replica.log)}"
+        )
     ready = wait_ready(replicas)
     say(f"▸ all {REPLICAS} replicas ready (/readyz 200) after {ready:.1f} s")
 
     mutator = Mutator(graph)
     mutator.start()
     stack.callback(mutator.stop)
-    say(f"▸ changing the directory ({CHANGES_PER_TENANT} changes per tenant every {CHANGE_EVERY:g} s: adds, "
-        f"updates, deletes, restores, membership) for {CHANGING:g} s, then {QUIET:g} s quiet")
+    say(
+        f"▸ changing the directory ({CHANGES_PER_TENANT} changes per tenant every {CHANGE_EVERY:g} s: adds, "
+        f"updates, deletes, restores, membership) for {CHANGING:g} s, then {QUIET:g} s quiet"
+    )
     clock = time.monotonic()
     next_report = clock + PROGRESS_EVERY
     while (now := time.monotonic()) < clock + CHANGING + QUIET:
@@ -457,8 +519,12 @@ def demo(stack: contextlib.ExitStack, replicas: list[Replica]) -> int:
     # Stop only once every (tenant, job) has run after the last change, or the snapshots cannot match yet.
     pending = [(t, j) for t in TENANTS for j in JOBS if not ran_since(t, j, mutator.last_change)]
     if pending:
-        say(f"  waiting up to {CATCH_UP:g} s for " + ", ".join(f"{t}/{j}" for t, j in pending)
-            + " to run once after the last change", markup=False)
+        say(
+            f"  waiting up to {CATCH_UP:g} s for "
+            + ", ".join(f"{t}/{j}" for t, j in pending)
+            + " to run once after the last change",
+            markup=False,
+        )
         deadline = time.monotonic() + CATCH_UP
         while pending and time.monotonic() < deadline:
             check_alive(replicas)
@@ -487,34 +553,70 @@ def demo(stack: contextlib.ExitStack, replicas: list[Replica]) -> int:
     table.add_column(justify="right", no_wrap=True)
     table.add_column()
     clean = all(r.exit_code == 0 for r in replicas)
-    table.add_row("replicas", str(REPLICAS), ("each exited 0 on SIGTERM" if clean else "[red]not all exited 0[/red]")
-                  + f", within {max(r.stop_seconds or 0 for r in replicas):.1f} s")
+    table.add_row(
+        "replicas",
+        str(REPLICAS),
+        ("each exited 0 on SIGTERM" if clean else "[red]not all exited 0[/red]")
+        + f", within {max(r.stop_seconds or 0 for r in replicas):.1f} s",
+    )
     table.add_row("duration", f"{elapsed:.0f} s", f"{CHANGING:g} s of changes, then quiet; jobs every {EVERY} s")
     table.add_row("directory changes", str(sum(mutator.changes.values())), breakdown(mutator.changes))
     for tenant in TENANTS:
-        table.add_row(f"IdP token requests {tenant.split('.')[0]}", str(idp[tenant]),
-                      f"over {lifetimes:.1f} token lifetimes of {USABLE_LIFETIME} s, for all {REPLICAS} replicas "
-                      "together (one shared token at a time, fetched when a run needs it)")
+        table.add_row(
+            f"IdP token requests {tenant.split('.')[0]}",
+            str(idp[tenant]),
+            f"over {lifetimes:.1f} token lifetimes of {USABLE_LIFETIME} s, for all {REPLICAS} replicas "
+            "together (one shared token at a time, fetched when a run needs it)",
+        )
     if preflight_idp:
-        table.add_row("IdP token requests preflight", str(preflight_idp),
-                      "by graphsync check, before the replicas (not counted above)")
-    table.add_row("token acquisitions", str(metrics.total("graphsync_token_acquisitions_total")),
-                  "by source: " + breakdown(metrics.by("graphsync_token_acquisitions_total", "source")))
-    table.add_row("storage reads", str(metrics.total(storage, operation="read")),
-                  breakdown(metrics.by(storage, "result", operation="read")))
-    table.add_row("storage writes", str(metrics.total(storage, operation="write")),
-                  breakdown(metrics.by(storage, "result", operation="write")))
-    table.add_row("write conflicts (412/409)", str(metrics.total(storage, operation="write", result="conflict")),
-                  "another replica wrote first: cache re-read and merged, or lock blob already there")
-    table.add_row("lease attempts", str(metrics.total(storage, operation="lease")),
-                  "token refreshes and job locks: " + breakdown(metrics.by(storage, "result", operation="lease")))
-    table.add_row("lease contention", str(metrics.total(storage, operation="lease", result="lease_held")),
-                  "lease held by another replica")
-    table.add_row("job runs", str(sum(runs.values())), breakdown(runs) + "; ok per replica: " + " / ".join(
-        str(m.total("graphsync_job_runs_total", result="ok")) for m in per_replica))
-    table.add_row("objects synced", str(metrics.total("graphsync_objects_synced_total")),
-                  "records received from Graph and applied; snapshots now hold "
-                  + ", ".join(f"{t.split('.')[0]}/{j} {n}" for (t, j), (n, _) in snapshots.items()))
+        table.add_row(
+            "IdP token requests preflight",
+            str(preflight_idp),
+            "by graphsync check, before the replicas (not counted above)",
+        )
+    table.add_row(
+        "token acquisitions",
+        str(metrics.total("graphsync_token_acquisitions_total")),
+        "by source: " + breakdown(metrics.by("graphsync_token_acquisitions_total", "source")),
+    )
+    table.add_row(
+        "storage reads",
+        str(metrics.total(storage, operation="read")),
+        breakdown(metrics.by(storage, "result", operation="read")),
+    )
+    table.add_row(
+        "storage writes",
+        str(metrics.total(storage, operation="write")),
+        breakdown(metrics.by(storage, "result", operation="write")),
+    )
+    table.add_row(
+        "write conflicts (412/409)",
+        str(metrics.total(storage, operation="write", result="conflict")),
+        "another replica wrote first: cache re-read and merged, or lock blob already there",
+    )
+    table.add_row(
+        "lease attempts",
+        str(metrics.total(storage, operation="lease")),
+        "token refreshes and job locks: " + breakdown(metrics.by(storage, "result", operation="lease")),
+    )
+    table.add_row(
+        "lease contention",
+        str(metrics.total(storage, operation="lease", result="lease_held")),
+        "lease held by another replica",
+    )
+    table.add_row(
+        "job runs",
+        str(sum(runs.values())),
+        breakdown(runs)
+        + "; ok per replica: "
+        + " / ".join(str(m.total("graphsync_job_runs_total", result="ok")) for m in per_replica),
+    )
+    table.add_row(
+        "objects synced",
+        str(metrics.total("graphsync_objects_synced_total")),
+        "records received from Graph and applied; snapshots now hold "
+        + ", ".join(f"{t.split('.')[0]}/{j} {n}" for (t, j), (n, _) in snapshots.items()),
+    )
     say()
     console.print(table)
 
@@ -523,12 +625,16 @@ def demo(stack: contextlib.ExitStack, replicas: list[Replica]) -> int:
         for (tenant, job), why in differs.items():
             say(f"[red]✗ {rel(job_dir(tenant, job) / 'snapshot.jsonl')} differs from the directory: {why}[/red]")
     else:
-        say(f"[green]✓ snapshots match the directory[/green] ({len(snapshots)} snapshots: "
-            f"{len(TENANTS)} tenants x {len(JOBS)} jobs)")
+        say(
+            f"[green]✓ snapshots match the directory[/green] ({len(snapshots)} snapshots: "
+            f"{len(TENANTS)} tenants x {len(JOBS)} jobs)"
+        )
 
     say()
-    say(f"▸ output in {rel(OUTPUT)}/<tenant>/<job>/: snapshot.jsonl (current state), changes/*.jsonl (what each "
-        f"run received), state.json (delta link, last run)")
+    say(
+        f"▸ output in {rel(OUTPUT)}/<tenant>/<job>/: snapshot.jsonl (current state), changes/*.jsonl (what each "
+        f"run received), state.json (delta link, last run)"
+    )
     example = job_dir(TENANTS[0], "users")
     if (example / "snapshot.jsonl").exists():
         show_head(example / "snapshot.jsonl")

@@ -32,9 +32,18 @@ def main() -> None:
         for tenant in caches.tenants:
             started = time.perf_counter()
             token = caches.acquire(tenant)
-            print(json.dumps({"time": time.time(), "tenant": tenant, "source": token.source,
-                              "expires_on": token.expires_on, "seconds": time.perf_counter() - started}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "time": time.time(),
+                        "tenant": tenant,
+                        "source": token.source,
+                        "expires_on": token.expires_on,
+                        "seconds": time.perf_counter() - started,
+                    }
+                ),
+                flush=True,
+            )
         time.sleep(args.interval)
 
 

@@ -16,17 +16,28 @@ NOW = 1_800_000_000
 
 
 def _at(secret: str, expires_on: int, cached_at: int = NOW - 10) -> dict:
-    return {"credential_type": "AccessToken", "secret": secret, "expires_on": str(expires_on),
-            "cached_at": str(cached_at), "client_id": "c", "target": "s"}
+    return {
+        "credential_type": "AccessToken",
+        "secret": secret,
+        "expires_on": str(expires_on),
+        "cached_at": str(cached_at),
+        "client_id": "c",
+        "target": "s",
+    }
 
 
 def test_merge_keeps_the_later_expiry_per_entry_and_unions_the_rest():
-    ours = {"AccessToken": {"k1": _at("old", NOW + 100), "k2": _at("only-ours", NOW + 50)},
-            "AppMetadata": {"m": {"client_id": "c"}}}
+    ours = {
+        "AccessToken": {"k1": _at("old", NOW + 100), "k2": _at("only-ours", NOW + 50)},
+        "AppMetadata": {"m": {"client_id": "c"}},
+    }
     theirs = {"AccessToken": {"k1": _at("new", NOW + 3000), "k3": _at("only-theirs", NOW + 70)}}
     merged = merge_cache_states(ours, theirs, NOW)
     assert {k: v["secret"] for k, v in merged["AccessToken"].items()} == {
-        "k1": "new", "k2": "only-ours", "k3": "only-theirs"}
+        "k1": "new",
+        "k2": "only-ours",
+        "k3": "only-theirs",
+    }
     assert merged["AppMetadata"] == {"m": {"client_id": "c"}}
     # symmetric for access tokens: whoever merges, the newer token wins
     assert merge_cache_states(theirs, ours, NOW)["AccessToken"]["k1"]["secret"] == "new"
@@ -108,13 +119,17 @@ def test_a_configured_secret_stays_redacted_after_any_number_of_tokens():
     assert "Qx8~client-secret-value.notAJwt" not in redaction.redact("client_secret=Qx8~client-secret-value.notAJwt")
 
 
-@pytest.mark.parametrize("entry", [
-    {"secret": "s", "expires_on": "soon"},
-    {"expires_on": str(NOW + 60)},
-    ["not", "an", "object"],
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"secret": "s", "expires_on": "soon"},
+        {"expires_on": str(NOW + 60)},
+        ["not", "an", "object"],
+    ],
+)
 def test_envelope_rejects_malformed_token_entries_instead_of_passing_them_on(entry):
-    envelope = json.dumps({"format": "graphsync-token-cache", "version": 1,
-                           "cache": {"AccessToken": {"k": entry}}}).encode()
+    envelope = json.dumps(
+        {"format": "graphsync-token-cache", "version": 1, "cache": {"AccessToken": {"k": entry}}}
+    ).encode()
     with pytest.raises(EnvelopeError, match="entr"):
         CacheEnvelope([]).decode(envelope, "a.json")

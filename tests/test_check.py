@@ -12,8 +12,10 @@ if TYPE_CHECKING:
     from tests.conftest import Azurite, RunGraphsync, WriteConfig
 
 TENANT = "contoso.onmicrosoft.com"
-JOBS = [{"name": "users", "resource": "users", "delta": True, "every": "15m"},
-        {"name": "groups", "resource": "groups", "every": "1h"}]
+JOBS = [
+    {"name": "users", "resource": "users", "delta": True, "every": "15m"},
+    {"name": "groups", "resource": "groups", "every": "1h"},
+]
 
 
 def _config(graphsync_config: WriteConfig, fake_graph: FakeGraph, **extra: dict) -> str:
@@ -28,8 +30,14 @@ def test_check_passes_on_a_working_setup(
     result = run_graphsync("check", "--config", _config(graphsync_config, fake_graph))
     assert result.returncode == 0, result.stdout + result.stderr
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
-        "✓ configuration", f"✓ storage {blob_container}", "✓ storage exports", f"✓ token cache {TENANT}",
-        f"✓ token {TENANT}", f"✓ graph {TENANT} users", f"✓ graph {TENANT} groups"]
+        "✓ configuration",
+        f"✓ storage {blob_container}",
+        "✓ storage exports",
+        f"✓ token cache {TENANT}",
+        f"✓ token {TENANT}",
+        f"✓ graph {TENANT} users",
+        f"✓ graph {TENANT} groups",
+    ]
 
 
 def test_check_names_the_fix_for_a_wrong_secret(
@@ -62,8 +70,9 @@ def test_check_names_the_fix_for_a_wrong_storage_key(
     graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, azurite: Azurite
 ) -> None:
     wrong = azurite.connection_string.replace(AZURITE_KEY, "d3Jvbmcta2V5" * 8)
-    result = run_graphsync("check", "--config", _config(graphsync_config, fake_graph,
-                                                        storage={"connection_string": wrong}))
+    result = run_graphsync(
+        "check", "--config", _config(graphsync_config, fake_graph, storage={"connection_string": wrong})
+    )
     assert result.returncode == 1
     # Azure answers AuthenticationFailed for a bad key; Azurite answers AuthorizationFailure
     assert "HTTP 403 AuthorizationFailure" in result.stdout, result.stdout

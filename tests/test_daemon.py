@@ -44,9 +44,14 @@ class Replica:
     def __init__(self, config: Path, log: Path, env: dict[str, str]) -> None:
         self.log = log
         self._file = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([sys.executable, "-m", "graphsync", "run", "--config", str(config)],
-                                        cwd=REPO_ROOT, env=os.environ | env, stdout=self._file,
-                                        stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "graphsync", "run", "--config", str(config)],
+            cwd=REPO_ROOT,
+            env=os.environ | env,
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def stop(self, timeout: float = 10) -> tuple[int, float]:
         """SIGTERM; return the exit status and how long the process took to exit."""
@@ -85,8 +90,10 @@ def _snapshot(directory: Path, tenant: str, job: str) -> list[dict[str, Any]]:
 
 
 def _truth(graph: FakeGraph, tenant: str, job: str, select: list[str]) -> list[dict[str, Any]]:
-    return sorted(({key: obj.get(key) for key in select} for obj in graph.objects(tenant, job).values()),
-                  key=lambda obj: obj["id"])
+    return sorted(
+        ({key: obj.get(key) for key in select} for obj in graph.objects(tenant, job).values()),
+        key=lambda obj: obj["id"],
+    )
 
 
 def _assert_snapshots_match(graph: FakeGraph, output: Path, tenants: list[str]) -> None:
@@ -107,6 +114,7 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 # -- issue 4, must-show 5: a fleet of three replicas --------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_three_replicas_run_each_job_once_per_interval_and_share_tokens(
     graphsync_config: WriteConfig, fake_graph: FakeGraph, fake_entra: FakeEntra, replicas, tmp_path: Path
@@ -116,8 +124,10 @@ def test_three_replicas_run_each_job_once_per_interval_and_share_tokens(
     for seed, tenant in enumerate(TENANTS):
         populate(fake_graph, tenant, users=300, groups=12, seed=seed)
     output = tmp_path / "out"
-    config = graphsync_config(tenants=TENANTS, extra={
-        "graph": {"endpoint": fake_graph.base_url}, "output": {"directory": str(output)}, "jobs": _jobs("5s")})
+    config = graphsync_config(
+        tenants=TENANTS,
+        extra={"graph": {"endpoint": fake_graph.base_url}, "output": {"directory": str(output)}, "jobs": _jobs("5s")},
+    )
     fleet = [replicas(config) for _ in range(3)]
     started = time.time()
 
@@ -170,6 +180,7 @@ def _log_time(text: str) -> float:
 
 # -- issue 4, must-show 6: SIGTERM in the middle of a long sync ----------------------------------------------
 
+
 def test_sigterm_mid_sync_stops_within_10_s_and_loses_nothing(
     graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, replicas, tmp_path: Path
 ) -> None:
@@ -177,8 +188,13 @@ def test_sigterm_mid_sync_stops_within_10_s_and_loses_nothing(
     populate(fake_graph, tenant, users=3000, groups=0, seed=3)
     fake_graph.page_size = 100
     output = tmp_path / "out"
-    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
-                                     "output": {"directory": str(output)}, "jobs": _jobs("5s")[:1]})
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(output)},
+            "jobs": _jobs("5s")[:1],
+        }
+    )
     run_graphsync("sync", "--config", str(config))  # a first full sync: snapshot and cursor exist
     before = (output / tenant / "users" / "snapshot.jsonl").read_bytes()
     state_before = json.loads((output / tenant / "users" / "state.json").read_text())
@@ -200,11 +216,13 @@ def test_sigterm_mid_sync_stops_within_10_s_and_loses_nothing(
     fake_graph.slow_pages = 0
     result = run_graphsync("sync", "--config", str(config))
     assert result.returncode == 0, result.stderr
-    assert [{k: o.get(k) for k in USERS_SELECT} for o in _snapshot(output, tenant, "users")] == \
-        _truth(fake_graph, tenant, "users", USERS_SELECT)
+    assert [{k: o.get(k) for k in USERS_SELECT} for o in _snapshot(output, tenant, "users")] == _truth(
+        fake_graph, tenant, "users", USERS_SELECT
+    )
 
 
 # -- issue 4, must-show 7: manual sync while a daemon replica runs the job -----------------------------------
+
 
 def test_manual_sync_exits_3_while_a_replica_runs_the_job_or_waits_for_it(
     graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, replicas, tmp_path: Path
@@ -213,8 +231,13 @@ def test_manual_sync_exits_3_while_a_replica_runs_the_job_or_waits_for_it(
     populate(fake_graph, tenant, users=1500, groups=0, seed=5)
     fake_graph.page_size = 100
     fake_graph.slow_pages = 0.3  # the daemon's run takes about 5 s
-    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
-                                     "output": {"directory": str(tmp_path / "out")}, "jobs": _jobs("5s")[:1]})
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(tmp_path / "out")},
+            "jobs": _jobs("5s")[:1],
+        }
+    )
     replicas(config)
     _wait_for(lambda: len(fake_graph.requests) >= 2, 30, "the daemon replica to start its run")
     busy = run_graphsync("sync", "--job", "users", "--config", str(config))
@@ -226,6 +249,7 @@ def test_manual_sync_exits_3_while_a_replica_runs_the_job_or_waits_for_it(
 
 # -- issue 5, must-show 1: systemd notify --------------------------------------------------------------------
 
+
 def test_run_tells_systemd_ready_then_watchdog_then_stopping(
     graphsync_config: WriteConfig, fake_graph: FakeGraph, replicas, tmp_path: Path
 ) -> None:
@@ -233,8 +257,13 @@ def test_run_tells_systemd_ready_then_watchdog_then_stopping(
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(address)
     listener.settimeout(15)
-    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
-                                     "output": {"directory": str(tmp_path / "out")}, "jobs": _jobs("1h")[:1]})
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(tmp_path / "out")},
+            "jobs": _jobs("1h")[:1],
+        }
+    )
     replica = replicas(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"})
     messages = []
     with listener:
@@ -244,12 +273,14 @@ def test_run_tells_systemd_ready_then_watchdog_then_stopping(
         while not any("STOPPING=1" in m for m in messages):
             messages.append(listener.recv(4096).decode())
     assert code == 0
-    first = {kind: next(i for i, m in enumerate(messages) if kind in m)
-             for kind in ("READY=1", "WATCHDOG=1", "STOPPING=1")}
+    first = {
+        kind: next(i for i, m in enumerate(messages) if kind in m) for kind in ("READY=1", "WATCHDOG=1", "STOPPING=1")
+    }
     assert first["READY=1"] < first["WATCHDOG=1"] < first["STOPPING=1"], messages
 
 
 # -- issue 5, must-show 2: health and metrics ----------------------------------------------------------------
+
 
 def _get(url: str) -> tuple[int, str]:
     try:
@@ -277,9 +308,14 @@ def test_metrics_and_health_endpoints_follow_a_running_daemon(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
-                                     "output": {"directory": str(tmp_path / "out")}, "jobs": _jobs("3s"),
-                                     "metrics": {"port": port}})
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(tmp_path / "out")},
+            "jobs": _jobs("3s"),
+            "metrics": {"port": port},
+        }
+    )
     replicas(config)
     base = f"http://127.0.0.1:{port}"
     _wait_for(lambda: _get(base + "/healthz")[0] == 200, 20, "/healthz")
@@ -293,11 +329,14 @@ def test_metrics_and_health_endpoints_follow_a_running_daemon(
     _wait_for(lambda: _sample(metrics(), "graphsync_job_runs_total", result="ok") >= 4, 30, "later runs")
     later = metrics()
     assert _sample(first, "graphsync_token_acquisitions_total", source="identity_provider") == 1
-    assert _sample(later, "graphsync_token_acquisitions_total", source="memory") > \
-        _sample(first, "graphsync_token_acquisitions_total", source="memory")
-    assert _sample(later, "graphsync_storage_operations_total", operation="lease") > \
-        _sample(first, "graphsync_storage_operations_total", operation="lease")
-    assert _sample(later, "graphsync_graph_requests_total", status="200") > \
-        _sample(first, "graphsync_graph_requests_total", status="200")
+    assert _sample(later, "graphsync_token_acquisitions_total", source="memory") > _sample(
+        first, "graphsync_token_acquisitions_total", source="memory"
+    )
+    assert _sample(later, "graphsync_storage_operations_total", operation="lease") > _sample(
+        first, "graphsync_storage_operations_total", operation="lease"
+    )
+    assert _sample(later, "graphsync_graph_requests_total", status="200") > _sample(
+        first, "graphsync_graph_requests_total", status="200"
+    )
     assert _sample(later, "graphsync_objects_synced_total") >= 205
     assert _get(base + "/nothing")[0] == 404

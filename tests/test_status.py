@@ -29,14 +29,22 @@ def _status(run_graphsync: RunGraphsync, config: Path) -> dict:
 
 
 def test_status_reports_cache_jobs_lock_holder_and_stale_delta_tokens(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, fake_entra: FakeEntra,
-    tls_env: dict[str, str], tmp_path: Path,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    fake_graph: FakeGraph,
+    fake_entra: FakeEntra,
+    tls_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     populate(fake_graph, TENANT, users=400, groups=0)
     output = tmp_path / "out"
-    config = graphsync_config(extra={
-        "graph": {"endpoint": fake_graph.base_url}, "output": {"directory": str(output)},
-        "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "15m"}]})
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(output)},
+            "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "15m"}],
+        }
+    )
 
     before = _status(run_graphsync, config)
     assert before["tenants"][0]["problem"].startswith("no cache blob yet")
@@ -58,9 +66,13 @@ def test_status_reports_cache_jobs_lock_holder_and_stale_delta_tokens(
     fake_graph.page_size = 20
     fake_graph.slow_pages = 0.3
     fake_graph.expire_delta_tokens()
-    sync = subprocess.Popen([sys.executable, "-m", "graphsync", "sync", "--config", str(config)], cwd=REPO_ROOT,
-                            env=os.environ | tls_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    sync = subprocess.Popen(
+        [sys.executable, "-m", "graphsync", "sync", "--config", str(config)],
+        cwd=REPO_ROOT,
+        env=os.environ | tls_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         holder = None

@@ -92,8 +92,10 @@ class BlobOutput:
 
     def change_files(self, job: str) -> dict[str, bytes]:
         prefix = f"{TENANT}/{job}/changes/"
-        return {blob.name.removeprefix(prefix): self.container.download_blob(blob.name).readall()
-                for blob in self.container.list_blobs(name_starts_with=prefix)}
+        return {
+            blob.name.removeprefix(prefix): self.container.download_blob(blob.name).readall()
+            for blob in self.container.list_blobs(name_starts_with=prefix)
+        }
 
 
 # -- the oracle --------------------------------------------------------------------------------------------
@@ -101,8 +103,10 @@ class BlobOutput:
 
 def truth(fake: FakeGraph, resource: str) -> dict[str, dict[str, Any]]:
     """The fake's directory projected onto the job's $select (unset properties as null; members as sorted ids)."""
-    return {oid: {"id": oid, **{name: obj.get(name) for name in SELECT[resource]}}
-            for oid, obj in fake.objects(TENANT, resource).items()}
+    return {
+        oid: {"id": oid, **{name: obj.get(name) for name in SELECT[resource]}}
+        for oid, obj in fake.objects(TENANT, resource).items()
+    }
 
 
 def parse_snapshot(data: bytes | None) -> dict[str, dict[str, Any]]:
@@ -121,8 +125,10 @@ def assert_same(actual: Mapping[str, Any], expected: Mapping[str, Any], what: st
     missing = sorted(expected.keys() - actual.keys())
     extra = sorted(actual.keys() - expected.keys())
     wrong = [(actual[k], expected[k]) for k in sorted(actual.keys() & expected.keys()) if actual[k] != expected[k]]
-    pytest.fail(f"{what}: {len(missing)} missing {missing[:3]}, {len(extra)} extra {extra[:3]}, "
-                f"{len(wrong)} differ, e.g. (got, want) {wrong[:2]}")
+    pytest.fail(
+        f"{what}: {len(missing)} missing {missing[:3]}, {len(extra)} extra {extra[:3]}, "
+        f"{len(wrong)} differ, e.g. (got, want) {wrong[:2]}"
+    )
 
 
 def replay(previous: Mapping[str, dict[str, Any]], lines: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -188,8 +194,9 @@ class Harness:
         new = sorted(files.keys() - self.files.get(job, set()))
         self.files[job] = set(files)
         previous_truth = self.truths.get(job, {})
-        differing = {oid for oid in expected.keys() | previous_truth.keys()
-                     if expected.get(oid) != previous_truth.get(oid)}
+        differing = {
+            oid for oid in expected.keys() | previous_truth.keys() if expected.get(oid) != previous_truth.get(oid)
+        }
         lines: list[dict[str, Any]] = []
         if not new:
             assert state["changes"] == 0, f"{job}: the run counted changes but wrote no change file"
@@ -205,11 +212,16 @@ class Harness:
             soft_deleted = self.fake.soft_deleted(TENANT, resource)
             for line in lines:
                 if "@removed" in line:
-                    assert line == {"id": line["id"], "@removed": {
-                        "reason": "changed" if line["id"] in soft_deleted else "deleted"}}
+                    assert line == {
+                        "id": line["id"],
+                        "@removed": {"reason": "changed" if line["id"] in soft_deleted else "deleted"},
+                    }
                     assert line["id"] not in expected
-            assert_same(replay({} if full else self.snapshots.get(job, {}), lines), snapshot,
-                        f"{job}: previous snapshot + change file vs new snapshot")
+            assert_same(
+                replay({} if full else self.snapshots.get(job, {}), lines),
+                snapshot,
+                f"{job}: previous snapshot + change file vs new snapshot",
+            )
             ids = {line["id"] for line in lines}
             if full:  # a full listing replaces the snapshot: every object, no tombstones
                 assert ids == expected.keys(), f"{job}: a full change file must list every object once or more"
@@ -258,10 +270,15 @@ def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
-def write_config(graphsync_config: WriteConfig, fake: FakeGraph, *, jobs: Iterable[dict[str, Any]],
-                 output: dict[str, Any], **extra: Any) -> Path:
-    return graphsync_config(extra={"graph": {"endpoint": fake.base_url}, "output": output, "jobs": list(jobs),
-                                   **extra})
+def write_config(
+    graphsync_config: WriteConfig,
+    fake: FakeGraph,
+    *,
+    jobs: Iterable[dict[str, Any]],
+    output: dict[str, Any],
+    **extra: Any,
+) -> Path:
+    return graphsync_config(extra={"graph": {"endpoint": fake.base_url}, "output": output, "jobs": list(jobs), **extra})
 
 
 class MakeHarness(Protocol):
@@ -269,14 +286,16 @@ class MakeHarness(Protocol):
 
 
 @pytest.fixture
-def make_harness(graphsync_config: WriteConfig, fake_graph: FakeGraph, run_graphsync: RunGraphsync,
-                 out_dir: Path) -> MakeHarness:
+def make_harness(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, run_graphsync: RunGraphsync, out_dir: Path
+) -> MakeHarness:
     """A harness for ``jobs`` writing to a directory."""
 
     def make(*jobs: dict[str, Any]) -> Harness:
         config = write_config(graphsync_config, fake_graph, jobs=jobs, output={"directory": str(out_dir)})
-        return Harness(fake_graph, run_graphsync, config, DirectoryOutput(out_dir),
-                       {job["name"]: job["resource"] for job in jobs})
+        return Harness(
+            fake_graph, run_graphsync, config, DirectoryOutput(out_dir), {job["name"]: job["resource"] for job in jobs}
+        )
 
     return make
 
@@ -334,8 +353,9 @@ def test_partial_updates_keep_absent_properties_and_clear_nulled_ones(
 ) -> None:
     populate(fake_graph, TENANT, users=250, groups=0, seed=3)
     sync_users.sync_and_check(full=True)
-    renamed, cleared, both = [uid for uid, user in fake_graph.objects(TENANT, "users").items()
-                              if user["jobTitle"] is not None][:3]
+    renamed, cleared, both = [
+        uid for uid, user in fake_graph.objects(TENANT, "users").items() if user["jobTitle"] is not None
+    ][:3]
     fake_graph.update(TENANT, "users", renamed, displayName="Renamed Person")
     fake_graph.update(TENANT, "users", cleared, jobTitle=None)
     fake_graph.update(TENANT, "users", both, jobTitle="Chief Tester", mail=None)
@@ -343,9 +363,11 @@ def test_partial_updates_keep_absent_properties_and_clear_nulled_ones(
     lines = {line["id"]: line for line in sync_users.sync_and_check(touched={renamed, cleared, both})["users"]}
 
     # Prefer: return=minimal was honoured: each record carries only what changed ...
-    assert lines == {renamed: {"id": renamed, "displayName": "Renamed Person"},
-                     cleared: {"id": cleared, "jobTitle": None},
-                     both: {"id": both, "jobTitle": "Chief Tester", "mail": None}}
+    assert lines == {
+        renamed: {"id": renamed, "displayName": "Renamed Person"},
+        cleared: {"id": cleared, "jobTitle": None},
+        both: {"id": both, "jobTitle": "Chief Tester", "mail": None},
+    }
     # ... and the snapshot kept the rest, with cleared properties present as null.
     snapshot = sync_users.snapshots["users"]
     before = sync_users.truths["users"]
@@ -368,11 +390,14 @@ def test_soft_deleted_users_come_back_on_restore_and_hard_deletes_stay_gone(
     fake_graph.delete(TENANT, "users", purged)
 
     lines = sync_users.sync_and_check(touched={soft, hard, purged})["users"]
-    assert sorted(lines, key=lambda line: line["id"]) == sorted([
-        {"id": soft, "@removed": {"reason": "changed"}},
-        {"id": hard, "@removed": {"reason": "deleted"}},
-        {"id": purged, "@removed": {"reason": "changed"}},
-    ], key=lambda line: line["id"])
+    assert sorted(lines, key=lambda line: line["id"]) == sorted(
+        [
+            {"id": soft, "@removed": {"reason": "changed"}},
+            {"id": hard, "@removed": {"reason": "deleted"}},
+            {"id": purged, "@removed": {"reason": "changed"}},
+        ],
+        key=lambda line: line["id"],
+    )
     assert not {soft, hard, purged} & sync_users.snapshots["users"].keys()
 
     fake_graph.restore(TENANT, "users", soft)
@@ -423,8 +448,13 @@ def test_blob_container_output_equals_the_directory(
     config = write_config(graphsync_config, fake_graph, jobs=[USERS_JOB, GROUPS_JOB], output={"container": container})
     populate(fake_graph, TENANT, users=1500, groups=60, seed=6)
     with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
-        harness = Harness(fake_graph, run_graphsync, config, BlobOutput(service.get_container_client(container)),
-                          {"users": "users", "groups": "groups"})
+        harness = Harness(
+            fake_graph,
+            run_graphsync,
+            config,
+            BlobOutput(service.get_container_client(container)),
+            {"users": "users", "groups": "groups"},
+        )
         harness.sync_and_check(full=True)
         rng = random.Random(66)
         for _ in range(2):
@@ -496,7 +526,11 @@ def test_a_429_is_retried_no_sooner_than_retry_after(
     ],
 )
 def test_an_expired_delta_link_means_a_full_resync(
-    sync_users: Harness, fake_graph: FakeGraph, monkeypatch: pytest.MonkeyPatch, status: int, code: str,
+    sync_users: Harness,
+    fake_graph: FakeGraph,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    code: str,
     mid_round: bool,
 ) -> None:
     populate(fake_graph, TENANT, users=400, groups=0, seed=11)
@@ -562,7 +596,11 @@ def test_a_rejected_access_token_is_replaced_once(
 
 
 def test_a_job_locked_by_another_replica_exits_3_or_waits_with_wait(
-    sync_users: Harness, fake_graph: FakeGraph, azurite: Azurite, blob_container: str, out_dir: Path,
+    sync_users: Harness,
+    fake_graph: FakeGraph,
+    azurite: Azurite,
+    blob_container: str,
+    out_dir: Path,
     start_graphsync: StartGraphsync,
 ) -> None:
     populate(fake_graph, TENANT, users=200, groups=0, seed=15)
@@ -594,8 +632,9 @@ def test_a_job_locked_by_another_replica_exits_3_or_waits_with_wait(
             if not released.is_set():
                 lease.release()
     assert process.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
-    assert release_time and min(r.time for r in graph_requests(fake_graph)) >= release_time[0], \
+    assert release_time and min(r.time for r in graph_requests(fake_graph)) >= release_time[0], (
         "the waiting run must not touch Graph while the lock is held"
+    )
     sync_users.check("users", "users", touched=None, full=True)
 
 
@@ -645,8 +684,12 @@ def test_requests_carry_ids_and_priority_and_delta_rounds_prefer_minimal(
     ],
 )
 def test_bad_job_definitions_exit_2_naming_the_key(
-    graphsync_config: WriteConfig, fake_graph: FakeGraph, run_graphsync: RunGraphsync, out_dir: Path,
-    jobs: list[dict[str, Any]], key: str,
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    out_dir: Path,
+    jobs: list[dict[str, Any]],
+    key: str,
 ) -> None:
     jobs = [{k: v for k, v in job.items() if v is not None} for job in jobs]
     config = write_config(graphsync_config, fake_graph, jobs=jobs, output={"directory": str(out_dir)})

@@ -26,10 +26,22 @@ SELECT = ["id", "displayName", "mail"]
 
 
 def _config(graphsync_config: WriteConfig, graph: FakeGraph, output: Path, jobs: list[str] | None = None) -> Path:
-    return graphsync_config(extra={
-        "graph": {"endpoint": graph.base_url}, "output": {"directory": str(output)},
-        "jobs": [{"name": name, "resource": name, "delta": True, "select": SELECT if name == "users" else ["id"],
-                  "every": "1h"} for name in jobs or ["users"]]})
+    return graphsync_config(
+        extra={
+            "graph": {"endpoint": graph.base_url},
+            "output": {"directory": str(output)},
+            "jobs": [
+                {
+                    "name": name,
+                    "resource": name,
+                    "delta": True,
+                    "select": SELECT if name == "users" else ["id"],
+                    "every": "1h",
+                }
+                for name in jobs or ["users"]
+            ],
+        }
+    )
 
 
 def _snapshot(output: Path, job: str = "users") -> list[dict]:
@@ -37,8 +49,9 @@ def _snapshot(output: Path, job: str = "users") -> list[dict]:
 
 
 def _truth(graph: FakeGraph) -> list[dict]:
-    return sorted(({k: o.get(k) for k in SELECT} for o in graph.objects(TENANT, "users").values()),
-                  key=lambda o: o["id"])
+    return sorted(
+        ({k: o.get(k) for k in SELECT} for o in graph.objects(TENANT, "users").values()), key=lambda o: o["id"]
+    )
 
 
 def test_a_replica_that_lost_its_lock_mid_run_publishes_nothing(
@@ -55,7 +68,8 @@ def test_a_replica_that_lost_its_lock_mid_run_publishes_nothing(
     a = JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, replica="replica-a")
     b = JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, replica="replica-b")
     lock = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
-        settings.storage.container, lock_blob(TENANT, "users"))
+        settings.storage.container, lock_blob(TENANT, "users")
+    )
     b_results = []
 
     def a_stalls(tenant: str, job_name: str, pages: int, records: int) -> None:
@@ -91,7 +105,10 @@ def test_a_missing_snapshot_with_a_saved_delta_link_means_a_full_sync(
 
 
 def test_a_refused_token_fails_every_run_cleanly_and_is_recorded(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, fake_entra: FakeEntra,
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    fake_graph: FakeGraph,
+    fake_entra: FakeEntra,
     tmp_path: Path,
 ) -> None:
     populate(fake_graph, TENANT, users=5, groups=2)

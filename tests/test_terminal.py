@@ -39,11 +39,16 @@ def test_sync_on_a_terminal_shows_progress_and_a_summary_table(
     populate(fake_graph, tenant, users=450, groups=0)
     fake_graph.page_size = 100
     fake_graph.slow_pages = 0.2  # long enough for the progress display to refresh
-    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url},
-                                     "output": {"directory": str(tmp_path / "out")},
-                                     "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "1h"}]})
-    code, screen = _run_on_a_terminal([sys.executable, "-m", "graphsync", "sync", "--config", str(config)],
-                                      os.environ | tls_env)
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(tmp_path / "out")},
+            "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "1h"}],
+        }
+    )
+    code, screen = _run_on_a_terminal(
+        [sys.executable, "-m", "graphsync", "sync", "--config", str(config)], os.environ | tls_env
+    )
     assert code == 0, screen
     assert "pages" in screen and "records" in screen, screen  # the progress line
     assert "5 pages, 450 records" in screen

@@ -62,6 +62,7 @@ def _caches(config: Path) -> TokenCaches:
 
 # -- 1. two processes in a row -----------------------------------------------------------------------------
 
+
 def test_second_process_gets_its_token_from_the_blob(
     graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_entra: FakeEntra
 ) -> None:
@@ -71,13 +72,17 @@ def test_second_process_gets_its_token_from_the_blob(
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
     assert _report(first.stdout)["source"] == "identity_provider"
-    assert _report(second.stdout) == {"tenant": TENANT, "source": "blob",
-                                      "expires_on": _report(first.stdout)["expires_on"]}
+    assert _report(second.stdout) == {
+        "tenant": TENANT,
+        "source": "blob",
+        "expires_on": _report(first.stdout)["expires_on"],
+    }
     assert len(fake_entra.token_requests()) == 1
     assert fake_entra.discovery_requests() == 1, "the second process should not even build an MSAL client"
 
 
 # -- 2. ten processes at once ------------------------------------------------------------------------------
+
 
 def test_ten_processes_started_at_once_cost_one_token_request(
     graphsync_config: WriteConfig, start_graphsync: StartGraphsync, fake_entra: FakeEntra
@@ -101,6 +106,7 @@ def test_ten_processes_started_at_once_cost_one_token_request(
 
 # -- 3. short lifetimes, five long-running replicas --------------------------------------------------------
 
+
 def test_five_replicas_over_three_lifetimes_ask_about_once_per_lifetime(
     graphsync_config: WriteConfig, tls_env: dict[str, str], fake_entra: FakeEntra
 ) -> None:
@@ -109,10 +115,21 @@ def test_five_replicas_over_three_lifetimes_ask_about_once_per_lifetime(
     config = graphsync_config()
     duration = 3 * usable + 2
     env = os.environ | tls_env
-    command = [sys.executable, "-m", "tests.replica", "--config", str(config), "--duration", str(duration),
-               "--interval", "0.2"]
-    replicas = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for _ in range(5)]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.replica",
+        "--config",
+        str(config),
+        "--duration",
+        str(duration),
+        "--interval",
+        "0.2",
+    ]
+    replicas = [
+        subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(5)
+    ]
     acquisitions = []
     for replica in replicas:
         stdout, stderr = replica.communicate(timeout=duration + 60)
@@ -129,6 +146,7 @@ def test_five_replicas_over_three_lifetimes_ask_about_once_per_lifetime(
 
 
 # -- 4. racing writers -------------------------------------------------------------------------------------
+
 
 def test_racing_writers_lose_no_update_and_keep_the_blob_valid(
     graphsync_config: WriteConfig, fake_entra: FakeEntra
@@ -161,8 +179,9 @@ def test_racing_writers_lose_no_update_and_keep_the_blob_valid(
     assert len(tokens) == 8
     stored = {entry["secret"] for entry in _blob_tokens(config).values()}
     assert stored == set(tokens.values()), "a racing write lost another replica's token"
-    assert _counter("graphsync_storage_operations_total", operation="write", result="conflict") > conflicts_before, \
+    assert _counter("graphsync_storage_operations_total", operation="write", result="conflict") > conflicts_before, (
         "the writers did not actually race"
+    )
 
 
 def test_a_stale_writer_never_overwrites_a_newer_token(
@@ -200,6 +219,7 @@ def test_a_stale_writer_never_overwrites_a_newer_token(
 
 # -- 5. storage outage -------------------------------------------------------------------------------------
 
+
 def test_tokens_keep_coming_while_azurite_is_down_and_the_cache_is_written_when_it_is_back(
     graphsync_config: WriteConfig, azurite: Azurite, fake_entra: FakeEntra, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -236,9 +256,8 @@ def test_tokens_keep_coming_while_azurite_is_down_and_the_cache_is_written_when_
 
 # -- 6. corrupted blob, wrong key --------------------------------------------------------------------------
 
-def test_a_corrupted_blob_is_reported_and_repaired(
-    graphsync_config: WriteConfig, run_graphsync: RunGraphsync
-) -> None:
+
+def test_a_corrupted_blob_is_reported_and_repaired(graphsync_config: WriteConfig, run_graphsync: RunGraphsync) -> None:
     config = graphsync_config()
     store = _store(config)
     store.ensure_container()
@@ -262,13 +281,15 @@ def test_a_wrong_encryption_key_is_reported_and_the_blob_rewritten_with_ours(
     old_key, new_key = _key_file(tmp_path, "old.key"), _key_file(tmp_path, "new.key")
     with_old = graphsync_config("old.toml", extra={"storage": {"encryption_key_file": str(old_key)}})
     with_new = graphsync_config("new.toml", extra={"storage": {"encryption_key_file": str(new_key)}})
-    rotating = graphsync_config("rotating.toml", extra={"storage": {
-        "encryption_key_file": str(new_key), "previous_encryption_key_files": [str(old_key)]}})
+    rotating = graphsync_config(
+        "rotating.toml",
+        extra={"storage": {"encryption_key_file": str(new_key), "previous_encryption_key_files": [str(old_key)]}},
+    )
 
-    assert _report(run_graphsync("token", "--json", "--config", str(with_old)).stdout)["source"] == \
-        "identity_provider"
-    assert _report(run_graphsync("token", "--json", "--config", str(rotating)).stdout)["source"] == "blob", \
+    assert _report(run_graphsync("token", "--json", "--config", str(with_old)).stdout)["source"] == "identity_provider"
+    assert _report(run_graphsync("token", "--json", "--config", str(rotating)).stdout)["source"] == "blob", (
         "a previous key must still decrypt"
+    )
     wrong = run_graphsync("token", "--json", "--config", str(with_new))
     assert wrong.returncode == 0, wrong.stderr
     assert _report(wrong.stdout)["source"] == "identity_provider"
@@ -277,6 +298,7 @@ def test_a_wrong_encryption_key_is_reported_and_the_blob_rewritten_with_ours(
 
 
 # -- 7. no secrets in debug output -------------------------------------------------------------------------
+
 
 def test_debug_logging_never_prints_the_client_secret_or_a_token(
     graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_entra: FakeEntra, azurite: Azurite
@@ -300,20 +322,20 @@ def test_debug_logging_never_prints_the_client_secret_or_a_token(
 
 # -- identity-provider errors and proactive refresh ----------------------------------------------------------
 
+
 def test_identity_provider_errors_are_reported_with_their_aadsts_code(
     graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_entra: FakeEntra
 ) -> None:
-    fake_entra.fail_next(1, status=401, error="invalid_client",
-                         description="AADSTS7000215: Invalid client secret provided.")
+    fake_entra.fail_next(
+        1, status=401, error="invalid_client", description="AADSTS7000215: Invalid client secret provided."
+    )
     result = run_graphsync("token", "--config", str(graphsync_config()))
     assert result.returncode == 1
     assert "invalid_client" in result.stderr and "AADSTS7000215" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_transient_identity_provider_errors_are_retried(
-    graphsync_config: WriteConfig, fake_entra: FakeEntra
-) -> None:
+def test_transient_identity_provider_errors_are_retried(graphsync_config: WriteConfig, fake_entra: FakeEntra) -> None:
     fake_entra.fail_next(2, status=503, error="temporarily_unavailable", description="AADSTS50000: busy")
     token = _caches(graphsync_config()).acquire(TENANT)
     assert token.source == "identity_provider"
@@ -360,17 +382,22 @@ def test_a_token_rejected_by_the_resource_is_replaced_once_for_the_fleet(
 def test_a_valid_token_in_memory_costs_no_storage_io(graphsync_config: WriteConfig) -> None:
     caches = _caches(graphsync_config())
     caches.acquire(TENANT)
-    before = sum(_counter("graphsync_storage_operations_total", operation=op, result=res)
-                 for op in ("read", "write", "lease")
-                 for res in ("ok", "not_modified", "absent", "conflict", "lease_held", "error"))
+    before = sum(
+        _counter("graphsync_storage_operations_total", operation=op, result=res)
+        for op in ("read", "write", "lease")
+        for res in ("ok", "not_modified", "absent", "conflict", "lease_held", "error")
+    )
     assert {caches.acquire(TENANT).source for _ in range(50)} == {"memory"}
-    after = sum(_counter("graphsync_storage_operations_total", operation=op, result=res)
-                for op in ("read", "write", "lease")
-                for res in ("ok", "not_modified", "absent", "conflict", "lease_held", "error"))
+    after = sum(
+        _counter("graphsync_storage_operations_total", operation=op, result=res)
+        for op in ("read", "write", "lease")
+        for res in ("ok", "not_modified", "absent", "conflict", "lease_held", "error")
+    )
     assert after == before
 
 
 # -- 9. certificate and workload-identity credentials -------------------------------------------------------
+
 
 def test_certificate_credential_reaches_the_token_endpoint_as_a_signed_assertion(
     ca: trustme.CA, graphsync_config: WriteConfig, run_graphsync: RunGraphsync, tmp_path: Path
@@ -379,8 +406,15 @@ def test_certificate_credential_reaches_the_token_endpoint_as_a_signed_assertion
     pem = tmp_path / "app.pem"
     pem.write_bytes(leaf.private_key_and_cert_chain_pem.bytes())
     with FakeEntra(ca, client_id=CLIENT_ID, certificate_pem=leaf.cert_chain_pems[0].bytes()) as entra:
-        config = graphsync_config(extra={"identity": {
-            "client_secret": None, "certificate_file": str(pem), "authority_host": entra.authority_host}})
+        config = graphsync_config(
+            extra={
+                "identity": {
+                    "client_secret": None,
+                    "certificate_file": str(pem),
+                    "authority_host": entra.authority_host,
+                }
+            }
+        )
         result = run_graphsync("token", "--json", "--config", str(config))
         assert result.returncode == 0, result.stderr
         assert [r.auth for r in entra.token_requests()] == ["certificate"]
@@ -393,8 +427,15 @@ def test_federated_token_file_is_read_again_for_every_token_request(
     token_file = tmp_path / "azure-identity-token"
     token_file.write_text("federated-assertion-one\n")
     with FakeEntra(ca, client_id=CLIENT_ID, federated_token="federated-assertion-one") as entra:
-        config = graphsync_config(extra={"identity": {
-            "client_secret": None, "federated_token_file": str(token_file), "authority_host": entra.authority_host}})
+        config = graphsync_config(
+            extra={
+                "identity": {
+                    "client_secret": None,
+                    "federated_token_file": str(token_file),
+                    "authority_host": entra.authority_host,
+                }
+            }
+        )
         caches = _caches(config)
         first = caches.acquire(TENANT)
         token_file.write_text("federated-assertion-two\n")  # the kubelet rotated the projected token
@@ -405,6 +446,7 @@ def test_federated_token_file_is_read_again_for_every_token_request(
 
 
 # -- a working token is never held hostage ------------------------------------------------------------------
+
 
 def test_a_replica_with_a_working_token_does_not_wait_for_another_replicas_refresh(
     graphsync_config: WriteConfig, fake_entra: FakeEntra
@@ -450,10 +492,15 @@ def test_a_hung_storage_account_never_stalls_tokens_served_from_memory(
         hung.bind(("127.0.0.1", 0))
         hung.listen(16)
         endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}/devstoreaccount1"
-        config = graphsync_config(extra={"storage": {
-            "connection_string": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-                                 f"AccountKey={base64.b64encode(b'k' * 32).decode()};BlobEndpoint={endpoint};",
-            "timeout_seconds": 1.0}})
+        config = graphsync_config(
+            extra={
+                "storage": {
+                    "connection_string": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                    f"AccountKey={base64.b64encode(b'k' * 32).decode()};BlobEndpoint={endpoint};",
+                    "timeout_seconds": 1.0,
+                }
+            }
+        )
         caches = _caches(config)
         assert caches.acquire(TENANT).source == "identity_provider"  # pays the storage timeouts once
         latencies = []
@@ -466,14 +513,24 @@ def test_a_hung_storage_account_never_stalls_tokens_served_from_memory(
 
 
 def test_a_credential_file_gone_during_a_refresh_keeps_the_working_token(
-    ca: trustme.CA, graphsync_config: WriteConfig, tls_env: dict[str, str], tmp_path: Path,
+    ca: trustme.CA,
+    graphsync_config: WriteConfig,
+    tls_env: dict[str, str],
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     token_file = tmp_path / "azure-identity-token"
     token_file.write_text("federated-assertion\n")
     with FakeEntra(ca, client_id=CLIENT_ID, federated_token="federated-assertion", refresh_in=1) as entra:
-        config = graphsync_config(extra={"identity": {
-            "client_secret": None, "federated_token_file": str(token_file), "authority_host": entra.authority_host}})
+        config = graphsync_config(
+            extra={
+                "identity": {
+                    "client_secret": None,
+                    "federated_token_file": str(token_file),
+                    "authority_host": entra.authority_host,
+                }
+            }
+        )
         caches = _caches(config)
         first = caches.acquire(TENANT)
         time.sleep(1.5)

@@ -42,34 +42,53 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     # --config sits on the main parser and on every subcommand, so it works before or after the subcommand.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="TOML configuration file (default: $GRAPHSYNC_CONFIG, else /etc/graphsync/config.toml "
-                             "if it exists, else environment variables only)")
-    parser = argparse.ArgumentParser(prog="graphsync", parents=[common],
-                                     description="Export Microsoft Graph collections with a fleet-shared token cache.")
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="TOML configuration file (default: $GRAPHSYNC_CONFIG, else /etc/graphsync/config.toml "
+        "if it exists, else environment variables only)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="graphsync",
+        parents=[common],
+        description="Export Microsoft Graph collections with a fleet-shared token cache.",
+    )
     parser.add_argument("--version", action="version", version=f"graphsync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    token = commands.add_parser("token", parents=[common], help="acquire a token through the shared cache and say "
-                                "where it came from (never prints the token)")
+    token = commands.add_parser(
+        "token",
+        parents=[common],
+        help="acquire a token through the shared cache and say where it came from (never prints the token)",
+    )
     token.add_argument("--tenant", help="tenant to acquire for (default: the only configured tenant)")
     token.add_argument("--json", action="store_true", help="end with one JSON object: tenant, source, expires_on")
-    run = commands.add_parser("run", parents=[common], help="run the daemon: every job on its schedule, "
-                              "coordinated with the other replicas")
+    run = commands.add_parser(
+        "run", parents=[common], help="run the daemon: every job on its schedule, coordinated with the other replicas"
+    )
     run.set_defaults(command="run")
 
-    sync = commands.add_parser("sync", parents=[common], help="run jobs now and exit (for a container job, a "
-                               "systemd oneshot, or by hand)")
+    sync = commands.add_parser(
+        "sync", parents=[common], help="run jobs now and exit (for a container job, a systemd oneshot, or by hand)"
+    )
     sync.add_argument("--job", action="append", help="job name (repeatable; default: every job)")
     sync.add_argument("--tenant", help="only this tenant (default: each job's tenants)")
-    sync.add_argument("--wait", action="store_true", help="wait for a run on another replica to finish instead "
-                      "of exiting with status 3")
+    sync.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for a run on another replica to finish instead of exiting with status 3",
+    )
 
     status = commands.add_parser("status", parents=[common], help="token cache and job state, fleet-wide")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
-    check = commands.add_parser("check", parents=[common], help="preflight: configuration, storage, a token per "
-                                "tenant, Graph access per job — each failure with its likely fix")
+    check = commands.add_parser(
+        "check",
+        parents=[common],
+        help="preflight: configuration, storage, a token per "
+        "tenant, Graph access per job — each failure with its likely fix",
+    )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -112,8 +131,13 @@ def _token_caches(settings: Settings) -> tuple[BlobStore, TokenCaches]:
 def _job_runner(settings: Settings) -> JobRunner:
     """The composition root of a sync: token caches, the Graph client, the output, the job locks."""
     store, caches = _token_caches(settings)
-    graph = GraphClient(settings.graph.endpoint, settings.graph.api_version, caches,
-                        timeout=settings.graph.timeout_seconds, max_retries=settings.graph.max_retries)
+    graph = GraphClient(
+        settings.graph.endpoint,
+        settings.graph.api_version,
+        caches,
+        timeout=settings.graph.timeout_seconds,
+        max_retries=settings.graph.max_retries,
+    )
     return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store)
 
 
@@ -138,8 +162,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("no [[jobs]] are configured: nothing to schedule")
     runner = _job_runner(settings)
     metrics = settings.metrics
-    health = (lambda daemon: HealthServer(metrics.host, metrics.port, live=daemon.live, ready=daemon.ready)
-              ) if metrics.port else None
+    health = (
+        (lambda daemon: HealthServer(metrics.host, metrics.port, live=daemon.live, ready=daemon.ready))
+        if metrics.port
+        else None
+    )
     return Daemon(settings, runner, health=health).run()
 
 
@@ -148,8 +175,13 @@ def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSet
     if unknown := sorted(set(args.job or []) - names):
         raise UsageError(f"--job {', '.join(unknown)}: not configured (jobs: {', '.join(sorted(names)) or 'none'})")
     tenant = _tenant(args, settings) if args.tenant else None
-    pairs = [(job, t) for job in settings.jobs if not args.job or job.name in args.job
-             for t in settings.job_tenants(job) if tenant is None or t == tenant]
+    pairs = [
+        (job, t)
+        for job in settings.jobs
+        if not args.job or job.name in args.job
+        for t in settings.job_tenants(job)
+        if tenant is None or t == tenant
+    ]
     if not pairs:
         raise UsageError("nothing to sync: no configured job matches --job/--tenant")
     return pairs

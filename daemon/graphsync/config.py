@@ -362,9 +362,7 @@ _ContainerName = Annotated[
         "starting and ending with a letter or digit",
     ),
 ]
-_PropertyName = Annotated[
-    str, _matching(r"[A-Za-z0-9_@.]+", "property names of letters, digits, '_', '@' and '.'")
-]
+_PropertyName = Annotated[str, _matching(r"[A-Za-z0-9_@.]+", "property names of letters, digits, '_', '@' and '.'")]
 _NonEmptyStr = Annotated[str, Field(min_length=1)]
 _Secret = Annotated[SecretStr, AfterValidator(_non_empty_secret)]
 # *_file keys: relative paths are anchored at load time (see _Load.resolve).
@@ -409,8 +407,10 @@ def _certificate_problem(path: Path, password_file: Path | None) -> str | None:
             certificate = x509.load_pem_x509_certificate(data)
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return (f"cannot load a private key and certificate from {path} ({reason}); expected PEM with both, "
-                "or .pfx/.p12 (with identity.certificate_password_file if encrypted)")
+        return (
+            f"cannot load a private key and certificate from {path} ({reason}); expected PEM with both, "
+            "or .pfx/.p12 (with identity.certificate_password_file if encrypted)"
+        )
     if certificate is None:
         return f"{path} holds no certificate"
     if not isinstance(key, rsa.RSAPrivateKey):
@@ -454,8 +454,9 @@ class IdentitySettings(BaseModel):
                 problems.append((("certificate_password_file",), "is only used with identity.certificate_file"))
             if self.send_certificate_chain:
                 problems.append((("send_certificate_chain",), "is only used with identity.certificate_file"))
-        if self.certificate_file is not None and (problem := _certificate_problem(
-                self.certificate_file, self.certificate_password_file)):
+        if self.certificate_file is not None and (
+            problem := _certificate_problem(self.certificate_file, self.certificate_password_file)
+        ):
             problems.append((("certificate_file",), problem))
         if self.client_secret_file is not None:
             try:

@@ -16,9 +16,15 @@ class SyncProgress:
     """One progress line per (tenant, job): pages and records so far. Silent when not on a terminal."""
 
     def __init__(self, *, enabled: bool) -> None:
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-                                  console=Console(stderr=True), disable=not enabled, transient=False)
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+            transient=False,
+        )
         self._tasks: dict[tuple[str, str], Any] = {}
 
     def __enter__(self) -> SyncProgress:
@@ -35,16 +41,28 @@ class SyncProgress:
         self._progress.update(self._tasks[tenant, job], detail=f"{pages} pages, {records} records")
 
     def end(self, tenant: str, job: str, status: str) -> None:
-        self._progress.update(self._tasks[tenant, job], total=1, completed=1,
-                              detail=self._progress.tasks[-1].fields["detail"] + f" — {status}")
+        self._progress.update(
+            self._tasks[tenant, job],
+            total=1,
+            completed=1,
+            detail=self._progress.tasks[-1].fields["detail"] + f" — {status}",
+        )
 
 
 def print_summary(results: list[RunResult], *, terminal: bool) -> None:
     """A table on a terminal; otherwise one tab-separated line per run, which logs and scripts read better."""
     columns = ("tenant", "job", "objects", "changes", "duration", "result")
-    rows = [(r.tenant, r.job, str(r.objects), str(r.changes), f"{r.duration:.1f} s",
-             r.status + (" (full resync)" if r.resync else "") + (f": {r.message}" if r.message else ""))
-            for r in results]
+    rows = [
+        (
+            r.tenant,
+            r.job,
+            str(r.objects),
+            str(r.changes),
+            f"{r.duration:.1f} s",
+            r.status + (" (full resync)" if r.resync else "") + (f": {r.message}" if r.message else ""),
+        )
+        for r in results
+    ]
     if not terminal:
         for row in (columns, *rows):
             print("\t".join(row))
@@ -64,16 +82,29 @@ def print_status(report: dict[str, Any]) -> None:
         tokens.add_column(column)
     for t in report["tenants"]:
         age = t.get("blob_age_seconds")
-        tokens.add_row(t["tenant"], t["blob"], "-" if age is None else f"{age} s", str(t.get("tokens", "-")),
-                       _time(t.get("token_expires_on")), t.get("problem") or "")
+        tokens.add_row(
+            t["tenant"],
+            t["blob"],
+            "-" if age is None else f"{age} s",
+            str(t.get("tokens", "-")),
+            _time(t.get("token_expires_on")),
+            t.get("problem") or "",
+        )
     console.print(tokens)
     jobs = Table(title=f"jobs → {report['output']}")
     for column in ("tenant", "job", "last success", "last error", "objects", "next due", "lock holder"):
         jobs.add_column(column)
     for j in report["jobs"]:
         error = (j["last_error"] or "") + "".join(f"\n⚠ {w}" for w in j["warnings"])
-        jobs.add_row(j["tenant"], j["job"], j["last_success"] or "never", error, str(j["objects"] or "-"),
-                     j["next_due"] or "-", j["lock_holder"] or "-")
+        jobs.add_row(
+            j["tenant"],
+            j["job"],
+            j["last_success"] or "never",
+            error,
+            str(j["objects"] or "-"),
+            j["next_due"] or "-",
+            j["lock_holder"] or "-",
+        )
     console.print(jobs)
 
 

@@ -35,8 +35,12 @@ class _ThrottleAwareRetry(Retry):
         response = kwargs.get("response")
         if response is not None and response.status in THROTTLE_STATUSES:
             GRAPH_THROTTLED.labels(str(response.status)).inc()
-            log.warning("Graph answered %s (Retry-After: %s) for %s; retrying", response.status,
-                        response.headers.get("Retry-After", "-"), _path(url or ""))
+            log.warning(
+                "Graph answered %s (Retry-After: %s) for %s; retrying",
+                response.status,
+                response.headers.get("Retry-After", "-"),
+                _path(url or ""),
+            )
         return super().increment(method, url, *args, **kwargs)
 
 
@@ -82,11 +86,13 @@ class GraphClient:
         self.base_url = f"{endpoint.rstrip('/')}/{api_version}"
         self._tokens = tokens
         self._timeout = timeout
-        self._session = session or retrying_session(total=max_retries, statuses=THROTTLE_STATUSES, backoff=1.0,
-                                                    retry_class=_ThrottleAwareRetry)
+        self._session = session or retrying_session(
+            total=max_retries, statuses=THROTTLE_STATUSES, backoff=1.0, retry_class=_ThrottleAwareRetry
+        )
 
-    def collection_url(self, resource: str, *, select: list[str] | None = None, delta: bool = False,
-                       top: int | None = None) -> str:
+    def collection_url(
+        self, resource: str, *, select: list[str] | None = None, delta: bool = False, top: int | None = None
+    ) -> str:
         url = f"{self.base_url}/{resource}{'/delta' if delta else ''}"
         query = []
         if select:
@@ -118,8 +124,11 @@ class GraphClient:
         token = self._tokens.acquire(tenant)
         response = self._send(url, token.token, minimal)
         if response.status_code == 401:
-            log.info("Graph rejected the access token for tenant %s (401); getting a fresh one", tenant,
-                     extra={"tenant": tenant})
+            log.info(
+                "Graph rejected the access token for tenant %s (401); getting a fresh one",
+                tenant,
+                extra={"tenant": tenant},
+            )
             token = self._tokens.acquire(tenant, rejected=token.token)
             response = self._send(url, token.token, minimal)
         if response.status_code != 200:
@@ -148,21 +157,24 @@ class GraphClient:
             response = self._session.get(url, headers=headers, timeout=self._timeout)
         except requests.RequestException as exc:
             GRAPH_REQUESTS.labels("error").inc()
-            raise GraphError(f"GET {_path(url)}: {type(exc).__name__} (client-request-id "
-                             f"{headers['client-request-id']})") from None
+            raise GraphError(
+                f"GET {_path(url)}: {type(exc).__name__} (client-request-id {headers['client-request-id']})"
+            ) from None
         GRAPH_REQUESTS.labels(str(response.status_code)).inc()
         return response
 
     def _error(self, url: str, response: requests.Response) -> GraphError:
         code, message = _graph_error(response)
         text = f"GET {_path(url)}: HTTP {response.status_code} {code or ''}: {message}; {_ids(response)}"
-        log.warning("Graph call failed: %s", text, extra={
-            "request_id": response.headers.get("request-id"),
-            "client_request_id": response.request.headers.get("client-request-id"),
-        })
-        resync = response.status_code == 410 or (
-            response.status_code == 400 and (code or "").lower() in RESYNC_CODES
+        log.warning(
+            "Graph call failed: %s",
+            text,
+            extra={
+                "request_id": response.headers.get("request-id"),
+                "client_request_id": response.request.headers.get("client-request-id"),
+            },
         )
+        resync = response.status_code == 410 or (response.status_code == 400 and (code or "").lower() in RESYNC_CODES)
         kind = ResyncRequired if resync else GraphError
         return kind(text, status=response.status_code, code=code)
 

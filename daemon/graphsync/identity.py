@@ -73,8 +73,13 @@ def failure_result(exc: Exception) -> dict[str, str]:
     return {"error": error, "error_description": first_line[:300]}
 
 
-def retrying_session(total: int, statuses: tuple[int, ...], backoff: float = 0.5,
-                     retry_class: type[Retry] = Retry, retry_after_max: int = RETRY_AFTER_MAX) -> requests.Session:
+def retrying_session(
+    total: int,
+    statuses: tuple[int, ...],
+    backoff: float = 0.5,
+    retry_class: type[Retry] = Retry,
+    retry_after_max: int = RETRY_AFTER_MAX,
+) -> requests.Session:
     """A pooled session whose retries (with ``Retry-After`` honoured) come from urllib3, not from our code."""
     retry = retry_class(
         total=total,

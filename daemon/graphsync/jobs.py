@@ -72,16 +72,31 @@ class RunInterrupted(Exception):
 
 
 class JobRunner:
-    def __init__(self, *, graph: GraphClient, sink: Sink, locks: BlobStore, replica: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        graph: GraphClient,
+        sink: Sink,
+        locks: BlobStore,
+        replica: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._graph = graph
         self._sink = sink
         self._locks = locks
         self.replica = replica or replica_name()
         self._clock = clock
 
-    def run(self, job: JobSettings, tenant: str, *, due_after: float | None = None, wait: bool = False,
-            stop: threading.Event | None = None, progress: Progress | None = None) -> RunResult:
+    def run(
+        self,
+        job: JobSettings,
+        tenant: str,
+        *,
+        due_after: float | None = None,
+        wait: bool = False,
+        stop: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> RunResult:
         """Run ``job`` for ``tenant`` unless another replica is running it (``busy``, or wait with ``wait``) or it
         already succeeded after ``due_after`` (``skipped``)."""
         stop = stop or threading.Event()
@@ -111,8 +126,14 @@ class JobRunner:
             lease = self._locks.try_lease(name, LOCK_SECONDS)
         return lease
 
-    def _run_locked(self, job: JobSettings, tenant: str, due_after: float | None,
-                    interrupted: Callable[[], bool], progress: Progress | None) -> RunResult:
+    def _run_locked(
+        self,
+        job: JobSettings,
+        tenant: str,
+        due_after: float | None,
+        interrupted: Callable[[], bool],
+        progress: Progress | None,
+    ) -> RunResult:
         try:
             state, etag = self._sink.read_state(tenant, job.name)
         except StorageError as exc:
@@ -124,8 +145,13 @@ class JobRunner:
 
         started = self._clock()
         result = RunResult(tenant, job.name, "ok", run_id=uuid.uuid4().hex[:12])
-        log.info("run %s of job %s for tenant %s started", result.run_id, job.name, tenant,
-                 extra={"tenant": tenant, "job": job.name, "run_id": result.run_id})
+        log.info(
+            "run %s of job %s for tenant %s started",
+            result.run_id,
+            job.name,
+            tenant,
+            extra={"tenant": tenant, "job": job.name, "run_id": result.run_id},
+        )
         try:
             delta_link = self._sync(job, tenant, state, result, started, interrupted, progress)
         except RunInterrupted as exc:
@@ -133,28 +159,55 @@ class JobRunner:
             return self._finish(result, started)
         except WriteConflict:
             result.status = "failed"
-            result.message = "another replica published this job's snapshot during this run (lock lost?); " \
-                             "this run published nothing"
+            result.message = (
+                "another replica published this job's snapshot during this run (lock lost?); this run published nothing"
+            )
             return self._finish(result, started)
         except Exception as exc:  # any failure is the run's result, never the scheduler's problem
             if not isinstance(exc, (GraphError, StorageError, TokenError, OSError)):
                 log.exception("unexpected failure in run %s of %s/%s", result.run_id, tenant, job.name)
             result.status, result.message = "failed", str(exc) or type(exc).__name__
-            self._save_state(tenant, job, etag, state | {
-                "last_failure": _iso(self._clock()), "last_error": result.message, "last_run_id": result.run_id})
+            self._save_state(
+                tenant,
+                job,
+                etag,
+                state
+                | {"last_failure": _iso(self._clock()), "last_error": result.message, "last_run_id": result.run_id},
+            )
             return self._finish(result, started)
-        saved = self._save_state(tenant, job, etag, state | {
-            "job": job.name, "tenant": tenant, "query": _query(job), "delta_link": delta_link,
-            "last_run_id": result.run_id, "last_success": _iso(self._clock()),
-            "last_success_started": _iso(started), "objects": result.objects, "changes": result.changes,
-            "replica": self.replica, "last_error": None,
-        })
+        saved = self._save_state(
+            tenant,
+            job,
+            etag,
+            state
+            | {
+                "job": job.name,
+                "tenant": tenant,
+                "query": _query(job),
+                "delta_link": delta_link,
+                "last_run_id": result.run_id,
+                "last_success": _iso(self._clock()),
+                "last_success_started": _iso(started),
+                "objects": result.objects,
+                "changes": result.changes,
+                "replica": self.replica,
+                "last_error": None,
+            },
+        )
         if not saved:  # the data is published and safe; the next run fetches these changes again
             result.status, result.message = "failed", "published, but the cursor (state.json) could not be saved"
         return self._finish(result, started)
 
-    def _sync(self, job: JobSettings, tenant: str, state: dict[str, Any], result: RunResult, started: float,
-              interrupted: Callable[[], bool], progress: Progress | None) -> str | None:
+    def _sync(
+        self,
+        job: JobSettings,
+        tenant: str,
+        state: dict[str, Any],
+        result: RunResult,
+        started: float,
+        interrupted: Callable[[], bool],
+        progress: Progress | None,
+    ) -> str | None:
         """Fetch and apply; publish snapshot and change file; return the delta link to save."""
         delta_link = state.get("delta_link") if job.delta and state.get("query") == _query(job) else None
         version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
@@ -178,8 +231,13 @@ class JobRunner:
                     try:
                         new_link = self._fetch(tenant, job, url, store, changes, result, interrupted, progress)
                     except ResyncRequired as exc:
-                        log.warning("delta token of %s/%s expired or invalid (%s); full resync", tenant, job.name,
-                                    exc.code, extra={"tenant": tenant, "job": job.name})
+                        log.warning(
+                            "delta token of %s/%s expired or invalid (%s); full resync",
+                            tenant,
+                            job.name,
+                            exc.code,
+                            extra={"tenant": tenant, "job": job.name},
+                        )
                         result.full = result.resync = True
                         result.pages = result.changes = 0
                         store.clear()
@@ -201,8 +259,17 @@ class JobRunner:
                 store.close()
         return new_link
 
-    def _fetch(self, tenant: str, job: JobSettings, url: str, store: SnapshotStore, changes: IO[bytes],
-               result: RunResult, interrupted: Callable[[], bool], progress: Progress | None) -> str | None:
+    def _fetch(
+        self,
+        tenant: str,
+        job: JobSettings,
+        url: str,
+        store: SnapshotStore,
+        changes: IO[bytes],
+        result: RunResult,
+        interrupted: Callable[[], bool],
+        progress: Progress | None,
+    ) -> str | None:
         """Stream pages into the working store and the change file; return the round's delta link."""
         for page in self._graph.pages(tenant, url, minimal=not result.full):
             for record in page.objects:
@@ -223,8 +290,12 @@ class JobRunner:
         try:
             self._sink.write_state(tenant, job.name, state, if_match=etag)
         except WriteConflict:
-            log.error("state of %s/%s changed under this run (lock lost?); not saving this run's cursor",
-                      tenant, job.name, extra={"tenant": tenant, "job": job.name})
+            log.error(
+                "state of %s/%s changed under this run (lock lost?); not saving this run's cursor",
+                tenant,
+                job.name,
+                extra={"tenant": tenant, "job": job.name},
+            )
             return False
         except (StorageError, OSError) as exc:
             log.error("cannot save state of %s/%s: %s", tenant, job.name, exc)
@@ -240,12 +311,27 @@ class JobRunner:
         if result.status == "ok":
             OBJECTS_SYNCED.labels(result.tenant, result.job).inc(result.changes)
             JOB_LAST_SUCCESS.labels(result.tenant, result.job).set(self._clock())
-            log.info("run %s of %s/%s: %d objects, %d changes in %.1f s%s", result.run_id, result.tenant,
-                     result.job, result.objects, result.changes, result.duration,
-                     " (full resync)" if result.resync else "", extra=extra)
+            log.info(
+                "run %s of %s/%s: %d objects, %d changes in %.1f s%s",
+                result.run_id,
+                result.tenant,
+                result.job,
+                result.objects,
+                result.changes,
+                result.duration,
+                " (full resync)" if result.resync else "",
+                extra=extra,
+            )
         else:
-            log.log(logging.ERROR if result.status == "failed" else logging.INFO, "run of %s/%s %s: %s",
-                    result.tenant, result.job, result.status, result.message, extra=extra)
+            log.log(
+                logging.ERROR if result.status == "failed" else logging.INFO,
+                "run of %s/%s %s: %s",
+                result.tenant,
+                result.job,
+                result.status,
+                result.message,
+                extra=extra,
+            )
         return result
 
 
@@ -254,8 +340,7 @@ def _check_record(record: Any, resource: str) -> None:
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
         raise MalformedResponse(f"a record in {resource} has no string 'id'")
     members = record.get(MEMBERS_DELTA, [])
-    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
-                                                for m in members):
+    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in members):
         raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{MEMBERS_DELTA}'")
 
 

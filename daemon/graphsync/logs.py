@@ -35,10 +35,13 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -
         json_output = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
     if json_output:
-        handler.setFormatter(RedactingJsonFormatter(
-            JSON_FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            timestamp=False,
-        ))
+        handler.setFormatter(
+            RedactingJsonFormatter(
+                JSON_FIELDS,
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                timestamp=False,
+            )
+        )
     else:
         handler.setFormatter(RedactingTextFormatter(TEXT_FORMAT))
     root = logging.getLogger()

@@ -26,30 +26,34 @@ if TYPE_CHECKING:
 
 AADSTS_FIXES = {
     "AADSTS7000215": "the client secret is wrong: use the secret's Value (not its Secret ID) from the app "
-                     "registration's Certificates & secrets",
+    "registration's Certificates & secrets",
     "AADSTS7000222": "the client secret has expired: create a new one in the app registration and update "
-                     "identity.client_secret(_file)",
+    "identity.client_secret(_file)",
     "AADSTS700016": "the application was not found in this tenant: check identity.client_id, and that the app is "
-                    "multi-tenant and admin-consented in every tenant listed in identity.tenants",
+    "multi-tenant and admin-consented in every tenant listed in identity.tenants",
     "AADSTS90002": "the tenant was not found: check identity.tenants (a tenant id or a verified domain) and "
-                   "identity.authority_host (national clouds have their own)",
+    "identity.authority_host (national clouds have their own)",
     "AADSTS700027": "the client assertion was rejected: upload this certificate to the app registration, or "
-                    "check that the private key matches it",
+    "check that the private key matches it",
     "AADSTS70021": "no federated credential matches this workload: check the federated identity credential's "
-                   "issuer and subject (system:serviceaccount:NAMESPACE:NAME; for a managed identity, issuer "
-                   "https://login.microsoftonline.com/TENANT_ID/v2.0 and the identity's object id)",
+    "issuer and subject (system:serviceaccount:NAMESPACE:NAME; for a managed identity, issuer "
+    "https://login.microsoftonline.com/TENANT_ID/v2.0 and the identity's object id)",
     "AADSTS700024": "the federated token is expired or not yet valid: check the projected service account token "
-                    "and the host clock",
+    "and the host clock",
     "AADSTS7000218": "no credential was sent: configure exactly one of identity.client_secret, "
-                     "identity.certificate_file, identity.federated_token_file or "
-                     "identity.managed_identity_client_id",
+    "identity.certificate_file, identity.federated_token_file or "
+    "identity.managed_identity_client_id",
     "AADSTS1002012": "client credentials need a '/.default' scope, e.g. https://graph.microsoft.com/.default",
     "AADSTS500011": "the resource in identity.scopes does not exist in this tenant: check identity.scopes",
 }
 GRAPH_PERMISSIONS = {
-    "users": "User.Read.All", "groups": "Group.Read.All (or GroupMember.Read.All)",
-    "serviceprincipals": "Application.Read.All", "applications": "Application.Read.All",
-    "devices": "Device.Read.All", "contacts": "OrgContact.Read.All", "directoryroles": "RoleManagement.Read.Directory",
+    "users": "User.Read.All",
+    "groups": "Group.Read.All (or GroupMember.Read.All)",
+    "serviceprincipals": "Application.Read.All",
+    "applications": "Application.Read.All",
+    "devices": "Device.Read.All",
+    "contacts": "OrgContact.Read.All",
+    "directoryroles": "RoleManagement.Read.Directory",
 }
 
 
@@ -66,19 +70,27 @@ class Check:
 
 def storage_fix(exc: StorageError) -> str:
     if exc.code == "AuthorizationPermissionMismatch":
-        return ("assign the 'Storage Blob Data Contributor' role on the container (or account) to the identity "
-                "graphsync runs as")
+        return (
+            "assign the 'Storage Blob Data Contributor' role on the container (or account) to the identity "
+            "graphsync runs as"
+        )
     if exc.code == "AuthorizationFailure":
-        return ("the request was refused: check the account key or SAS in storage.connection_string, and that the "
-                "storage account's firewall allows this host")
+        return (
+            "the request was refused: check the account key or SAS in storage.connection_string, and that the "
+            "storage account's firewall allows this host"
+        )
     if exc.code == "AuthenticationFailed":
         return "the account key or SAS in storage.connection_string is wrong or expired"
     if "ClientAuthenticationError" in str(exc) or "CredentialUnavailable" in str(exc):
-        return ("no Azure credential for storage.account_url: use a managed identity or workload identity, or set "
-                "storage.connection_string")
+        return (
+            "no Azure credential for storage.account_url: use a managed identity or workload identity, or set "
+            "storage.connection_string"
+        )
     if exc.status is None:
-        return "storage did not answer: check storage.account_url / the connection string's endpoint, DNS and " \
-               "outbound HTTPS"
+        return (
+            "storage did not answer: check storage.account_url / the connection string's endpoint, DNS and "
+            "outbound HTTPS"
+        )
     return "see the storage error above"
 
 
@@ -86,12 +98,16 @@ def token_fix(exc: TokenError) -> str:
     if exc.aadsts in AADSTS_FIXES:
         return AADSTS_FIXES[exc.aadsts]
     if exc.error == "managed_identity_unavailable":
-        return ("no managed identity token: assign the identity to this resource and check "
-                "identity.managed_identity_client_id (its client id, or \"system\"); the platform's endpoint "
-                "(IDENTITY_ENDPOINT, or IMDS on a VM) must answer")
+        return (
+            "no managed identity token: assign the identity to this resource and check "
+            'identity.managed_identity_client_id (its client id, or "system"); the platform\'s endpoint '
+            "(IDENTITY_ENDPOINT, or IMDS on a VM) must answer"
+        )
     if exc.error == "credential_unreadable":
-        return ("a credential file could not be read: check identity.certificate_file / federated_token_file "
-                "(mounted, and readable by the service's user)")
+        return (
+            "a credential file could not be read: check identity.certificate_file / federated_token_file "
+            "(mounted, and readable by the service's user)"
+        )
     if exc.error == "identity_provider_unavailable":
         return "the identity provider did not answer: check identity.authority_host, DNS and outbound HTTPS"
     return "see the error above; https://login.microsoftonline.com/error?code=<number> explains AADSTS codes"
@@ -125,11 +141,22 @@ def run_checks(settings: Settings, config_file: Path | None) -> Iterator[Check]:
             report = caches[tenant].inspect_blob()
             problem = report.get("problem")
             unreadable = bool(problem and problem.startswith("unreadable"))
-            yield Check(f"token cache {tenant}", not unreadable, problem or f"{report['blob']} readable",
-                        "the blob was written with another encryption key: give every replica the same "
-                        "storage.encryption_key_file (it will be replaced by the next write)" if unreadable else None)
-    graph = GraphClient(settings.graph.endpoint, settings.graph.api_version, caches,
-                        timeout=settings.graph.timeout_seconds, max_retries=1)
+            yield Check(
+                f"token cache {tenant}",
+                not unreadable,
+                problem or f"{report['blob']} readable",
+                "the blob was written with another encryption key: give every replica the same "
+                "storage.encryption_key_file (it will be replaced by the next write)"
+                if unreadable
+                else None,
+            )
+    graph = GraphClient(
+        settings.graph.endpoint,
+        settings.graph.api_version,
+        caches,
+        timeout=settings.graph.timeout_seconds,
+        max_retries=1,
+    )
     for tenant in settings.identity.tenants:
         check = _check_token(settings, tenant)
         yield check
@@ -165,8 +192,9 @@ def _check_token(settings: Settings, tenant: str) -> Check:
         result = failure_result(exc)
     if "access_token" in result:
         return Check(f"token {tenant}", True, f"issued by {settings.identity.authority_host}")
-    error = TokenError(tenant, str(result.get("error")), result.get("error_description") or "",
-                       result.get("error_codes"))
+    error = TokenError(
+        tenant, str(result.get("error")), result.get("error_description") or "", result.get("error_codes")
+    )
     return Check(f"token {tenant}", False, str(error), token_fix(error))
 
 

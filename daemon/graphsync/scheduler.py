@@ -119,8 +119,13 @@ class Daemon:
             self._scheduler.add_job(self._run, trigger(job), args=(job, tenant), id=name, name=name)
             if (first := first_run(job, clock())) is not None:
                 # A separate one-off job: overriding the interval job's first fire time would shift all its slots.
-                self._scheduler.add_job(self._run, DateTrigger(datetime.fromtimestamp(first, UTC)),
-                                        args=(job, tenant), id=f"{name} (first run)", name=f"{name} (first run)")
+                self._scheduler.add_job(
+                    self._run,
+                    DateTrigger(datetime.fromtimestamp(first, UTC)),
+                    args=(job, tenant),
+                    id=f"{name} (first run)",
+                    name=f"{name} (first run)",
+                )
         self._health = health(self) if health else None
 
     def live(self) -> tuple[bool, str]:
@@ -145,8 +150,9 @@ class Daemon:
         self._notifier.ready()
         self._beat()
         # Added only now, so that no heartbeat (WATCHDOG=1) can reach systemd before READY=1.
-        self._scheduler.add_job(self._beat, IntervalTrigger(seconds=self._beat_seconds), id="heartbeat",
-                                executor="heartbeat")
+        self._scheduler.add_job(
+            self._beat, IntervalTrigger(seconds=self._beat_seconds), id="heartbeat", executor="heartbeat"
+        )
         log.info("scheduler running %d (job, tenant) pair(s) as %s", self._pairs, self._runner.replica)
         self._stop.wait()
         return self._shutdown()
@@ -163,8 +169,7 @@ class Daemon:
         if self._active:
             # A worker is stuck inside one HTTP call. Nothing half-written is visible (files are replaced
             # atomically and the cursor is saved last), so leaving now loses nothing.
-            log.warning("%d job run(s) still busy after %.0f s; exiting without them", self._active,
-                        STOP_GRACE_SECONDS)
+            log.warning("%d job run(s) still busy after %.0f s; exiting without them", self._active, STOP_GRACE_SECONDS)
             logging.shutdown()
             os._exit(0)
         log.info("stopped")
@@ -185,8 +190,9 @@ class Daemon:
                 return
             self._runner.run(job, tenant, due_after=slot_start(job, self._clock()), stop=self._stop)
         except Exception:  # a run must never take the scheduler's worker down with it
-            log.exception("run of %s/%s failed unexpectedly", tenant, job.name,
-                          extra={"tenant": tenant, "job": job.name})
+            log.exception(
+                "run of %s/%s failed unexpectedly", tenant, job.name, extra={"tenant": tenant, "job": job.name}
+            )
         finally:
             with self._active_lock:
                 self._active -= 1
@@ -212,13 +218,23 @@ def fleet_status(settings: Settings, caches: TokenCaches, sink: Sink, locks: Blo
             warnings = []
             last_success = state.get("last_success")
             if job.delta and last_success and now - epoch(last_success) > DELTA_TOKEN_WARNING_SECONDS:
-                warnings.append("last success is over 6 days old: the delta token expires after 7 days, "
-                                "and the next run will be a full resync")
-            jobs.append({
-                "tenant": tenant, "job": job.name, "resource": job.resource, "last_success": last_success,
-                "last_failure": state.get("last_failure"), "last_error": state.get("last_error"),
-                "objects": state.get("objects"), "next_due": next_due.isoformat() if next_due else None,
-                "lock_holder": holder, "warnings": warnings,
-            })
+                warnings.append(
+                    "last success is over 6 days old: the delta token expires after 7 days, "
+                    "and the next run will be a full resync"
+                )
+            jobs.append(
+                {
+                    "tenant": tenant,
+                    "job": job.name,
+                    "resource": job.resource,
+                    "last_success": last_success,
+                    "last_failure": state.get("last_failure"),
+                    "last_error": state.get("last_error"),
+                    "objects": state.get("objects"),
+                    "next_due": next_due.isoformat() if next_due else None,
+                    "lock_holder": holder,
+                    "warnings": warnings,
+                }
+            )
     tenants = [caches[tenant].inspect_blob() for tenant in caches.tenants]
     return {"output": sink.describe(), "tenants": tenants, "jobs": jobs}

@@ -42,8 +42,9 @@ class SnapshotStore:
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("CREATE TABLE objects (id TEXT PRIMARY KEY, body TEXT NOT NULL, has_members INTEGER)")
-        self._db.execute("CREATE TABLE members (object_id TEXT, member_id TEXT, PRIMARY KEY (object_id, member_id))"
-                         " WITHOUT ROWID")
+        self._db.execute(
+            "CREATE TABLE members (object_id TEXT, member_id TEXT, PRIMARY KEY (object_id, member_id)) WITHOUT ROWID"
+        )
 
     def load(self, lines: Iterable[bytes]) -> None:
         """Fill the store from an existing snapshot (one JSON object per line)."""
@@ -53,8 +54,9 @@ class SnapshotStore:
                 members = obj.pop(MEMBERS, None) if isinstance(obj.get(MEMBERS), list) else None
                 self._put(obj, has_members=members is not None)
                 if members:
-                    self._db.executemany("INSERT OR IGNORE INTO members VALUES (?, ?)",
-                                         ((obj["id"], member) for member in members))
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO members VALUES (?, ?)", ((obj["id"], member) for member in members)
+                    )
         except BaseException:
             self._db.execute("ROLLBACK")  # leave the store usable: the caller falls back to a full sync
             raise
@@ -70,16 +72,16 @@ class SnapshotStore:
                     self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
                     self._db.execute("DELETE FROM members WHERE object_id = ?", (object_id,))
                     continue
-                row = self._db.execute("SELECT body, has_members FROM objects WHERE id = ?",
-                                       (object_id,)).fetchone()
+                row = self._db.execute("SELECT body, has_members FROM objects WHERE id = ?", (object_id,)).fetchone()
                 stored = json.loads(row[0]) if row else {}
                 changes = record.get(MEMBERS_DELTA)
                 stored.update((key, value) for key, value in record.items() if key != MEMBERS_DELTA)
                 self._put(stored, has_members=bool(row and row[1]) or changes is not None)
                 for change in changes or ():
                     if "@removed" in change:
-                        self._db.execute("DELETE FROM members WHERE object_id = ? AND member_id = ?",
-                                         (object_id, change["id"]))
+                        self._db.execute(
+                            "DELETE FROM members WHERE object_id = ? AND member_id = ?", (object_id, change["id"])
+                        )
                     else:
                         self._db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (object_id, change["id"]))
         except BaseException:
@@ -88,8 +90,10 @@ class SnapshotStore:
         self._db.execute("COMMIT")
 
     def _put(self, obj: dict[str, Any], *, has_members: bool) -> None:
-        self._db.execute("INSERT OR REPLACE INTO objects (id, body, has_members) VALUES (?, ?, ?)",
-                         (obj["id"], _dumps(obj), int(has_members)))
+        self._db.execute(
+            "INSERT OR REPLACE INTO objects (id, body, has_members) VALUES (?, ?, ?)",
+            (obj["id"], _dumps(obj), int(has_members)),
+        )
 
     def clear(self) -> None:
         self._db.execute("DELETE FROM objects")
@@ -106,8 +110,12 @@ class SnapshotStore:
                 yield body.encode() + b"\n"
                 continue
             obj = json.loads(body)
-            obj[MEMBERS] = [m for (m,) in members.execute(
-                "SELECT member_id FROM members WHERE object_id = ? ORDER BY member_id", (object_id,))]
+            obj[MEMBERS] = [
+                m
+                for (m,) in members.execute(
+                    "SELECT member_id FROM members WHERE object_id = ? ORDER BY member_id", (object_id,)
+                )
+            ]
             yield encode(obj)
 
     def close(self) -> None:

@@ -110,9 +110,7 @@ class BlobStore:
             "retry_policy": LinearRetry(backoff=1, retry_total=1, random_jitter_range=1),
         }
         if settings.connection_string is not None:
-            service = BlobServiceClient.from_connection_string(
-                settings.connection_string.get_secret_value(), **options
-            )
+            service = BlobServiceClient.from_connection_string(settings.connection_string.get_secret_value(), **options)
         else:
             from azure.identity import DefaultAzureCredential
 
@@ -216,8 +214,9 @@ class BlobStore:
         except AzureError as exc:
             raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
 
-    def write_blocks(self, name: str, chunks: Iterable[bytes], *, fenced: bool = False,
-                     if_match: str | None = None) -> None:
+    def write_blocks(
+        self, name: str, chunks: Iterable[bytes], *, fenced: bool = False, if_match: str | None = None
+    ) -> None:
         """Replace ``name`` atomically with the concatenated ``chunks``: stage blocks, then commit the list.
 
         Readers see the old blob until the commit and the whole new one after it, never a half-written file,

@@ -81,11 +81,15 @@ def merge_cache_states(
             continue
         entries = {}
         for key in mine.keys() | other.keys():
-            alive = [e for e in (mine.get(key), other.get(key))
-                     if e and int(e.get("expires_on", 0)) > now and e.get("secret") not in exclude]
+            alive = [
+                e
+                for e in (mine.get(key), other.get(key))
+                if e and int(e.get("expires_on", 0)) > now and e.get("secret") not in exclude
+            ]
             if alive:
-                entries[key] = max(alive, key=lambda e: (int(e["expires_on"]), int(e.get("cached_at", 0)),
-                                                         e.get("secret", "")))
+                entries[key] = max(
+                    alive, key=lambda e: (int(e["expires_on"]), int(e.get("cached_at", 0)), e.get("secret", ""))
+                )
         merged[section] = entries
     return merged
 
@@ -230,8 +234,9 @@ class TenantTokenCache:
     def _token(self, secret: str, expires_on: int, source: Source) -> AccessToken:
         redaction.register_secret(secret)
         TOKEN_ACQUISITIONS.labels(self.tenant, source).inc()
-        log.debug("token for tenant %s from %s, expires %s", self.tenant, source, expires_on,
-                  extra={"tenant": self.tenant})
+        log.debug(
+            "token for tenant %s from %s, expires %s", self.tenant, source, expires_on, extra={"tenant": self.tenant}
+        )
         return AccessToken(secret, expires_on, source, self.tenant)
 
     # -- blob -----------------------------------------------------------------------------------------------
@@ -258,15 +263,25 @@ class TenantTokenCache:
             self._blob_is_newer = False
         except NewerFormat as exc:
             if not self._blob_is_newer:
-                log.warning("token cache blob %s/%s has %s; reading around it and not overwriting it until this "
-                            "replica is upgraded", self._store.container_name, self.blob_name, exc,
-                            extra={"tenant": self.tenant})
+                log.warning(
+                    "token cache blob %s/%s has %s; reading around it and not overwriting it until this "
+                    "replica is upgraded",
+                    self._store.container_name,
+                    self.blob_name,
+                    exc,
+                    extra={"tenant": self.tenant},
+                )
             self._blob_is_newer = True
             return
         except EnvelopeError as exc:
-            log.warning("token cache blob %s/%s is unreadable: %s; using memory and the identity provider, "
-                        "and the next write replaces it", self._store.container_name, self.blob_name, exc,
-                        extra={"tenant": self.tenant})
+            log.warning(
+                "token cache blob %s/%s is unreadable: %s; using memory and the identity provider, "
+                "and the next write replaces it",
+                self._store.container_name,
+                self.blob_name,
+                exc,
+                extra={"tenant": self.tenant},
+            )
             self._pending_write = bool(self._state().get(AT))
             return
         merged = merge_cache_states(self._state(), remote, self._clock(), exclude=self._rejected)
@@ -309,14 +324,17 @@ class TenantTokenCache:
             self._storage_answered()
             self._pending_write = False
             return
-        log.warning("gave up writing %s after %d conflicting writes; will try again later",
-                    self.blob_name, MAX_WRITE_ATTEMPTS, extra={"tenant": self.tenant})
+        log.warning(
+            "gave up writing %s after %d conflicting writes; will try again later",
+            self.blob_name,
+            MAX_WRITE_ATTEMPTS,
+            extra={"tenant": self.tenant},
+        )
         self._back_off_storage()
 
     def _schedule_flush(self) -> None:
         if self._flusher is None or not self._flusher.is_alive():
-            self._flusher = threading.Thread(target=self._flush_later, name=f"token cache {self.tenant}",
-                                             daemon=True)
+            self._flusher = threading.Thread(target=self._flush_later, name=f"token cache {self.tenant}", daemon=True)
             self._flusher.start()
 
     def _flush_later(self) -> None:
@@ -335,8 +353,12 @@ class TenantTokenCache:
     def _storage_failed(self, exc: StorageError) -> None:
         if self._storage_down_since is None:
             self._storage_down_since = time.monotonic()
-            log.warning("token cache storage unavailable for %s (%s); using memory and the identity provider "
-                        "until it answers", self.blob_name, exc, extra={"tenant": self.tenant})
+            log.warning(
+                "token cache storage unavailable for %s (%s); using memory and the identity provider until it answers",
+                self.blob_name,
+                exc,
+                extra={"tenant": self.tenant},
+            )
         else:
             log.debug("token cache storage still unavailable: %s", exc)
         self._back_off_storage()
@@ -347,8 +369,12 @@ class TenantTokenCache:
 
     def _storage_answered(self) -> None:
         if self._storage_down_since is not None:
-            log.warning("token cache storage answers again for %s after %.0f s", self.blob_name,
-                        time.monotonic() - self._storage_down_since, extra={"tenant": self.tenant})
+            log.warning(
+                "token cache storage answers again for %s after %.0f s",
+                self.blob_name,
+                time.monotonic() - self._storage_down_since,
+                extra={"tenant": self.tenant},
+            )
         self._storage_down_since = None
         self._storage_backoff = 1.0
 
@@ -379,8 +405,12 @@ class TenantTokenCache:
                 return self._hand_out(entry, "blob")
             lease = self._try_lease()
         if lease is None and self._storage_ready():
-            log.warning("another replica held %s for %.0f s without publishing a token; asking the identity "
-                        "provider directly", self.lock_name, self._lock_wait, extra={"tenant": self.tenant})
+            log.warning(
+                "another replica held %s for %.0f s without publishing a token; asking the identity provider directly",
+                self.lock_name,
+                self._lock_wait,
+                extra={"tenant": self.tenant},
+            )
         with lease or contextlib.nullcontext():  # the lease renews itself while the identity provider answers
             if lease is not None:
                 self._sync_from_blob()  # the previous holder may have published just before we got the lease
@@ -416,11 +446,15 @@ class TenantTokenCache:
         if "access_token" in result:
             # MSAL answered from its cache: the proactive refresh (refresh_on passed) failed and MSAL quietly
             # kept the old token. Say so, or a dead credential stays hidden until the token expires.
-            log.warning("proactive token refresh for tenant %s failed; the current token stays in use until it "
-                        "expires", self.tenant, extra={"tenant": self.tenant})
+            log.warning(
+                "proactive token refresh for tenant %s failed; the current token stays in use until it expires",
+                self.tenant,
+                extra={"tenant": self.tenant},
+            )
             return self._token(result["access_token"], self._expiry_of(result), "memory")
-        error = TokenError(self.tenant, str(result.get("error")), result.get("error_description") or "",
-                           result.get("error_codes"))
+        error = TokenError(
+            self.tenant, str(result.get("error")), result.get("error_description") or "", result.get("error_codes")
+        )
         self._last_error = error
         if fallback is not None:
             log.warning("%s; using the cached token until it expires", error, extra={"tenant": self.tenant})
@@ -460,20 +494,22 @@ class TokenCaches:
         def factory_for(tenant: str) -> Callable[[msal.SerializableTokenCache], msal.ConfidentialClientApplication]:
             return lambda cache: build_application(identity, tenant, cache, http)
 
-        return cls({
-            tenant: TenantTokenCache(
-                tenant=tenant,
-                client_id=identity.client_id,
-                scopes=identity.scopes,
-                store=store,
-                envelope=envelope,
-                application_factory=factory_for(tenant),
-                blob_prefix=settings.cache.prefix,
-                lease_seconds=settings.cache.lease_seconds,
-                lock_wait_seconds=settings.cache.lock_wait_seconds,
-            )
-            for tenant in identity.tenants
-        })
+        return cls(
+            {
+                tenant: TenantTokenCache(
+                    tenant=tenant,
+                    client_id=identity.client_id,
+                    scopes=identity.scopes,
+                    store=store,
+                    envelope=envelope,
+                    application_factory=factory_for(tenant),
+                    blob_prefix=settings.cache.prefix,
+                    lease_seconds=settings.cache.lease_seconds,
+                    lock_wait_seconds=settings.cache.lock_wait_seconds,
+                )
+                for tenant in identity.tenants
+            }
+        )
 
     @property
     def tenants(self) -> list[str]:

@@ -85,8 +85,7 @@ _BAD_SECRET = (
     "the client secret value, not the client secret ID, for a secret added to app '{}'."
 )
 _NO_CREDENTIAL = (
-    "AADSTS7000218: The request body must contain the following parameter: "
-    "'client_assertion' or 'client_secret'."
+    "AADSTS7000218: The request body must contain the following parameter: 'client_assertion' or 'client_secret'."
 )
 
 
@@ -165,9 +164,7 @@ class FakeEntra(LoopbackHttpsServer):
         super().__init__(ca, _Handler, name="fake-entra", host=host, port=port)
         self._client_secret = client_secret
         self._federated_token = federated_token
-        self._certificate = (
-            x509.load_pem_x509_certificate(certificate_pem) if certificate_pem is not None else None
-        )
+        self._certificate = x509.load_pem_x509_certificate(certificate_pem) if certificate_pem is not None else None
 
         self._lock = threading.Lock()
         self._expires_in = expires_in
@@ -368,9 +365,7 @@ class FakeEntra(LoopbackHttpsServer):
         )
         with self._lock:
             self._token_requests.append(record)
-        logger.info(
-            "token request tenant=%s auth=%s -> %s %s", tenant, auth, reply.status, record.error or "issued"
-        )
+        logger.info("token request tenant=%s auth=%s -> %s %s", tenant, auth, reply.status, record.error or "issued")
         return reply
 
     def _presented_auth(self, form: Mapping[str, str]) -> str | None:
@@ -494,9 +489,7 @@ def _missing(parameter: str) -> str:
     return f"AADSTS900144: The request body must contain the following parameter: '{parameter}'."
 
 
-def _thumbprint_matches(
-    value: object, certificate: x509.Certificate, algorithm: hashes.HashAlgorithm
-) -> bool:
+def _thumbprint_matches(value: object, certificate: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bool:
     """Compare a JOSE x5t/x5t#S256 header (base64url, padding optional) with the cert's digest."""
     if not isinstance(value, str) or not value:
         return False

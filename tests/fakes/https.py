@@ -22,8 +22,9 @@ class LoopbackHttpsServer:
     :meth:`start` binds the same port again.
     """
 
-    def __init__(self, ca: trustme.CA, handler: type[BaseHTTPRequestHandler], *, name: str, host: str,
-                 port: int) -> None:
+    def __init__(
+        self, ca: trustme.CA, handler: type[BaseHTTPRequestHandler], *, name: str, host: str, port: int
+    ) -> None:
         self.host = host
         self.port = port
         self._name = name
