@@ -230,6 +230,16 @@ def graphsync_config(tmp_path: Path, fake_entra: FakeEntra, azurite: Azurite, bl
 # -- running the daemon ------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def own_work_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test is its own host: working stores go under its tmp dir (the default follows XDG_CACHE_HOME),
+    inherited by the graphsync processes it starts."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "graphsync" / "work"
+
+
+
 def _daemon_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "graphsync", *args]
 

@@ -15,6 +15,7 @@ from graphsync.jobs import JobRunner, lock_blob
 from graphsync.sinks import sink_from_settings
 from graphsync.storage import BlobStore
 from graphsync.tokencache import TokenCaches
+from graphsync.workstore import WorkStores
 from tests.fakes.graph import FakeGraph, mutate, populate
 
 if TYPE_CHECKING:
@@ -65,8 +66,21 @@ def test_a_replica_that_lost_its_lock_mid_run_publishes_nothing(
     store = BlobStore.from_settings(settings.storage)
     graph = GraphClient(settings.graph.endpoint, "v1.0", TokenCaches.from_settings(settings, store))
     [job] = settings.jobs
-    a = JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, replica="replica-a")
-    b = JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, replica="replica-b")
+    # Two replicas on two hosts: each has its own work directory.
+    a = JobRunner(
+        graph=graph,
+        sink=sink_from_settings(settings),
+        locks=store,
+        stores=WorkStores(tmp_path / "a"),
+        replica="replica-a",
+    )
+    b = JobRunner(
+        graph=graph,
+        sink=sink_from_settings(settings),
+        locks=store,
+        stores=WorkStores(tmp_path / "b"),
+        replica="replica-b",
+    )
     lock = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
         settings.storage.container, lock_blob(TENANT, "users")
     )

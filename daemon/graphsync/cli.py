@@ -28,6 +28,7 @@ from graphsync.scheduler import Daemon, fleet_status
 from graphsync.sinks import sink_from_settings
 from graphsync.storage import BlobStore
 from graphsync.tokencache import TokenCaches
+from graphsync.workstore import WorkStores, default_work_directory
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -138,7 +139,8 @@ def _job_runner(settings: Settings) -> JobRunner:
         timeout=settings.graph.timeout_seconds,
         max_retries=settings.graph.max_retries,
     )
-    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store)
+    stores = WorkStores(default_work_directory())
+    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores)
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,4 +1,4 @@
-"""One run of one job for one tenant: lock, fetch, apply, publish, then advance the cursor — in that order.
+"""One run of one job for one tenant: lock, run a round (:mod:`graphsync.rounds`), then advance the cursor.
 
 A run's data (snapshot and change file) is durable before its delta link is saved, so a crash or SIGTERM at any
 point loses nothing: the next run starts again from the last saved link. Across replicas a lease on the job's
@@ -11,23 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from graphsync.graph import GraphClient, GraphError, MalformedResponse, ResyncRequired
+from graphsync.graph import GraphClient, GraphError
 from graphsync.identity import TokenError
 from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
+from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
-from graphsync.snapshot import MEMBERS_DELTA, SnapshotStore, encode
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
+from graphsync.workstore import WorkStores
 
 if TYPE_CHECKING:
     from graphsync.config import JobSettings
@@ -63,14 +61,6 @@ class RunResult:
     message: str = ""
 
 
-Progress = Callable[[str, str, int, int], None]
-"""Called after every page with (tenant, job, pages so far, records so far)."""
-
-
-class RunInterrupted(Exception):
-    """The run stopped between pages (shutdown, or the lock was lost); nothing of it was published."""
-
-
 class JobRunner:
     def __init__(
         self,
@@ -78,11 +68,12 @@ class JobRunner:
         graph: GraphClient,
         sink: Sink,
         locks: BlobStore,
+        stores: WorkStores,
         replica: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._graph = graph
         self._sink = sink
+        self._rounds = RoundRunner(graph=graph, sink=sink, stores=stores)
         self._locks = locks
         self.replica = replica or replica_name()
         self._clock = clock
@@ -152,8 +143,12 @@ class JobRunner:
             tenant,
             extra={"tenant": tenant, "job": job.name, "run_id": result.run_id},
         )
+
+        def change_file(full: bool) -> str:
+            return f"{_stamp(started)}-{result.run_id}{'-full' if full else ''}.jsonl"
+
         try:
-            delta_link = self._sync(job, tenant, state, result, started, interrupted, progress)
+            done = self._rounds.run(job, tenant, state, change_file, interrupted=interrupted, progress=progress)
         except RunInterrupted as exc:
             result.status, result.message = "stopped", str(exc)
             return self._finish(result, started)
@@ -175,6 +170,8 @@ class JobRunner:
                 | {"last_failure": _iso(self._clock()), "last_error": result.message, "last_run_id": result.run_id},
             )
             return self._finish(result, started)
+        result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
+        result.full, result.resync = done.full, done.resync
         saved = self._save_state(
             tenant,
             job,
@@ -183,8 +180,8 @@ class JobRunner:
             | {
                 "job": job.name,
                 "tenant": tenant,
-                "query": _query(job),
-                "delta_link": delta_link,
+                "query": saved_query(job),
+                "delta_link": done.delta_link,
                 "last_run_id": result.run_id,
                 "last_success": _iso(self._clock()),
                 "last_success_started": _iso(started),
@@ -192,99 +189,12 @@ class JobRunner:
                 "changes": result.changes,
                 "replica": self.replica,
                 "last_error": None,
-            },
+            }
+            | _snapshot_state(done),
         )
         if not saved:  # the data is published and safe; the next run fetches these changes again
             result.status, result.message = "failed", "published, but the cursor (state.json) could not be saved"
         return self._finish(result, started)
-
-    def _sync(
-        self,
-        job: JobSettings,
-        tenant: str,
-        state: dict[str, Any],
-        result: RunResult,
-        started: float,
-        interrupted: Callable[[], bool],
-        progress: Progress | None,
-    ) -> str | None:
-        """Fetch and apply; publish snapshot and change file; return the delta link to save."""
-        delta_link = state.get("delta_link") if job.delta and state.get("query") == _query(job) else None
-        version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
-        if delta_link and version is None:
-            log.warning("snapshot of %s/%s is missing; doing a full sync", tenant, job.name)
-            delta_link = None
-        with tempfile.TemporaryDirectory(prefix="graphsync-") as scratch:
-            store = SnapshotStore(Path(scratch) / "work.sqlite")
-            changes_path = Path(scratch) / "changes.jsonl"
-            try:
-                with open(changes_path, "wb") as changes:
-                    if delta_link:
-                        try:
-                            store.load(self._sink.snapshot_lines(tenant, job.name))
-                        except (ValueError, KeyError, TypeError, sqlite3.Error):
-                            log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
-                            delta_link = None
-                            store.clear()
-                    url = delta_link or self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
-                    result.full = delta_link is None
-                    try:
-                        new_link = self._fetch(tenant, job, url, store, changes, result, interrupted, progress)
-                    except ResyncRequired as exc:
-                        log.warning(
-                            "delta token of %s/%s expired or invalid (%s); full resync",
-                            tenant,
-                            job.name,
-                            exc.code,
-                            extra={"tenant": tenant, "job": job.name},
-                        )
-                        result.full = result.resync = True
-                        result.pages = result.changes = 0
-                        store.clear()
-                        changes.seek(0)
-                        changes.truncate()
-                        url = self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
-                        new_link = self._fetch(tenant, job, url, store, changes, result, interrupted, progress)
-                if job.delta and new_link is None:
-                    raise MalformedResponse(f"delta round of {job.resource} ended without an @odata.deltaLink")
-                if interrupted():
-                    raise RunInterrupted("stopped before publishing")
-                result.objects = store.count()
-                # The snapshot first, fenced: a replica that lost its lock fails here and publishes nothing.
-                self._sink.write_snapshot(tenant, job.name, store.lines(), if_version=version)
-                if result.changes or result.full:  # a full round says so even when it received nothing
-                    name = f"{_stamp(started)}-{result.run_id}{'-full' if result.full else ''}.jsonl"
-                    self._sink.write_changes(tenant, job.name, name, _read_lines(changes_path))
-            finally:
-                store.close()
-        return new_link
-
-    def _fetch(
-        self,
-        tenant: str,
-        job: JobSettings,
-        url: str,
-        store: SnapshotStore,
-        changes: IO[bytes],
-        result: RunResult,
-        interrupted: Callable[[], bool],
-        progress: Progress | None,
-    ) -> str | None:
-        """Stream pages into the working store and the change file; return the round's delta link."""
-        for page in self._graph.pages(tenant, url, minimal=not result.full):
-            for record in page.objects:
-                _check_record(record, job.resource)
-                changes.write(encode(_change(record)))
-            store.apply(page.objects)
-            result.pages += 1
-            result.changes += len(page.objects)
-            if progress:
-                progress(tenant, job.name, result.pages, result.changes)
-            if page.delta_link:
-                return page.delta_link
-            if interrupted():
-                raise RunInterrupted("stopped between pages")
-        return None
 
     def _save_state(self, tenant: str, job: JobSettings, etag: str | None, state: dict[str, Any]) -> bool:
         try:
@@ -335,30 +245,17 @@ class JobRunner:
         return result
 
 
-def _check_record(record: Any, resource: str) -> None:
-    """What the working store relies on: a string id, and member changes that are objects with an id."""
-    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-        raise MalformedResponse(f"a record in {resource} has no string 'id'")
-    members = record.get(MEMBERS_DELTA, [])
-    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in members):
-        raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{MEMBERS_DELTA}'")
-
-
-def _change(record: dict[str, Any]) -> dict[str, Any]:
-    """A change-file line: the record as Graph sent it, or for a removal just its id and reason."""
-    if "@removed" in record:
-        return {"id": record["id"], "@removed": record["@removed"]}
-    return record
-
-
-def _query(job: JobSettings) -> dict[str, Any]:
-    """What the saved delta link was made for: a changed resource or $select needs a full sync."""
-    return {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
-
-
-def _read_lines(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as file:
-        yield from file
+def _snapshot_state(done: Round) -> dict[str, Any]:
+    """What ``status`` shows of the snapshot: recorded when this round published or compared it."""
+    if done.publication is None or done.publication.version is None:
+        return {}
+    return {
+        "snapshot": {
+            "version": done.publication.version,
+            "bytes": done.publication.size,
+            "chunks": done.publication.chunks,
+        }
+    }
 
 
 def _iso(epoch: float) -> str:

@@ -5,9 +5,12 @@
     <tenant>/<job>/state.json                          delta link, last success / failure, counts
 
 Every file is replaced atomically (directory: temp file + rename; blob: staged blocks + one commit), so a reader
-never sees a half-written file. ``snapshot.jsonl`` and ``state.json`` are replaced only if they are still the
-versions the run saw at its start: a replica that lost its lock (stalled, then resumed) can overwrite neither a
-newer snapshot nor a newer cursor.
+never sees a half-written file. In a container, ``snapshot.jsonl`` is a block blob whose blocks are the snapshot's
+content-defined chunks (:mod:`graphsync.chunking`), each block ID a hash of its bytes: a new version stages only
+the chunks that changed and names the others by ID, and a stale replica reads only the blocks it lacks.
+
+``snapshot.jsonl`` and ``state.json`` are replaced only if they are still the versions the run saw at its start:
+a replica that lost its lock (stalled, then resumed) can overwrite neither a newer snapshot nor a newer cursor.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from graphsync.storage import BlobContent, BlobStore, WriteConflict
+from graphsync.chunking import ChunkRef
+from graphsync.storage import BlobContent, BlobStore, BlockList, WriteConflict
 
 if TYPE_CHECKING:
     from graphsync.config import Settings
@@ -44,11 +48,36 @@ class Sink(Protocol):
     """What a job run needs from its output, whichever the medium."""
 
     def describe(self) -> str: ...
+    def location(self) -> str:
+        """Where exactly the output is (absolute path, or container URL without credentials): names it in tags."""
+        ...
+
     def read_state(self, tenant: str, job: str) -> tuple[dict[str, Any] | None, str | None]: ...
     def write_state(self, tenant: str, job: str, state: dict[str, Any], *, if_match: str | None) -> str: ...
     def snapshot_version(self, tenant: str, job: str) -> str | None: ...
+    def snapshot_blocks(self, tenant: str, job: str) -> BlockList | None:
+        """The snapshot's blocks, where the medium keeps them (a container); ``None`` where it does not."""
+        ...
+
     def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]: ...
-    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes], *, if_version: str | None) -> None: ...
+    def read_snapshot_range(self, tenant: str, job: str, offset: int, length: int, *, version: str) -> bytes: ...
+    def write_snapshot(
+        self,
+        tenant: str,
+        job: str,
+        chunks: Sequence[ChunkRef],
+        read: Callable[[ChunkRef], bytes],
+        *,
+        if_version: str | None,
+        committed: Container[str],
+    ) -> str:
+        """Replace the snapshot by ``chunks`` if it is still ``if_version``; return the new version.
+
+        ``read`` gives a chunk's bytes; it is called only for chunks the medium needs to upload: with blocks,
+        those whose ID is not in ``committed`` (the block IDs the current version already holds).
+        """
+        ...
+
     def write_changes(self, tenant: str, job: str, name: str, lines: Iterable[bytes]) -> None: ...
 
 
@@ -73,6 +102,9 @@ class DirectorySink:
 
     def describe(self) -> str:
         return str(self.root)
+
+    def location(self) -> str:
+        return str(self.root.resolve())
 
     def _dir(self, tenant: str, job: str) -> Path:
         return self.root / tenant / job
@@ -104,16 +136,38 @@ class DirectorySink:
         with open(self._dir(tenant, job) / SNAPSHOT, "rb") as file:
             yield from file
 
-    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes], *, if_version: str | None) -> None:
+    def snapshot_blocks(self, tenant: str, job: str) -> BlockList | None:
+        return None  # a local file has no blocks: reading it whole is cheap
+
+    def read_snapshot_range(self, tenant: str, job: str, offset: int, length: int, *, version: str) -> bytes:
+        with open(self._dir(tenant, job) / SNAPSHOT, "rb") as file:
+            if self.snapshot_version(tenant, job) != version:
+                raise WriteConflict(f"{self._dir(tenant, job) / SNAPSHOT} changed while it was being read")
+            file.seek(offset)
+            return file.read(length)
+
+    def write_snapshot(
+        self,
+        tenant: str,
+        job: str,
+        chunks: Sequence[ChunkRef],
+        read: Callable[[ChunkRef], bytes],
+        *,
+        if_version: str | None,
+        committed: Container[str],
+    ) -> str:
         path = self._dir(tenant, job) / SNAPSHOT
-        temp = _write_temp(path, lines)  # the slow part, outside the lock
+        temp = _write_temp(path, map(read, chunks))  # the slow part, outside the lock
         try:
             with self._locked(tenant, job):
                 if self.snapshot_version(tenant, job) != if_version:
                     raise WriteConflict(f"{path} was replaced by another process during this run")
                 _replace(temp, path)
+                version = self.snapshot_version(tenant, job)
         finally:
             temp.unlink(missing_ok=True)
+        assert version is not None  # just renamed into place, under the lock
+        return version
 
     @contextlib.contextmanager
     def _locked(self, tenant: str, job: str) -> Iterator[None]:
@@ -178,6 +232,9 @@ class BlobSink:
     def describe(self) -> str:
         return f"blob container {self._store.container_name}"
 
+    def location(self) -> str:
+        return self._store.location
+
     def read_state(self, tenant: str, job: str) -> tuple[dict[str, Any] | None, str | None]:
         content = self._store.read(f"{tenant}/{job}/{STATE}")
         if not isinstance(content, BlobContent):
@@ -199,11 +256,28 @@ class BlobSink:
         if pending:
             yield pending
 
-    def write_snapshot(self, tenant: str, job: str, lines: Iterable[bytes], *, if_version: str | None) -> None:
-        self._store.write_blocks(f"{tenant}/{job}/{SNAPSHOT}", _chunks(lines), fenced=True, if_match=if_version)
+    def snapshot_blocks(self, tenant: str, job: str) -> BlockList | None:
+        return self._store.block_list(f"{tenant}/{job}/{SNAPSHOT}")
+
+    def read_snapshot_range(self, tenant: str, job: str, offset: int, length: int, *, version: str) -> bytes:
+        return self._store.read_range(f"{tenant}/{job}/{SNAPSHOT}", offset, length, if_match=version)
+
+    def write_snapshot(
+        self,
+        tenant: str,
+        job: str,
+        chunks: Sequence[ChunkRef],
+        read: Callable[[ChunkRef], bytes],
+        *,
+        if_version: str | None,
+        committed: Container[str],
+    ) -> str:
+        blocks = ((chunk.block_id, None if chunk.block_id in committed else read(chunk)) for chunk in chunks)
+        return self._store.write_blocks(f"{tenant}/{job}/{SNAPSHOT}", blocks, fenced=True, if_match=if_version)
 
     def write_changes(self, tenant: str, job: str, name: str, lines: Iterable[bytes]) -> None:
-        self._store.write_blocks(f"{tenant}/{job}/{CHANGES}/{name}", _chunks(lines))
+        blocks = ((uuid.uuid4().hex, chunk) for chunk in _chunks(lines))
+        self._store.write_blocks(f"{tenant}/{job}/{CHANGES}/{name}", blocks)
 
 
 def _chunks(lines: Iterable[bytes]) -> Iterator[bytes]:

@@ -1,22 +1,40 @@
-"""A collection's state during a run, kept in an on-disk SQLite file so memory stays flat in its size.
+"""A collection's state in an on-disk SQLite file, so memory stays flat in its size, kept between runs.
 
 This is where Graph's delta semantics live: an updated object may carry only some properties (absent means
 unchanged, ``null`` means cleared), the same object may come several times in a round (later wins), ``@removed``
 takes it out, and a group's ``members@delta`` entries add or remove member ids, possibly spread over several
 records. Members live in a table of their own, so a change to a group of any size costs only its changed
 members. The snapshot comes out one JSON line per object, sorted by id, groups with a sorted ``members`` list.
+
+The store also remembers which published snapshot it equals (its *tag*) and the chunks that snapshot is made of
+(:mod:`graphsync.chunking`), so the next run can start from it without downloading anything. SQLite's rollback
+journal makes every transaction atomic across a crash: a run's changes and the tag of the version it published
+commit together, or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from graphsync.chunking import ChunkRef
+
 MEMBERS_DELTA = "members@delta"
 MEMBERS = "members"
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS objects (id TEXT PRIMARY KEY, body TEXT NOT NULL, has_members INTEGER)",
+    "CREATE TABLE IF NOT EXISTS members (object_id TEXT, member_id TEXT, PRIMARY KEY (object_id, member_id))"
+    " WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS chunks (position INTEGER PRIMARY KEY, block_id TEXT NOT NULL, first_id TEXT NOT NULL,"
+    " last_id TEXT NOT NULL, count INTEGER NOT NULL, size INTEGER NOT NULL)",
+)
 
 
 def _dumps(obj: dict[str, Any]) -> str:
@@ -29,27 +47,63 @@ def encode(obj: dict[str, Any]) -> bytes:
     return _dumps(obj).encode() + b"\n"
 
 
+@dataclass(frozen=True)
+class StoreTag:
+    """Which published snapshot the store equals: its version, the query it answers and its chunking level."""
+
+    version: str
+    query: str
+    level: int
+
+
 class SnapshotStore:
-    """The objects of one (tenant, job) keyed by id, in a throwaway SQLite file owned by one run.
+    """The objects of one (tenant, job) keyed by id, in a SQLite file on this host's disk.
 
     ``objects.body`` holds an object without its members; ``has_members`` says whether the object carries a
-    ``members`` list (it does once any ``members@delta`` arrived for it, even an empty one).
+    ``members`` list (it does once any ``members@delta`` arrived for it, even an empty one). ``meta`` holds the
+    tag, ``chunks`` the published snapshot's chunks in order.
     """
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # A scratch file: durability comes from the sink's atomic replace, not from SQLite's journal.
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE objects (id TEXT PRIMARY KEY, body TEXT NOT NULL, has_members INTEGER)")
-        self._db.execute(
-            "CREATE TABLE members (object_id TEXT, member_id TEXT, PRIMARY KEY (object_id, member_id)) WITHOUT ROWID"
-        )
+        try:
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- transactions: every write below runs inside the caller's transaction, or is one by itself --------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing, across a crash too: a SIGKILL before the commit leaves the store as it was."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        """A savepoint: its own transaction outside :meth:`transaction`, a nested one inside it."""
+        self._db.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
+            raise
+        self._db.execute("RELEASE step")
+
+    # -- contents ------------------------------------------------------------------------------------------
 
     def load(self, lines: Iterable[bytes]) -> None:
-        """Fill the store from an existing snapshot (one JSON object per line)."""
-        self._db.execute("BEGIN")
-        try:
+        """Add the objects of snapshot lines (one JSON object per line); all of them or, on a bad line, none."""
+        with self._step():
             for obj in map(json.loads, filter(bytes.strip, lines)):
                 members = obj.pop(MEMBERS, None) if isinstance(obj.get(MEMBERS), list) else None
                 self._put(obj, has_members=members is not None)
@@ -57,15 +111,10 @@ class SnapshotStore:
                     self._db.executemany(
                         "INSERT OR IGNORE INTO members VALUES (?, ?)", ((obj["id"], member) for member in members)
                     )
-        except BaseException:
-            self._db.execute("ROLLBACK")  # leave the store usable: the caller falls back to a full sync
-            raise
-        self._db.execute("COMMIT")
 
     def apply(self, records: Iterable[dict[str, Any]]) -> None:
-        """Apply a page of records in one transaction; never replaces a stored object by a partial one."""
-        self._db.execute("BEGIN")
-        try:
+        """Apply a page of records atomically; never replaces a stored object by a partial one."""
+        with self._step():
             for record in records:
                 object_id = record["id"]
                 if "@removed" in record:
@@ -84,10 +133,6 @@ class SnapshotStore:
                         )
                     else:
                         self._db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (object_id, change["id"]))
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def _put(self, obj: dict[str, Any], *, has_members: bool) -> None:
         self._db.execute(
@@ -96,18 +141,35 @@ class SnapshotStore:
         )
 
     def clear(self) -> None:
-        self._db.execute("DELETE FROM objects")
-        self._db.execute("DELETE FROM members")
+        """Forget everything, the tag and the chunks too."""
+        with self._step():
+            for table in ("objects", "members", "meta", "chunks"):
+                self._db.execute(f"DELETE FROM {table}")
+
+    def drop_range(self, first_id: str, last_id: str) -> None:
+        """Remove the objects with ids in ``[first_id, last_id]``: a published chunk that is gone."""
+        with self._step():
+            self._db.execute("DELETE FROM objects WHERE id BETWEEN ? AND ?", (first_id, last_id))
+            self._db.execute("DELETE FROM members WHERE object_id BETWEEN ? AND ?", (first_id, last_id))
 
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
 
-    def lines(self) -> Iterator[bytes]:
-        """The snapshot, sorted by id (SQLite compares TEXT bytewise: UTF-8 order is code-point order)."""
+    def entries(self, first_id: str | None = None, last_id: str | None = None) -> Iterator[tuple[str, bytes]]:
+        """``(id, line)`` of the snapshot, sorted by id, all of it or the ids in ``[first_id, last_id]``.
+
+        SQLite compares TEXT bytewise, and UTF-8 byte order is code-point order: the same order as Python's.
+        """
         members = self._db.cursor()
-        for object_id, body, has_members in self._db.execute("SELECT id, body, has_members FROM objects ORDER BY id"):
+        if first_id is None or last_id is None:
+            rows = self._db.execute("SELECT id, body, has_members FROM objects ORDER BY id")
+        else:
+            rows = self._db.execute(
+                "SELECT id, body, has_members FROM objects WHERE id BETWEEN ? AND ? ORDER BY id", (first_id, last_id)
+            )
+        for object_id, body, has_members in rows:
             if not has_members:
-                yield body.encode() + b"\n"
+                yield object_id, body.encode() + b"\n"
                 continue
             obj = json.loads(body)
             obj[MEMBERS] = [
@@ -116,7 +178,54 @@ class SnapshotStore:
                     "SELECT member_id FROM members WHERE object_id = ? ORDER BY member_id", (object_id,)
                 )
             ]
-            yield encode(obj)
+            yield object_id, encode(obj)
+
+    def lines(self) -> Iterator[bytes]:
+        """The snapshot, one JSON line per object, sorted by id."""
+        for _, line in self.entries():
+            yield line
+
+    # -- which published snapshot this is ------------------------------------------------------------------
+
+    @property
+    def tag(self) -> StoreTag | None:
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if not {"version", "query", "level"} <= meta.keys():
+            return None
+        return StoreTag(meta["version"], meta["query"], int(meta["level"]))
+
+    def set_tag(self, tag: StoreTag | None, chunks: Iterable[ChunkRef] = ()) -> None:
+        """Say which published snapshot the store now equals and its chunks (``None``: it equals none)."""
+        with self._step():
+            self._db.execute("DELETE FROM meta")
+            self._db.execute("DELETE FROM chunks")
+            if tag is None:
+                return
+            self._db.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                (("version", tag.version), ("query", tag.query), ("level", str(tag.level))),
+            )
+            self._db.executemany(
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                ((n, c.block_id, c.first_id, c.last_id, c.count, c.size) for n, c in enumerate(chunks)),
+            )
+
+    def chunks(self) -> list[ChunkRef]:
+        rows = self._db.execute("SELECT block_id, first_id, last_id, count, size FROM chunks ORDER BY position")
+        return [ChunkRef(*row) for row in rows]
+
+    def check(self) -> None:
+        """Raise :class:`sqlite3.DatabaseError` unless the file is sound and its objects match its chunks.
+
+        ``quick_check`` reads every page once (a truncated or overwritten file fails it); the count check
+        catches a store whose objects and chunk list disagree.
+        """
+        (result,) = self._db.execute("PRAGMA quick_check").fetchone()
+        if result != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {result}")
+        chunks = self._db.execute("SELECT COUNT(*), COALESCE(SUM(count), 0) FROM chunks").fetchone()
+        if chunks[0] and chunks[1] != self.count():
+            raise sqlite3.DatabaseError(f"{self.count()} objects but the chunks hold {chunks[1]}")
 
     def close(self) -> None:
         self._db.close()

@@ -14,11 +14,11 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -28,6 +28,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
+from azure.core.pipeline import PipelineResponse
 from azure.storage.blob import (
     BlobBlock,
     BlobClient,
@@ -80,6 +81,14 @@ NOT_MODIFIED: Final = _NotModified()
 
 
 @dataclass(frozen=True)
+class BlockList:
+    """A block blob's committed blocks, ``(id, size)`` in order, and the ETag of that version."""
+
+    etag: str
+    blocks: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
 class BlobContent:
     data: bytes
     etag: str
@@ -120,6 +129,11 @@ class BlobStore:
     @property
     def container_name(self) -> str:
         return self._container.container_name
+
+    @property
+    def location(self) -> str:
+        """The container's URL without its query string (which may hold a SAS token)."""
+        return urlsplit(self._container.url)._replace(query="", fragment="").geturl()
 
     def ensure_container(self) -> None:
         """Create the container unless it exists (a fresh account, or one an operator emptied)."""
@@ -215,38 +229,87 @@ class BlobStore:
             raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
 
     def write_blocks(
-        self, name: str, chunks: Iterable[bytes], *, fenced: bool = False, if_match: str | None = None
-    ) -> None:
-        """Replace ``name`` atomically with the concatenated ``chunks``: stage blocks, then commit the list.
+        self,
+        name: str,
+        blocks: Iterable[tuple[str, bytes | None]],
+        *,
+        fenced: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        """Replace ``name`` atomically with the given blocks, in order: stage new ones, then commit the list.
 
-        Readers see the old blob until the commit and the whole new one after it, never a half-written file,
-        and memory holds one chunk at a time. ``fenced``: commit only if the blob still has ETag ``if_match``
-        (``None``: only if it still does not exist), else :class:`WriteConflict`.
+        ``blocks`` are ``(block id, bytes)`` to stage, or ``(block id, None)`` for a block the blob already has
+        committed (the list names it by ID; nothing is uploaded). Readers see the old blob until the commit and
+        the whole new one after it, never a half-written file, and memory holds one block at a time.
+        ``fenced``: commit only if the blob still has ETag ``if_match`` (``None``: only if it still does not
+        exist), else :class:`WriteConflict`. Returns the new ETag.
         """
         blob = self._container.get_blob_client(name)
         try:
-            block_ids = []
-            for chunk in chunks:
-                block_id = uuid.uuid4().hex
-                try:
-                    blob.stage_block(block_id, chunk)
-                except ResourceNotFoundError as exc:
-                    if exc.error_code != "ContainerNotFound":
-                        raise
-                    self.ensure_container()  # a new output container, or one an operator emptied
-                    blob.stage_block(block_id, chunk)
-                block_ids.append(BlobBlock(block_id))
+            block_list = []
+            for block_id, data in blocks:
+                if data is not None:
+                    self._stage(blob, block_id, data)
+                # LATEST: the block just staged if there is one, else the committed block of that ID.
+                block_list.append(BlobBlock(block_id))
             if not fenced:
-                blob.commit_block_list(block_ids)
+                result = blob.commit_block_list(block_list)
             elif if_match is None:
-                blob.commit_block_list(block_ids, match_condition=MatchConditions.IfMissing)
+                result = blob.commit_block_list(block_list, match_condition=MatchConditions.IfMissing)
             else:
-                blob.commit_block_list(block_ids, etag=if_match, match_condition=MatchConditions.IfNotModified)
+                result = blob.commit_block_list(
+                    block_list, etag=if_match, match_condition=MatchConditions.IfNotModified
+                )
         except (ResourceModifiedError, ResourceExistsError) as exc:
             raise self._conflict(name) from exc
         except AzureError as exc:
             raise self._failure("write", name, exc) from exc
         STORAGE_OPERATIONS.labels("write", "ok").inc()
+        return str(result["etag"])
+
+    def _stage(self, blob: BlobClient, block_id: str, data: bytes) -> None:
+        try:
+            blob.stage_block(block_id, data)
+        except ResourceNotFoundError as exc:
+            if exc.error_code != "ContainerNotFound":
+                raise
+            self.ensure_container()  # a new output container, or one an operator emptied
+            blob.stage_block(block_id, data)
+
+    def block_list(self, name: str) -> BlockList | None:
+        """The committed blocks of ``name`` with the ETag of the version they belong to; ``None`` if absent.
+
+        The ETag comes from the Get Block List response itself, so blocks and version always match.
+        """
+        headers: dict[str, str] = {}
+
+        def keep_etag(response: PipelineResponse[Any, Any]) -> None:
+            headers["etag"] = response.http_response.headers.get("ETag", "")
+
+        try:
+            committed, _ = self._container.get_blob_client(name).get_block_list(
+                "committed", raw_response_hook=keep_etag
+            )
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise self._failure("read", name, exc) from exc
+        STORAGE_OPERATIONS.labels("read", "ok").inc()
+        return BlockList(etag=headers["etag"], blocks=[(block.id, block.size) for block in committed])
+
+    def read_range(self, name: str, offset: int, length: int, *, if_match: str) -> bytes:
+        """``length`` bytes of ``name`` from ``offset``, only from the version ``if_match`` (else WriteConflict)."""
+        try:
+            downloader = self._container.download_blob(
+                name, offset=offset, length=length, etag=if_match, match_condition=MatchConditions.IfNotModified
+            )
+            data = downloader.readall()
+        except (ResourceModifiedError, ResourceNotFoundError) as exc:
+            raise WriteConflict(f"{self._path(name)} changed while it was being read") from exc
+        except AzureError as exc:
+            raise self._failure("read", name, exc) from exc
+        STORAGE_OPERATIONS.labels("read", "ok").inc()
+        return data
 
     def delete(self, name: str) -> None:
         """Delete ``name`` if it exists."""

@@ -1,0 +1,202 @@
+"""One round of one job: bring the working store up to date, fetch pages into it, publish what changed.
+
+The order is what makes a round safe to interrupt anywhere:
+
+1. the host's working store is made equal to the published snapshot (:func:`graphsync.publication.refresh`;
+   nothing to do when it is warm), in a transaction of its own;
+2. pages go into the store inside one transaction and into a change file beside it;
+3. the snapshot is published (fenced on the version the round started from), and the store is tagged with the
+   new version, in that same transaction, which then commits;
+4. the change file is written. (The caller saves the cursor last.)
+
+A failure or a kill before step 3's commit rolls the store back to the version it is tagged with; after it, the
+store equals what was published. A round that received nothing publishes nothing and writes no change file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
+from graphsync.publication import Publication, Refreshed, publish, refresh
+from graphsync.sinks import Sink
+from graphsync.snapshot import MEMBERS_DELTA, SnapshotStore, encode
+from graphsync.workstore import WorkStores
+
+if TYPE_CHECKING:
+    from graphsync.config import JobSettings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, str, int, int], None]
+"""Called after every page with (tenant, job, pages so far, records so far)."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped between pages (shutdown, or the lock was lost); nothing of it was published."""
+
+
+@dataclass
+class Round:
+    """What a round did; filled in as it goes, so a progress display can read it too."""
+
+    delta_link: str | None = None
+    objects: int = 0
+    changes: int = 0
+    pages: int = 0
+    full: bool = False
+    resync: bool = False
+    refreshed: Refreshed | None = None
+    publication: Publication | None = None
+
+
+def saved_query(job: JobSettings) -> dict[str, Any]:
+    """What a saved delta link was made for: a changed resource or $select needs a full sync."""
+    return {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
+
+
+class RoundRunner:
+    """Runs rounds for one output, with the working stores of this host."""
+
+    def __init__(self, *, graph: GraphClient, sink: Sink, stores: WorkStores) -> None:
+        self._graph = graph
+        self._sink = sink
+        self._stores = stores
+
+    def run(
+        self,
+        job: JobSettings,
+        tenant: str,
+        state: dict[str, Any],
+        change_file: Callable[[bool], str],
+        *,
+        interrupted: Callable[[], bool],
+        progress: Progress | None = None,
+    ) -> Round:
+        """One round from ``state`` (the job's ``state.json``); ``change_file(full)`` names its change file."""
+        done = Round()
+        delta_link = state.get("delta_link") if job.delta and state.get("query") == saved_query(job) else None
+        version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
+        if delta_link and version is None:
+            log.warning("snapshot of %s/%s is missing; doing a full sync", tenant, job.name)
+            delta_link = None
+        # The tag names the output too: two outputs may hold blobs with equal ETags.
+        query = json.dumps({"output": self._sink.location(), **saved_query(job)}, sort_keys=True)
+        with self._stores.open(tenant, job.name) as store, tempfile.TemporaryFile(dir=store.path.parent) as changes:
+            if delta_link and version is not None:
+                try:
+                    done.refreshed = refresh(store, self._sink, tenant, job.name, version=version, query=query)
+                except (ValueError, KeyError, TypeError, sqlite3.Error):
+                    log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
+                    delta_link = None
+            previous, previous_level = self._published_chunks(store, tenant, job.name, version, query)
+            with store.transaction():
+                if delta_link is None:
+                    store.clear()
+                done.full = delta_link is None
+                url = delta_link or self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
+                try:
+                    done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
+                except ResyncRequired as exc:
+                    log.warning(
+                        "delta token of %s/%s expired or invalid (%s); full resync",
+                        tenant,
+                        job.name,
+                        exc.code,
+                        extra={"tenant": tenant, "job": job.name},
+                    )
+                    done.full = done.resync = True
+                    done.pages = done.changes = 0
+                    store.clear()
+                    changes.seek(0)
+                    changes.truncate()
+                    url = self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
+                    done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
+                if job.delta and done.delta_link is None:
+                    raise MalformedResponse(f"delta round of {job.resource} ended without an @odata.deltaLink")
+                if interrupted():
+                    raise RunInterrupted("stopped before publishing")
+                done.objects = store.count()
+                if done.changes or done.full:
+                    # Fenced: a replica that lost its lock fails here, publishes nothing, and rolls back.
+                    done.publication = publish(
+                        store,
+                        self._sink,
+                        tenant,
+                        job.name,
+                        version=version,
+                        previous=previous,
+                        previous_level=previous_level,
+                        query=query,
+                    )
+            if done.changes or done.full:  # a full round says so even when it received nothing
+                changes.seek(0)
+                self._sink.write_changes(tenant, job.name, change_file(done.full), _lines(changes))
+        return done
+
+    def _published_chunks(
+        self, store: SnapshotStore, tenant: str, job: str, version: str | None, query: str
+    ) -> tuple[list[str] | None, int | None]:
+        """The block IDs and chunking level of the published ``version``, if known, for :func:`publish`."""
+        if version is None:
+            return None, None
+        tag = store.tag
+        if tag is not None and tag.version == version and tag.query == query:
+            return [chunk.block_id for chunk in store.chunks()], tag.level
+        blocks = self._sink.snapshot_blocks(tenant, job)  # a full round: which chunks need no upload
+        if blocks is None or blocks.etag != version:
+            return None, None
+        return [block for block, _ in blocks.blocks], None
+
+    def _fetch(
+        self,
+        tenant: str,
+        job: JobSettings,
+        url: str,
+        store: SnapshotStore,
+        changes: IO[bytes],
+        done: Round,
+        interrupted: Callable[[], bool],
+        progress: Progress | None,
+    ) -> str | None:
+        """Stream pages into the working store and the change file; return the round's delta link."""
+        for page in self._graph.pages(tenant, url, minimal=not done.full):
+            for record in page.objects:
+                _check_record(record, job.resource)
+                changes.write(encode(_change(record)))
+            store.apply(page.objects)
+            done.pages += 1
+            done.changes += len(page.objects)
+            if progress:
+                progress(tenant, job.name, done.pages, done.changes)
+            if page.delta_link:
+                return page.delta_link
+            if interrupted():
+                raise RunInterrupted("stopped between pages")
+        return None
+
+
+def _check_record(record: Any, resource: str) -> None:
+    """What the working store relies on: a string id, and member changes that are objects with an id."""
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        raise MalformedResponse(f"a record in {resource} has no string 'id'")
+    members = record.get(MEMBERS_DELTA, [])
+    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in members):
+        raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{MEMBERS_DELTA}'")
+
+
+def _change(record: dict[str, Any]) -> dict[str, Any]:
+    """A change-file line: the record as Graph sent it, or for a removal just its id and reason."""
+    if "@removed" in record:
+        return {"id": record["id"], "@removed": record["@removed"]}
+    return record
+
+
+def _lines(file: IO[bytes]) -> Iterator[bytes]:
+    yield from file

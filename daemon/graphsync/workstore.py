@@ -1,0 +1,126 @@
+"""Where each (tenant, job)'s working store lives on this host, and how a run opens it safely.
+
+The store outlives the run (``[output] work_directory``), so the next run on this host starts from it instead of
+downloading and loading the published snapshot. Two things can make it unsafe, and both are handled here:
+
+- **another process on this host** (a manual ``graphsync sync`` beside the daemon, or a replica that lost its
+  job lease while stalled): an exclusive ``flock`` on ``store.lock`` for the whole run. A run that cannot take it
+  works in a throwaway store instead — correct, only cold — rather than wait for or share the file.
+- **a damaged file** (a disk error, a truncated copy, an operator's edit): the store is checked when opened; one
+  that fails the check is deleted and starts empty, and the run then refreshes it from the published snapshot.
+
+Whether the store's *contents* can be trusted is a separate question, answered by its tag (see
+:mod:`graphsync.publication`): a store is never trusted over the published version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from graphsync.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+STORE = "store.sqlite"
+LOCK = "store.lock"
+
+
+def default_work_directory(environ: os._Environ[str] | dict[str, str] = os.environ) -> Path:
+    """Where stores go when ``[output] work_directory`` is not set.
+
+    ``$STATE_DIRECTORY/work`` under systemd (``StateDirectory=``; the image sets ``STATE_DIRECTORY`` too, so it is
+    ``/var/lib/graphsync/work`` there), else the user's cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``).
+    """
+    if state := environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0]) / "work"  # systemd lists several directories with ':'
+    cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "graphsync" / "work"
+
+
+class WorkStores:
+    """The stores under one work directory: ``<work directory>/<tenant>/<job>/store.sqlite``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, tenant: str, job: str) -> Path:
+        return self.directory / tenant / job / STORE
+
+    def is_warm(self, tenant: str, job: str, version: str | None) -> bool:
+        """Whether this host holds a store tagged with the published ``version`` (for ``status``; read-only)."""
+        path = self.path(tenant, job)
+        if version is None or not path.exists():
+            return False
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        except sqlite3.Error:
+            return False
+        return row is not None and row[0] == version
+
+    @contextlib.contextmanager
+    def open(self, tenant: str, job: str) -> Iterator[SnapshotStore]:
+        """The (tenant, job)'s store, exclusively this process's until the block ends."""
+        directory = self.path(tenant, job).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / LOCK, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning(
+                    "the working store of %s/%s is in use by another process on this host; this run uses a "
+                    "throwaway store (correct, but it downloads the snapshot)",
+                    tenant,
+                    job,
+                    extra={"tenant": tenant, "job": job},
+                )
+                with _throwaway(directory) as store:
+                    yield store
+                return
+            store = _open_checked(self.path(tenant, job), tenant, job)
+            try:
+                yield store
+            finally:
+                store.close()
+
+
+def _open_checked(path: Path, tenant: str, job: str) -> SnapshotStore:
+    """Open the store; a damaged one is deleted (journal too) and recreated empty."""
+    try:
+        store = SnapshotStore(path)
+    except sqlite3.DatabaseError as exc:
+        problem: sqlite3.DatabaseError | None = exc
+    else:
+        try:
+            store.check()
+            return store
+        except sqlite3.DatabaseError as exc:
+            store.close()
+            problem = exc
+    log.warning(
+        "the working store of %s/%s is damaged (%s); starting it again from the published snapshot",
+        tenant,
+        job,
+        problem,
+        extra={"tenant": tenant, "job": job},
+    )
+    for leftover in (path, path.with_name(path.name + "-journal")):
+        leftover.unlink(missing_ok=True)
+    return SnapshotStore(path)
+
+
+@contextlib.contextmanager
+def _throwaway(directory: Path) -> Iterator[SnapshotStore]:
+    with tempfile.TemporaryDirectory(prefix="graphsync-", dir=directory.parent) as scratch:
+        store = SnapshotStore(Path(scratch) / STORE)
+        try:
+            yield store
+        finally:
+            store.close()
