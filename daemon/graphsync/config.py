@@ -17,13 +17,9 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeAlias, get_args, get_origin
 
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.combining import OrTrigger
-from apscheduler.triggers.cron import CronTrigger
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -53,6 +49,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 from pydantic_settings.sources.utils import parse_env_vars
+
+from graphsync.schedule import check_crontab, check_interval, interval_seconds
 
 DEFAULT_CONFIG_PATH = Path("/etc/graphsync/config.toml")
 DEFAULT_OUTPUT_DIRECTORY = Path("/var/lib/graphsync")
@@ -139,8 +137,8 @@ def _current_load() -> _Load:
 
 
 # --- field validators -------------------------------------------------------------------------
-# They raise ValueError saying what is expected, without quoting the value (only _crontab passes on
-# APScheduler's reason, which may quote part of the expression; a schedule is not secret).
+# They raise ValueError saying what is expected, without quoting the value (only schedule.check_crontab passes
+# on APScheduler's reason, which may quote part of the expression; a schedule is not secret).
 
 
 def _os_reason(exc: OSError) -> str:
@@ -244,82 +242,6 @@ def _graph_endpoint(value: str) -> str:
     if url.scheme != "https" and url.host not in _LOOPBACK_HOSTS:
         raise ValueError(f"expected {expected}")
     return str(url).rstrip("/")
-
-
-_INTERVAL = re.compile(r"([0-9]+)([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _interval_seconds(every: str) -> int:
-    match = _INTERVAL.fullmatch(every)
-    if match is None or int(match[1]) == 0:
-        raise ValueError('expected a positive whole number and a unit s, m, h or d, e.g. "30s", "15m", "1h"')
-    return int(match[1]) * _UNIT_SECONDS[match[2]]
-
-
-def _interval(every: str) -> str:
-    _interval_seconds(every)
-    return every
-
-
-_CRON_DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-
-
-def _cron_day(text: str) -> int:
-    day = _CRON_DAYS[text] if text in _CRON_DAYS else int(text)
-    if not 0 <= day <= 7:
-        raise ValueError(f"day of week {text} is not 0-7 or sun-sat")
-    return day
-
-
-def _cron_weekdays(field: str) -> str:
-    """A crontab day-of-week field as APScheduler's explicit list of days.
-
-    Crontab counts Sunday as 0 (and 7); APScheduler 3 counts Monday as 0 (its issue 286), so numbers, names,
-    ranges (``1-5``, ``5-7``) and steps (``*/2``) are expanded here rather than passed through.
-    """
-    if field == "*":
-        return "*"
-    days: set[int] = set()
-    for part in field.split(","):
-        base, _, step = part.partition("/")
-        every = int(step) if step else 1
-        if base == "*":
-            first, last = 0, 6
-        elif "-" in base:
-            first, last = (_cron_day(end) for end in base.split("-", 1))
-        else:
-            first = _cron_day(base)
-            last = 6 if step else first
-        if first > last or every < 1:
-            raise ValueError(f"day-of-week range {part} is empty")
-        days.update(day % 7 for day in range(first, last + 1, every))
-    return ",".join(str((day + 6) % 7) for day in sorted(days))
-
-
-def crontab_trigger(expression: str) -> BaseTrigger:
-    """An APScheduler trigger (UTC) that fires when a standard 5-field crontab line would.
-
-    Besides the weekday numbering, crontab runs when *either* the day of month or the day of week matches if
-    both are restricted, while APScheduler requires both: that case becomes an OrTrigger of the two.
-    """
-    fields = expression.split()
-    if len(fields) != 5:
-        raise ValueError("expected 5 fields: minute hour day-of-month month day-of-week")
-    minute, hour, day, month, weekday = fields
-    weekdays = _cron_weekdays(weekday.lower())
-    common = {"minute": minute, "hour": hour, "month": month, "timezone": UTC}
-    if day != "*" and weekdays != "*":
-        return OrTrigger([CronTrigger(day=day, **common), CronTrigger(day_of_week=weekdays, **common)])
-    return CronTrigger(day=day, day_of_week=weekdays, **common)
-
-
-def _crontab(expression: str) -> str:
-    try:
-        crontab_trigger(expression)
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f'expected a 5-field crontab expression such as "0 * * * *" ({exc})') from None
-    return expression
 
 
 _RESOURCE = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
@@ -584,8 +506,8 @@ class JobSettings(BaseModel):
     resource: Annotated[str, AfterValidator(_resource)]
     delta: bool = False
     select: Annotated[list[_PropertyName], Field(min_length=1)] | None = None
-    every: Annotated[str, AfterValidator(_interval)] | None = None
-    cron: Annotated[str, AfterValidator(_crontab)] | None = None
+    every: Annotated[str, AfterValidator(check_interval)] | None = None
+    cron: Annotated[str, AfterValidator(check_crontab)] | None = None
     tenants: Annotated[list[_Tenant], AfterValidator(_unique)] = []
 
     @model_validator(mode="after")
@@ -596,7 +518,7 @@ class JobSettings(BaseModel):
     @property
     def interval_seconds(self) -> int | None:
         """``every`` in seconds; None for a cron job."""
-        return None if self.every is None else _interval_seconds(self.every)
+        return None if self.every is None else interval_seconds(self.every)
 
 
 LogLevel: TypeAlias = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
