@@ -9,7 +9,7 @@ import trustme
 from pydantic import SecretStr
 
 from graphsync import config
-from graphsync.config import ConfigError, find_config_file, load_settings
+from graphsync.config import ConfigError, find_config_file, load_settings, loading
 
 SECRET = "s3cr3t-VALUE-123"
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "graphsync.example.toml"
@@ -365,20 +365,20 @@ def test_find_config_file_prefers_command_line(tmp_path: Path) -> None:
 
 def test_find_config_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = write(tmp_path, "", "env.toml")
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", write(tmp_path, "", "default.toml"))
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", write(tmp_path, "", "default.toml"))
 
     assert find_config_file(None, {"GRAPHSYNC_CONFIG": str(env)}) == env
 
 
 def test_find_config_file_then_default_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     default = write(tmp_path, "", "default.toml")
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", default)
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", default)
 
     assert find_config_file(None, {}) == default
 
 
 def test_find_config_file_none_without_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
 
     assert find_config_file(None, {}) is None
 
