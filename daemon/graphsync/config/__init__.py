@@ -7,12 +7,19 @@ daemon that refuses to start without reading a traceback. Values are never echoe
 keys hold secrets and startup errors end up in logs.
 
 Modules, in dependency order: ``context`` (the load in progress), ``errors``, ``fields`` (value types and file
-readers), ``models`` (the sections and ``Settings``), ``sources`` (environment and workload identity), ``report``
-(the error lines) and ``loading`` (the entry points). The rest of graphsync imports from the package.
+readers), ``credentials`` (the typed credential), ``models`` (the sections and ``Settings``), ``sources``
+(environment and workload identity), ``report`` (the error lines) and ``loading`` (the entry points). The rest of
+graphsync imports from the package.
 """
 
+from graphsync.config.credentials import (
+    CertificateCredential,
+    Credential,
+    FederatedCredential,
+    ManagedIdentityCredential,
+    SecretCredential,
+)
 from graphsync.config.errors import ConfigError
-from graphsync.config.fields import SYSTEM_ASSIGNED
 from graphsync.config.loading import DEFAULT_CONFIG_PATH, find_config_file, load_settings
 from graphsync.config.models import (
     DEFAULT_OUTPUT_DIRECTORY,
@@ -29,14 +36,18 @@ from graphsync.config.models import (
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OUTPUT_DIRECTORY",
-    "SYSTEM_ASSIGNED",
     "CacheSettings",
+    "CertificateCredential",
     "ConfigError",
+    "Credential",
+    "FederatedCredential",
     "GraphSettings",
     "IdentitySettings",
     "JobSettings",
+    "ManagedIdentityCredential",
     "MetricsSettings",
     "OutputSettings",
+    "SecretCredential",
     "Settings",
     "StorageSettings",
     "find_config_file",

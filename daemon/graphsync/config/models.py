@@ -21,8 +21,16 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from graphsync.config.context import current_load
+from graphsync.config.credentials import (
+    CertificateCredential,
+    Credential,
+    FederatedCredential,
+    ManagedIdentityCredential,
+    SecretCredential,
+)
 from graphsync.config.errors import Loc, key_errors, require_one
 from graphsync.config.fields import (
+    SYSTEM_ASSIGNED,
     AccountUrl,
     AuthorityHost,
     ConfigFile,
@@ -78,6 +86,8 @@ class IdentitySettings(BaseModel):
     federated_token_file: ReadableFile | None = None
     # A managed identity the app registration trusts as a federated credential; its token is the client assertion.
     managed_identity_client_id: ManagedIdentity | None = None
+    # Private, so it can be neither configured nor serialized: derived from the keys above by _check_credential.
+    _credential: Credential = PrivateAttr()
 
     @model_validator(mode="after")
     def _check_credential(self) -> Self:
@@ -104,18 +114,28 @@ class IdentitySettings(BaseModel):
                 problems.append((("client_secret_file",), str(exc)))
         if problems:
             raise key_errors(problems)
+        self._credential = self._configured_credential()
         return self
 
     @property
-    def credential_kind(self) -> Literal["secret", "certificate", "federated", "managed_identity"]:
-        """Which credential MSAL gets; client_secret_file has been read into client_secret by now."""
+    def credential(self) -> Credential:
+        """The one credential configured, to match on by type."""
+        return self._credential
+
+    def _configured_credential(self) -> Credential:
+        """The credential require_one found; client_secret_file has been read into client_secret by now."""
         if self.client_secret is not None:
-            return "secret"
+            return SecretCredential(self.client_secret)
         if self.certificate_file is not None:
-            return "certificate"
+            return CertificateCredential(
+                self.certificate_file, self.certificate_password_file, self.send_certificate_chain
+            )
+        if self.federated_token_file is not None:
+            return FederatedCredential(self.federated_token_file)
         if self.managed_identity_client_id is not None:
-            return "managed_identity"
-        return "federated"
+            client_id = self.managed_identity_client_id
+            return ManagedIdentityCredential(None if client_id == SYSTEM_ASSIGNED else client_id)
+        raise AssertionError("require_one lets exactly one credential key through")
 
 
 class StorageSettings(BaseModel):
