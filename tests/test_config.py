@@ -9,7 +9,14 @@ import trustme
 from pydantic import SecretStr
 
 from graphsync import config
-from graphsync.config import ConfigError, find_config_file, load_settings
+from graphsync.config import (
+    ConfigError,
+    FederatedCredential,
+    SecretCredential,
+    find_config_file,
+    load_settings,
+    loading,
+)
 
 SECRET = "s3cr3t-VALUE-123"
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "graphsync.example.toml"
@@ -119,7 +126,7 @@ tenants = ["contoso.onmicrosoft.com"]
     assert identity.tenants == ["contoso.onmicrosoft.com", "22222222-2222-2222-2222-222222222222"]
     assert identity.authority_host == "https://login.microsoftonline.us"
     assert identity.scopes == ["https://graph.microsoft.us/.default"]
-    assert identity.credential_kind == "secret"
+    assert isinstance(identity.credential, SecretCredential)
     assert identity.client_secret is not None
     assert identity.client_secret.get_secret_value() == SECRET
     assert identity.client_secret_file == tmp_path / "client-secret"
@@ -178,7 +185,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
 
     settings = load_settings(EXAMPLE, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
 
-    assert settings.identity.credential_kind == "secret"
+    assert isinstance(settings.identity.credential, SecretCredential)
     assert settings.storage.encryption_keys == [KEY]
     assert [job.name for job in settings.jobs] == ["users", "group-members"]
 
@@ -266,7 +273,7 @@ def test_workload_identity_variables_fill_unset_keys(tmp_path: Path) -> None:
     assert identity.tenants == ["44444444-4444-4444-4444-444444444444"]
     assert identity.authority_host == "https://login.microsoftonline.com"
     assert identity.federated_token_file == token_file
-    assert identity.credential_kind == "federated"
+    assert isinstance(identity.credential, FederatedCredential)
 
 
 def test_workload_identity_variables_never_override_configured_keys(tmp_path: Path) -> None:
@@ -286,7 +293,7 @@ def test_workload_identity_variables_never_override_configured_keys(tmp_path: Pa
     assert identity.tenants == ["contoso.onmicrosoft.com", "fabrikam.onmicrosoft.com"]
     assert identity.authority_host == "https://login.example.test"
     assert identity.federated_token_file is None
-    assert identity.credential_kind == "secret"
+    assert isinstance(identity.credential, SecretCredential)
 
 
 def test_bad_workload_identity_variable_is_named(tmp_path: Path) -> None:
@@ -365,20 +372,20 @@ def test_find_config_file_prefers_command_line(tmp_path: Path) -> None:
 
 def test_find_config_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = write(tmp_path, "", "env.toml")
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", write(tmp_path, "", "default.toml"))
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", write(tmp_path, "", "default.toml"))
 
     assert find_config_file(None, {"GRAPHSYNC_CONFIG": str(env)}) == env
 
 
 def test_find_config_file_then_default_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     default = write(tmp_path, "", "default.toml")
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", default)
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", default)
 
     assert find_config_file(None, {}) == default
 
 
 def test_find_config_file_none_without_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
 
     assert find_config_file(None, {}) is None
 

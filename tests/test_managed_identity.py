@@ -25,7 +25,7 @@ import pytest
 import trustme
 
 from graphsync import identity
-from graphsync.config import ConfigError, load_settings
+from graphsync.config import ConfigError, ManagedIdentityCredential, load_settings
 from graphsync.storage import BlobStore
 from graphsync.tokencache import TokenCaches
 from tests.fakes.entra import CLIENT_ID, FakeEntra
@@ -346,7 +346,7 @@ def test_managed_identity_from_the_environment_alone(tmp_path: Path) -> None:
         path, {"GRAPHSYNC_IDENTITY__MANAGED_IDENTITY_CLIENT_ID": MI_CLIENT_ID.upper()}
     ).identity
 
-    assert identity_settings.credential_kind == "managed_identity"
+    assert isinstance(identity_settings.credential, ManagedIdentityCredential)
     assert identity_settings.managed_identity_client_id == MI_CLIENT_ID
     assert (
         load_settings(
@@ -375,4 +375,4 @@ def test_workload_identity_variables_are_ignored_with_a_managed_identity(tmp_pat
     identity_settings = load_settings(path, {**environ, "GRAPHSYNC_IDENTITY__CLIENT_ID": CLIENT_ID}).identity
     assert (identity_settings.client_id, identity_settings.tenants) == (CLIENT_ID, [TENANT])
     assert identity_settings.federated_token_file is None
-    assert identity_settings.credential_kind == "managed_identity"
+    assert isinstance(identity_settings.credential, ManagedIdentityCredential)

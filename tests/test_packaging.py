@@ -43,7 +43,7 @@ import pytest
 import yaml
 
 import graphsync
-from graphsync.config import ConfigError, load_settings
+from graphsync.config import ConfigError, FederatedCredential, load_settings
 from tests.conftest import REPO_ROOT, Azurite, dumps_toml
 from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 from tests.fakes.graph import FakeGraph
@@ -1295,7 +1295,7 @@ def test_configmap_config_loads_in_the_pod_environment(kind: str, tmp_path: Path
     workload = manifest(kind)
     settings = _load_pod_settings(workload, tmp_path, {"cache-key": base64.b64encode(secrets.token_bytes(32)).decode()})
     annotations = manifest("ServiceAccount")["metadata"]["annotations"]
-    assert settings.identity.credential_kind == "federated"
+    assert isinstance(settings.identity.credential, FederatedCredential)
     assert settings.identity.client_id == annotations["azure.workload.identity/client-id"]
     assert settings.identity.tenants == ["72f988bf-86f1-41af-91ab-2d7cd011db47"]
     assert settings.storage.account_url and len(settings.storage.encryption_keys) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from graphsync.config import JobSettings
-from graphsync.scheduler import crontab_trigger, first_run, slot_start, trigger
+from graphsync.schedule import crontab_trigger, first_run, slot_start, trigger
 
 
 def _job(**schedule: str) -> JobSettings:

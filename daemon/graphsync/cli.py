@@ -24,8 +24,9 @@ from graphsync.identity import TokenError
 from graphsync.jobs import JobRunner
 from graphsync.logs import configure_logging
 from graphsync.preflight import run_checks
-from graphsync.scheduler import Daemon, fleet_status
+from graphsync.scheduler import Daemon
 from graphsync.sinks import sink_from_settings
+from graphsync.status import fleet_status
 from graphsync.storage import BlobStore
 from graphsync.tokencache import TokenCaches
 from graphsync.workstore import WorkStores, default_work_directory

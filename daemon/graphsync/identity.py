@@ -9,19 +9,24 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
+import azure.identity
 import msal
 import msal.exceptions
 import requests
 from azure.core.exceptions import AzureError, ClientAuthenticationError
-from azure.identity import ManagedIdentityCredential
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from graphsync import redaction
-from graphsync.config import SYSTEM_ASSIGNED
+from graphsync.config import (
+    CertificateCredential,
+    Credential,
+    FederatedCredential,
+    ManagedIdentityCredential,
+    SecretCredential,
+)
 
 if TYPE_CHECKING:
     from graphsync.config import IdentitySettings
@@ -98,7 +103,7 @@ def retrying_session(
     return session
 
 
-def client_credential(settings: IdentitySettings) -> Any:
+def client_credential(credential: Credential) -> Any:
     """MSAL's ``client_credential`` for the one credential configured.
 
     A federated token file is handed over as a callable so MSAL re-reads it on every token request: the kubelet
@@ -106,19 +111,21 @@ def client_credential(settings: IdentitySettings) -> Any:
     same reason: MSAL calls it only when it sends a token request, and each call asks azure-identity, which keeps
     the managed identity's token cached and fetches a new one when it nears expiry.
     """
-    kind = settings.credential_kind
-    if kind == "secret":
-        return settings.client_secret.get_secret_value()
-    if kind == "federated":
-        token_file = Path(settings.federated_token_file)
-        return {"client_assertion": lambda: token_file.read_text().strip()}
-    if kind == "managed_identity":
-        return {"client_assertion": _managed_identity_assertion(settings.managed_identity_client_id)}
-    return _certificate_credential(settings)
+    match credential:
+        case SecretCredential(client_secret):
+            return client_secret.get_secret_value()
+        case CertificateCredential():
+            return _certificate_credential(credential)
+        case FederatedCredential(token_file):
+            return {"client_assertion": lambda: token_file.read_text().strip()}
+        case ManagedIdentityCredential(client_id):
+            return {"client_assertion": _managed_identity_assertion(client_id)}
+        case _:
+            assert_never(credential)
 
 
 @functools.cache
-def _managed_identity_credential(client_id: str | None) -> ManagedIdentityCredential:
+def _managed_identity_credential(client_id: str | None) -> azure.identity.ManagedIdentityCredential:
     """One credential per identity per process, shared by every tenant's MSAL client and by rebuilt ones.
 
     azure-identity picks the endpoint from the environment when the credential is built: IDENTITY_ENDPOINT and
@@ -126,16 +133,17 @@ def _managed_identity_credential(client_id: str | None) -> ManagedIdentityCreden
     """
     # Short timeouts and one retry: the endpoint is local to the host, and a hung one must not stall a token
     # request for azure-core's default of minutes (a still-valid cached token is served meanwhile).
-    return ManagedIdentityCredential(client_id=client_id, connection_timeout=3, read_timeout=10, retry_total=1)
+    return azure.identity.ManagedIdentityCredential(
+        client_id=client_id, connection_timeout=3, read_timeout=10, retry_total=1
+    )
 
 
-def _managed_identity_assertion(configured: str) -> Callable[[], str]:
+def _managed_identity_assertion(client_id: str | None) -> Callable[[], str]:
     """A client assertion callable: a managed identity token for Entra's token exchange audience.
 
     Failures become :class:`ClientAuthenticationError` naming the managed identity, whatever azure-identity raised:
     an unreachable endpoint is a ``ServiceRequestError``, not an authentication error.
     """
-    client_id = None if configured == SYSTEM_ASSIGNED else configured
     which = "system-assigned managed identity" if client_id is None else f"managed identity {client_id}"
     credential = _managed_identity_credential(client_id)
 
@@ -151,13 +159,13 @@ def _managed_identity_assertion(configured: str) -> Callable[[], str]:
     return assertion
 
 
-def _certificate_credential(settings: IdentitySettings) -> dict[str, Any]:
-    path = Path(settings.certificate_file)
+def _certificate_credential(certificate: CertificateCredential) -> dict[str, Any]:
+    path = certificate.path
     credential: dict[str, Any] = {}
-    if settings.certificate_password_file is not None:
-        credential["passphrase"] = Path(settings.certificate_password_file).read_text().strip()
+    if certificate.password_file is not None:
+        credential["passphrase"] = certificate.password_file.read_text().strip()
     if path.suffix.lower() in (".pfx", ".p12"):
-        credential |= {"private_key_pfx_path": str(path), "public_certificate": settings.send_certificate_chain}
+        credential |= {"private_key_pfx_path": str(path), "public_certificate": certificate.send_certificate_chain}
         return credential
     pem = path.read_text()
     certificates = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
@@ -174,7 +182,7 @@ def build_application(
     well_known = host.removeprefix("https://") in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS
     return msal.ConfidentialClientApplication(
         settings.client_id,
-        client_credential=client_credential(settings),
+        client_credential=client_credential(settings.credential),
         authority=f"{host}/{tenant}",
         token_cache=cache,
         http_client=http_client,

@@ -32,6 +32,7 @@ import msal
 
 from graphsync import redaction
 from graphsync.cache_envelope import CacheEnvelope, EnvelopeError, NewerFormat
+from graphsync.config import SecretCredential
 from graphsync.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
 from graphsync.metrics import IDENTITY_PROVIDER_REQUESTS, TOKEN_ACQUISITIONS
 from graphsync.storage import NOT_MODIFIED, BlobContent, BlobLease, BlobStore, StorageError, WriteConflict
@@ -485,8 +486,8 @@ class TokenCaches:
     @classmethod
     def from_settings(cls, settings: Settings, store: BlobStore) -> TokenCaches:
         identity = settings.identity
-        if identity.credential_kind == "secret":
-            redaction.register_secret(identity.client_secret.get_secret_value(), permanent=True)
+        if isinstance(credential := identity.credential, SecretCredential):
+            redaction.register_secret(credential.client_secret.get_secret_value(), permanent=True)
         envelope = CacheEnvelope(settings.storage.encryption_keys)
         # A short Retry-After cap: a replica without a usable token waits in this call, and MSAL throttles too.
         http = retrying_session(total=3, statuses=TRANSIENT_STATUSES, retry_after_max=10)

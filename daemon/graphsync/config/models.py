@@ -1,0 +1,311 @@
+"""The configuration's sections as pydantic models, and ``Settings``, the whole of it.
+
+Each model checks what spans its keys (one credential, one storage account, one schedule) and reads the files its
+keys name while loading, so that a bad secret or key file stops startup instead of failing a token request hours
+later.
+"""
+
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PrivateAttr,
+    SecretStr,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from graphsync.config.context import current_load
+from graphsync.config.credentials import (
+    CertificateCredential,
+    Credential,
+    FederatedCredential,
+    ManagedIdentityCredential,
+    SecretCredential,
+)
+from graphsync.config.errors import Loc, key_errors, require_one
+from graphsync.config.fields import (
+    SYSTEM_ASSIGNED,
+    AccountUrl,
+    AuthorityHost,
+    ConfigFile,
+    ContainerName,
+    GraphEndpoint,
+    JobName,
+    LogLevel,
+    ManagedIdentity,
+    NonEmptySecret,
+    NonEmptyStr,
+    PropertyName,
+    ReadableFile,
+    ResourcePath,
+    Tenant,
+    certificate_problem,
+    read_key,
+    read_text,
+    unique,
+)
+from graphsync.schedule import check_crontab, check_interval, interval_seconds
+
+DEFAULT_OUTPUT_DIRECTORY = Path("/var/lib/graphsync")
+
+# Settings read GRAPHSYNC_<SECTION>__<KEY> variables.
+ENV_PREFIX = "GRAPHSYNC_"
+ENV_DELIMITER = "__"
+
+# The [identity] keys that each name a credential; exactly one must be set.
+CREDENTIAL_KEYS = (
+    "client_secret",
+    "client_secret_file",
+    "certificate_file",
+    "federated_token_file",
+    "managed_identity_client_id",
+)
+
+
+class IdentitySettings(BaseModel):
+    """[identity]: the Entra ID app registration graphsync signs in as (app-only, via MSAL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: NonEmptyStr
+    tenants: Annotated[list[Tenant], Field(min_length=1), AfterValidator(unique)]
+    authority_host: AuthorityHost = "https://login.microsoftonline.com"
+    scopes: Annotated[list[NonEmptyStr], Field(min_length=1)] = ["https://graph.microsoft.com/.default"]
+    client_secret: NonEmptySecret | None = None
+    client_secret_file: ConfigFile | None = None
+    certificate_file: ReadableFile | None = None
+    certificate_password_file: ReadableFile | None = None
+    send_certificate_chain: bool = False
+    # Checked here but read on every use: the platform rotates the token in place.
+    federated_token_file: ReadableFile | None = None
+    # A managed identity the app registration trusts as a federated credential; its token is the client assertion.
+    managed_identity_client_id: ManagedIdentity | None = None
+    # Private, so it can be neither configured nor serialized: derived from the keys above by _check_credential.
+    _credential: Credential = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _check_credential(self) -> Self:
+        """One credential, certificate options only with a certificate, and the secret file read now.
+
+        Reading at load turns an unreadable or empty secret file into a startup error instead of a
+        failed token request later.
+        """
+        require_one(self, CREDENTIAL_KEYS, "credential")
+        problems: list[tuple[Loc, str]] = []
+        if self.certificate_file is None:
+            if self.certificate_password_file is not None:
+                problems.append((("certificate_password_file",), "is only used with identity.certificate_file"))
+            if self.send_certificate_chain:
+                problems.append((("send_certificate_chain",), "is only used with identity.certificate_file"))
+        if self.certificate_file is not None and (
+            problem := certificate_problem(self.certificate_file, self.certificate_password_file)
+        ):
+            problems.append((("certificate_file",), problem))
+        if self.client_secret_file is not None:
+            try:
+                self.client_secret = SecretStr(read_text(self.client_secret_file))
+            except ValueError as exc:
+                problems.append((("client_secret_file",), str(exc)))
+        if problems:
+            raise key_errors(problems)
+        self._credential = self._configured_credential()
+        return self
+
+    @property
+    def credential(self) -> Credential:
+        """The one credential configured, to match on by type."""
+        return self._credential
+
+    def _configured_credential(self) -> Credential:
+        """The credential require_one found; client_secret_file has been read into client_secret by now."""
+        if self.client_secret is not None:
+            return SecretCredential(self.client_secret)
+        if self.certificate_file is not None:
+            return CertificateCredential(
+                self.certificate_file, self.certificate_password_file, self.send_certificate_chain
+            )
+        if self.federated_token_file is not None:
+            return FederatedCredential(self.federated_token_file)
+        if self.managed_identity_client_id is not None:
+            client_id = self.managed_identity_client_id
+            return ManagedIdentityCredential(None if client_id == SYSTEM_ASSIGNED else client_id)
+        raise AssertionError("require_one lets exactly one credential key through")
+
+
+class StorageSettings(BaseModel):
+    """[storage]: the blob container holding the shared MSAL token cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    connection_string: NonEmptySecret | None = None
+    account_url: AccountUrl | None = None
+    container: ContainerName = "graphsync"
+    encryption_key_file: ConfigFile | None = None
+    previous_encryption_key_files: list[ConfigFile] = []
+    timeout_seconds: PositiveFloat = 5.0
+    # Private, so it can be neither configured nor serialized, and stays out of repr().
+    _encryption_keys: list[bytes] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_account_and_keys(self) -> Self:
+        """One storage account; key files read and checked now, so a bad key stops startup, not a cache read."""
+        require_one(self, ("connection_string", "account_url"), "storage account")
+        key_files: list[tuple[Loc, Path]] = [
+            (("previous_encryption_key_files", index), path)
+            for index, path in enumerate(self.previous_encryption_key_files)
+        ]
+        problems: list[tuple[Loc, str]] = []
+        if self.encryption_key_file is not None:
+            key_files.insert(0, (("encryption_key_file",), self.encryption_key_file))
+        elif key_files:
+            problems.append(
+                (("previous_encryption_key_files",), "needs storage.encryption_key_file, the key to write with")
+            )
+        keys: list[bytes] = []
+        for loc, path in key_files:
+            try:
+                keys.append(read_key(path))
+            except ValueError as exc:
+                problems.append((loc, str(exc)))
+        if problems:
+            raise key_errors(problems)
+        self._encryption_keys = keys
+        return self
+
+    @property
+    def encryption_keys(self) -> list[bytes]:
+        """AES-256 keys for the cache blob: the current key first, then older ones still accepted for reading.
+
+        Empty when no key file is configured.
+        """
+        return list(self._encryption_keys)
+
+
+class CacheSettings(BaseModel):
+    """[cache]: how replicas share one token cache blob."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: NonEmptyStr = "token-cache"
+    # Azure accepts finite blob leases of 15 to 60 seconds.
+    lease_seconds: Annotated[int, Field(ge=15, le=60)] = 15
+    lock_wait_seconds: PositiveFloat = 20.0
+
+
+class GraphSettings(BaseModel):
+    """[graph]: the Microsoft Graph endpoint and how patiently to call it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: GraphEndpoint = "https://graph.microsoft.com"
+    api_version: Literal["v1.0", "beta"] = "v1.0"
+    timeout_seconds: PositiveFloat = 30.0
+    max_retries: Annotated[int, Field(ge=0)] = 5
+
+
+class OutputSettings(BaseModel):
+    """[output]: where exports go, a local directory or a container in the [storage] account."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: Path | None = None
+    container: ContainerName | None = None
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> Self:
+        require_one(self, ("directory", "container"), "output destination", required=False)
+        if self.container is None and self.directory is None:
+            self.directory = DEFAULT_OUTPUT_DIRECTORY
+        return self
+
+
+class MetricsSettings(BaseModel):
+    """[metrics]: the Prometheus endpoint; no port means no metrics server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    host: NonEmptyStr = "127.0.0.1"
+
+
+class JobSettings(BaseModel):
+    """[[jobs]]: one Graph collection exported on a schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: JobName
+    resource: ResourcePath
+    delta: bool = False
+    select: Annotated[list[PropertyName], Field(min_length=1)] | None = None
+    every: Annotated[str, AfterValidator(check_interval)] | None = None
+    cron: Annotated[str, AfterValidator(check_crontab)] | None = None
+    tenants: Annotated[list[Tenant], AfterValidator(unique)] = []
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> Self:
+        require_one(self, ("every", "cron"), "schedule")
+        return self
+
+    @property
+    def interval_seconds(self) -> int | None:
+        """``every`` in seconds; None for a cron job."""
+        return None if self.every is None else interval_seconds(self.every)
+
+
+class Settings(BaseSettings):
+    """The whole configuration; build it with load_settings() to get readable errors."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid")
+
+    log_level: LogLevel = "INFO"
+    # Validated from an empty table when absent, so a missing section reports each missing key by name.
+    identity: IdentitySettings = Field(default_factory=dict, validate_default=True)
+    storage: StorageSettings = Field(default_factory=dict, validate_default=True)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    graph: GraphSettings = Field(default_factory=GraphSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    jobs: list[JobSettings] = []
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: init kwargs > GRAPHSYNC_* environment > TOML file > Azure workload identity variables.
+
+        load_settings supplies the environment, file and workload-identity sources for its
+        call; a Settings() built directly reads only its kwargs and os.environ.
+        """
+        return (init_settings, *(current_load().sources or (env_settings,)))
+
+    @model_validator(mode="after")
+    def _check_jobs(self) -> Self:
+        problems: list[tuple[Loc, str]] = []
+        first_index: dict[str, int] = {}
+        for index, job in enumerate(self.jobs):
+            if job.name in first_index:
+                problems.append(
+                    (("jobs", index, "name"), f"duplicate job name; jobs[{first_index[job.name]}] has the same name")
+                )
+            first_index.setdefault(job.name, index)
+            for position, tenant in enumerate(job.tenants):
+                if tenant not in self.identity.tenants:
+                    problems.append((("jobs", index, "tenants", position), "is not one of identity.tenants"))
+        if problems:
+            raise key_errors(problems)
+        return self
+
+    def job_tenants(self, job: JobSettings) -> list[str]:
+        """The tenants a job runs for: its own subset, or every configured tenant when it names none."""
+        return list(job.tenants or self.identity.tenants)
