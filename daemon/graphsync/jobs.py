@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -28,6 +27,7 @@ from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_
 from graphsync.sinks import Sink
 from graphsync.snapshot import MEMBERS_DELTA, SnapshotStore, encode
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
+from graphsync.timestamps import epoch, file_stamp, iso_utc
 
 if TYPE_CHECKING:
     from graphsync.config import JobSettings
@@ -172,7 +172,7 @@ class JobRunner:
                 job,
                 etag,
                 state
-                | {"last_failure": _iso(self._clock()), "last_error": result.message, "last_run_id": result.run_id},
+                | {"last_failure": iso_utc(self._clock()), "last_error": result.message, "last_run_id": result.run_id},
             )
             return self._finish(result, started)
         saved = self._save_state(
@@ -186,8 +186,8 @@ class JobRunner:
                 "query": _query(job),
                 "delta_link": delta_link,
                 "last_run_id": result.run_id,
-                "last_success": _iso(self._clock()),
-                "last_success_started": _iso(started),
+                "last_success": iso_utc(self._clock()),
+                "last_success_started": iso_utc(started),
                 "objects": result.objects,
                 "changes": result.changes,
                 "replica": self.replica,
@@ -253,7 +253,7 @@ class JobRunner:
                 # The snapshot first, fenced: a replica that lost its lock fails here and publishes nothing.
                 self._sink.write_snapshot(tenant, job.name, store.lines(), if_version=version)
                 if result.changes or result.full:  # a full round says so even when it received nothing
-                    name = f"{_stamp(started)}-{result.run_id}{'-full' if result.full else ''}.jsonl"
+                    name = f"{file_stamp(started)}-{result.run_id}{'-full' if result.full else ''}.jsonl"
                     self._sink.write_changes(tenant, job.name, name, _read_lines(changes_path))
             finally:
                 store.close()
@@ -359,16 +359,3 @@ def _query(job: JobSettings) -> dict[str, Any]:
 def _read_lines(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as file:
         yield from file
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def epoch(iso: str) -> float:
-    """Unix seconds of a state file's ISO-8601 UTC time."""
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def _stamp(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%dT%H%M%SZ")
