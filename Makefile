@@ -1,10 +1,11 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Each sets up what it needs first.
+# `make test-fast` is the inner loop: no Azurite, no child processes (tests/conftest.py decides what is integration).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test test-fast lint bench demo clean
 
 $(STAMP): pyproject.toml constraints.txt package.json package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +16,15 @@ $(STAMP): pyproject.toml constraints.txt package.json package-lock.json
 
 setup: $(STAMP)
 
-test: setup
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/python bench/token_cache.py

@@ -38,14 +38,23 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `python bench/sync.py` puts bench/ first, not the repo
+from common import (
+    REPO_ROOT,
+    BenchFailure,
+    add_json_option,
+    bench_parser,
+    command_line,
+    dump_json,
+    package_version,
+    positive_int_list,
+    run_line,
+    start_azurite,
+    stderr_tail,
+    write_test_ca,
+)
 
 PAGE_SIZE = 999  # the largest page Graph serves for directory objects
 SELECT = ["displayName", "givenName", "surname", "mail", "userPrincipalName", "jobTitle"]
@@ -53,11 +62,6 @@ JOB = "users"
 MODES = ("graphsync", "baseline")
 TOKEN_VARIABLE = "BENCH_SYNC_ACCESS_TOKEN"  # hands the baseline its token (not GRAPHSYNC_*: the config rejects those)
 FLAT_LIMIT = 1.25  # peak RSS at the largest size over the smallest; above this, memory is not flat
-STDERR_TAIL = 3000
-
-
-class BenchFailure(Exception):
-    """A service, a child or a check failed; the message says which and carries the child's stderr tail."""
 
 
 # -- the measuring wrapper (runs as its own small process) ---------------------------------------------------
@@ -359,10 +363,7 @@ class Bench:
 
     def _failure(self, mode: str, size: int, repeat: int, why: str) -> BenchFailure:
         command = shlex.join(self.commands.get(mode, [mode]))
-        tail = ""
-        with contextlib.suppress(OSError):
-            tail = (self.workdir / f"{mode}-{size}-{repeat}.stderr").read_text(errors="replace")[-STDERR_TAIL:]
-            tail = tail.rstrip()
+        tail = stderr_tail(self.workdir / f"{mode}-{size}-{repeat}.stderr")
         return BenchFailure(
             f"{mode} run {repeat} with {size} objects {why}\n  command: {command}\n  stderr tail:\n{tail or '(empty)'}"
         )
@@ -554,17 +555,11 @@ def report(
 
 
 def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError("expected a comma-separated list of positive integers, e.g. 10000,100000")
-    return sorted(set(sizes))
+    return sorted(set(positive_int_list("10000,100000")(text)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--sizes",
         type=_sizes,
@@ -583,24 +578,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=300.0,
         help="seconds a single child run may take before it is stopped; default 300",
     )
-    parser.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="also dump the results as JSON, to PATH or (without PATH) to stdout",
-    )
+    add_json_option(parser)
     # Internal: the baseline child.
     parser.add_argument("--child", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -613,10 +595,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import sqlite3
 
-    import trustme
-
     from graphsync import __version__
-    from tests.fakes.azurite import Azurite, azurite_executable, azurite_version, free_port
+    from tests.fakes.azurite import azurite_version
     from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
     from tests.fakes.graph import FakeGraph, populate
 
@@ -625,13 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         try:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphsync-bench-sync-")))
-            ca = trustme.CA()
-            ca_bundle = workdir / "ca.pem"
-            ca.cert_pem.write_to_path(str(ca_bundle))
-            (workdir / "azurite").mkdir()
-            azurite = Azurite(azurite_executable(), workdir / "azurite", workdir, free_port())
-            azurite.start()
-            stack.callback(azurite.stop)
+            ca, ca_bundle = write_test_ca(workdir)
+            azurite = start_azurite(stack, workdir)
             entra = stack.enter_context(FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET))
             graph = stack.enter_context(FakeGraph(ca, entra, page_size=PAGE_SIZE))
             for size in args.sizes:
@@ -649,22 +624,18 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         runs[size][mode].append(getattr(bench, mode)(size, repeat))
             commands = dict(bench.commands)
-        except BenchFailure as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
-        except RuntimeError as exc:  # Azurite did not start
+        except (BenchFailure, RuntimeError) as exc:  # RuntimeError: Azurite did not start
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
 
-    elapsed = time.monotonic() - started
     results = {
         size: {mode: summarize(measured) for mode, measured in by_mode.items()} for size, by_mode in runs.items()
     }
     context = {
-        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "command": command_line(argv),
         "parameters": (
             f"sizes {','.join(str(s) for s in args.sizes)}; {args.repeat} repeats of each run, "
             f"alternating; page size {PAGE_SIZE}; users from "
@@ -674,12 +645,13 @@ def main(argv: list[str] | None = None) -> int:
         "baseline child": shlex.join(commands["baseline"]),
         "versions": (
             f"graphsync {__version__}, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
-            f"requests {_version('requests')}, urllib3 {_version('urllib3')}, msal {_version('msal')}, "
-            f"azure-storage-blob {_version('azure-storage-blob')}, pydantic {_version('pydantic')}, "
+            f"requests {package_version('requests')}, urllib3 {package_version('urllib3')}, "
+            f"msal {package_version('msal')}, "
+            f"azure-storage-blob {package_version('azure-storage-blob')}, pydantic {package_version('pydantic')}, "
             f"Azurite {azurite_version()}"
         ),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs",
-        "run": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s wall clock",
+        "run": run_line(started),
     }
     problems = report(args, runs, results, floor, context)
     if args.json:
@@ -690,12 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [m.to_json() for size in args.sizes for mode in MODES for m in runs[size][mode]],
             "memory_not_flat": problems,
         }
-        text = json.dumps(document, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            print(f"results written to {args.json}", file=sys.stderr)
+        dump_json(args.json, document)
     return 0
 
 

@@ -33,21 +33,29 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `python bench/token_cache.py` puts bench/ first, not the repo
+from common import (
+    REPO_ROOT,
+    BenchFailure,
+    add_json_option,
+    bench_parser,
+    command_line,
+    dump_json,
+    package_version,
+    positive_int_list,
+    run_line,
+    start_azurite,
+    stderr_tail,
+    write_test_ca,
+)
 
 TENANTS = ["contoso.onmicrosoft.com"]
 SCOPES = ["https://graph.microsoft.com/.default"]
 MSAL_EXPIRY_MARGIN = 300  # MSAL treats a token with under 300 s left as expired
 READY_TIMEOUT = 90.0  # 20 Python processes importing pydantic, azure and msal on 2 cores
 START_DELAY = 0.5  # the common start instant is this far after the last child said "ready"
-STDERR_TAIL = 3000
 
 
 # -- child processes ---------------------------------------------------------------------------------------
@@ -142,10 +150,6 @@ def _baseline_replica(authority_host: str, client_id: str, client_secret: str) -
 # -- orchestration -----------------------------------------------------------------------------------------
 
 
-class BenchFailure(Exception):
-    """A child process or a service failed; the message says which and carries its stderr tail."""
-
-
 @dataclass
 class Child:
     index: int
@@ -153,11 +157,8 @@ class Child:
     stderr_path: Path
 
     def stderr_tail(self) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return "(no stderr)"
-        return text[-STDERR_TAIL:].rstrip() or "(empty stderr)"
+        tail = stderr_tail(self.stderr_path)
+        return "(no stderr)" if tail is None else tail or "(empty stderr)"
 
 
 @dataclass
@@ -564,16 +565,6 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
 # -- main --------------------------------------------------------------------------------------------------
 
 
-def _replica_counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of positive integers, e.g. 1,5,20") from None
-    if not counts or any(count < 1 for count in counts):
-        raise argparse.ArgumentTypeError("expected a comma-separated list of positive integers, e.g. 1,5,20")
-    return counts
-
-
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -585,7 +576,7 @@ def _positive(kind: type) -> Any:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--lifetime",
         type=_positive(int),
@@ -599,7 +590,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="token lifetimes begun per scenario; the window is (N - 0.5) x lifetime; default 3",
     )
     parser.add_argument(
-        "--replicas", type=_replica_counts, default=[1, 5, 20], help="comma-separated replica counts; default 1,5,20"
+        "--replicas",
+        type=positive_int_list("1,5,20"),
+        default=[1, 5, 20],
+        help="comma-separated replica counts; default 1,5,20",
     )
     parser.add_argument(
         "--interval",
@@ -607,13 +601,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.2,
         help="seconds between acquisitions in each replica (±10%% jitter); default 0.2",
     )
-    parser.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="also dump the results as JSON, to PATH or (without PATH) to stdout",
-    )
+    add_json_option(parser)
     # Internal: one replica process.
     parser.add_argument("--child", choices=["shared", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
@@ -624,22 +612,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         _child_main(args)
         return 0
 
-    import trustme
-
-    from tests.fakes.azurite import Azurite, azurite_executable, azurite_version, free_port
+    from tests.fakes.azurite import azurite_version
     from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 
     started = time.monotonic()
@@ -648,15 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         try:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphsync-bench-")))
-            ca = trustme.CA()
-            ca_bundle = workdir / "ca.pem"
-            ca.cert_pem.write_to_path(str(ca_bundle))
+            ca, ca_bundle = write_test_ca(workdir)
             key_file = workdir / "cache-key"
             key_file.write_text(base64.b64encode(os.urandom(32)).decode())
-            (workdir / "azurite").mkdir()
-            azurite = Azurite(azurite_executable(), workdir / "azurite", workdir, free_port())
-            azurite.start()
-            stack.callback(azurite.stop)
+            azurite = start_azurite(stack, workdir)
             entra = stack.enter_context(
                 FakeEntra(
                     ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, expires_in=MSAL_EXPIRY_MARGIN + args.lifetime
@@ -667,22 +641,18 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in ("shared", "baseline"):
                     print(f"running {mode} x{replicas} for {bench.window:g} s ...", file=sys.stderr, flush=True)
                     scenarios.append(bench.run(mode, replicas))
-        except BenchFailure as exc:
+        except (BenchFailure, RuntimeError) as exc:  # RuntimeError: Azurite did not start
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
-        except RuntimeError as exc:  # Azurite did not start
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
         finally:
             if bench is not None:
                 bench._stop(list(bench.live))
 
-    elapsed = time.monotonic() - started
     context = {
-        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "command": command_line(argv),
         "parameters": (
             f"replicas {','.join(map(str, args.replicas))}; usable lifetime {args.lifetime:g} s "
             f"(expires_in {MSAL_EXPIRY_MARGIN + args.lifetime}); {args.lifetimes} lifetimes; "
@@ -696,20 +666,15 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "machine": (
             f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}, msal {_version('msal')}, azure-storage-blob "
-            f"{_version('azure-storage-blob')}, Azurite {azurite_version()}"
+            f"{platform.python_version()}, msal {package_version('msal')}, azure-storage-blob "
+            f"{package_version('azure-storage-blob')}, Azurite {azurite_version()}"
         ),
-        "run": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s wall clock",
+        "run": run_line(started),
     }
     report(args, scenarios, context)
     if args.json:
         document = {"context": context, "scenarios": [s.to_json() for s in scenarios]}
-        text = json.dumps(document, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            print(f"results written to {args.json}", file=sys.stderr)
+        dump_json(args.json, document)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -26,6 +27,75 @@ from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 from tests.fakes.graph import fake_graph  # noqa: F401  (a fixture, registered by importing it here)
 
 __all__ = ["AZURITE_KEY", "REPO_ROOT", "Azurite"]  # re-exported: tests import them from here
+
+
+# -- test tiers --------------------------------------------------------------------------
+#
+# `make test-fast` runs `-m "not integration"`: tests that need neither Azurite nor a child process. Which tests are
+# integration is decided here, from what they use, rather than by remembering a decorator: a test that asks for
+# one of these fixtures (directly or through another fixture) starts Azurite or a process.
+INTEGRATION_FIXTURES = frozenset(
+    {
+        "azurite",  # a node subprocess
+        "blob_container",
+        "graphsync_config",  # writes a config that points at Azurite
+        "run_graphsync",  # `python -m graphsync`, to completion
+        "start_graphsync",  # ... or in the background
+        "replicas",  # test_daemon: daemon replicas
+        "build_context",  # test_packaging: the wheel build and its install, run as the image and the units would
+        "wheelhouse",
+        "installed",
+        "unit_sandbox",
+        "sandbox_factory",
+    }
+)
+# Modules whose tests all start processes of their own (pty.fork, Popen) without one of those fixtures. A test in
+# another module that does so carries @pytest.mark.integration itself (test_packaging's systemd-analyze and
+# hadolint checks, test_fakes' standalone Entra).
+INTEGRATION_MODULES = frozenset({"test_daemon.py", "test_terminal.py"})
+
+# What starting a process raises as an audit event (PEP 578): a fast test that gets here fails, naming itself.
+_PROCESS_EVENTS = frozenset(
+    {"subprocess.Popen", "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn"}
+)
+_fast_test: str | None = None  # the node id of the running test when it is not integration
+_guard_installed = False
+
+
+def _refuse_processes_in_fast_tests(event: str, args: tuple[Any, ...]) -> None:
+    if _fast_test is not None and event in _PROCESS_EVENTS:
+        raise RuntimeError(
+            f"{_fast_test} starts a process ({event} {args[0]!r}) but is not marked integration: add the fixture "
+            "that starts it to INTEGRATION_FIXTURES in tests/conftest.py, or mark the test @pytest.mark.integration"
+        )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _guard_installed
+    if not _guard_installed:  # audit hooks cannot be removed: one per process
+        # azure-identity's import calls platform.platform(), whose processor() runs `uname -p` once per process:
+        # run it now, so that a fast test which happens to import azure.identity first is not blamed for it.
+        platform.processor()
+        sys.addaudithook(_refuse_processes_in_fast_tests)
+        _guard_installed = True
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if uses or item.path.name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Setup, call and teardown of a fast test run with the process guard on."""
+    global _fast_test
+    _fast_test = None if item.get_closest_marker("integration") else item.nodeid
+    try:
+        return (yield)
+    finally:
+        _fast_test = None
 
 
 # -- TLS ---------------------------------------------------------------------------------
@@ -237,7 +307,6 @@ def own_work_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "graphsync" / "work"
-
 
 
 def _daemon_command(args: Sequence[str]) -> list[str]:

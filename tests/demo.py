@@ -47,7 +47,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from graphsync.jobs import epoch
+from graphsync.timestamps import epoch
 from tests.conftest import dumps_toml
 from tests.fakes.azurite import REPO_ROOT, Azurite, azurite_executable, free_port
 from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from graphsync.timestamps import epoch
 from tests.conftest import REPO_ROOT
 from tests.fakes.graph import FakeGraph, mutate, populate
 
@@ -173,9 +174,8 @@ def test_three_replicas_run_each_job_once_per_interval_and_share_tokens(
 
 
 def _log_time(text: str) -> float:
-    """The JSON log's `time` field (asctime, local time) as unix seconds."""
-    stamp, _, millis = text.partition(",")
-    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis or 0) / 1000
+    """The JSON log's `time` field (ISO-8601 UTC) as unix seconds."""
+    return epoch(text)
 
 
 # -- issue 4, must-show 6: SIGTERM in the middle of a long sync ----------------------------------------------

@@ -338,6 +338,7 @@ def test_federated_credential(ca: trustme.CA, tls_env: dict[str, str]) -> None:
         assert [(r.auth, r.status) for r in fake.token_requests()] == [("federated", 200), ("certificate", 401)]
 
 
+@pytest.mark.integration  # runs the fake as a subprocess
 def test_standalone_entra(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "tests.fakes.entra", "--port", "0", "--cert-dir", str(tmp_path),
                "--client-id", "demo-app", "--client-secret", "demo-secret"]  # fmt: skip

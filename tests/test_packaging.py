@@ -265,6 +265,7 @@ def graphsync_container(workload: dict[str, Any]) -> dict[str, Any]:
 # -- systemd -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # runs a tool as a subprocess
 @needs_systemd_analyze
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     """``verify`` insists that ExecStart's binary exists, so the units are checked from a copy whose ExecStart runs
@@ -290,6 +291,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0 and not ours, result.stdout + result.stderr
 
 
+@pytest.mark.integration  # runs a tool as a subprocess
 @needs_systemd_analyze
 @pytest.mark.parametrize("name", SERVICES)
 def test_service_exposure_is_at_most_2(name: str) -> None:
@@ -389,6 +391,7 @@ def test_unit_credentials_are_what_the_example_config_names(tmp_path: Path) -> N
 # -- container image ---------------------------------------------------------------------
 
 
+@pytest.mark.integration  # runs a tool as a subprocess
 def test_hadolint_reports_nothing_at_warning_level() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:

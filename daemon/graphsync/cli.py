@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from graphsync import __version__
 from graphsync.config import ConfigError, JobSettings, Settings, find_config_file, load_settings
@@ -28,6 +27,7 @@ from graphsync.scheduler import Daemon
 from graphsync.sinks import sink_from_settings
 from graphsync.status import fleet_status
 from graphsync.storage import BlobStore
+from graphsync.timestamps import display_utc
 from graphsync.tokencache import TokenCaches
 from graphsync.workstore import WorkStores, default_work_directory
 
@@ -155,7 +155,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({"tenant": tenant, "source": token.source, "expires_on": token.expires_on}))
     else:
-        expires = datetime.fromtimestamp(token.expires_on, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        expires = display_utc(token.expires_on)
         print(f"tenant {tenant}: token from {token.source.replace('_', ' ')}, expires {expires}")
     return EXIT_OK
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -10,6 +9,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from graphsync.jobs import RunResult
+from graphsync.timestamps import display_utc
 
 
 class SyncProgress:
@@ -87,7 +87,7 @@ def print_status(report: dict[str, Any]) -> None:
             t["blob"],
             "-" if age is None else f"{age} s",
             str(t.get("tokens", "-")),
-            _time(t.get("token_expires_on")),
+            display_utc(t["token_expires_on"]) if t.get("token_expires_on") else "-",
             t.get("problem") or "",
         )
     console.print(tokens)
@@ -106,7 +106,3 @@ def print_status(report: dict[str, Any]) -> None:
             j["lock_holder"] or "-",
         )
     console.print(jobs)
-
-
-def _time(epoch: int | None) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if epoch else "-"

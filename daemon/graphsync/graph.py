@@ -20,6 +20,7 @@ from urllib3.util.retry import Retry
 
 from graphsync.identity import retrying_session
 from graphsync.metrics import GRAPH_REQUESTS, GRAPH_THROTTLED
+from graphsync.text import first_line
 from graphsync.tokencache import AccessToken
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class GraphClient:
 def _graph_error(response: requests.Response) -> tuple[str | None, str]:
     try:
         error = response.json().get("error") or {}
-        return error.get("code"), ((error.get("message") or "").splitlines() or [""])[0][:300]
+        return error.get("code"), first_line(error.get("message") or "")
     except (ValueError, AttributeError):
         return None, (response.reason or "")
 

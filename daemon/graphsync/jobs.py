@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from graphsync.graph import GraphClient, GraphError
@@ -25,6 +24,7 @@ from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_
 from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
+from graphsync.timestamps import epoch, file_stamp, iso_utc
 from graphsync.workstore import WorkStores
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class JobRunner:
         )
 
         def change_file(full: bool) -> str:
-            return f"{_stamp(started)}-{result.run_id}{'-full' if full else ''}.jsonl"
+            return f"{file_stamp(started)}-{result.run_id}{'-full' if full else ''}.jsonl"
 
         try:
             done = self._rounds.run(job, tenant, state, change_file, interrupted=interrupted, progress=progress)
@@ -167,7 +167,7 @@ class JobRunner:
                 job,
                 etag,
                 state
-                | {"last_failure": _iso(self._clock()), "last_error": result.message, "last_run_id": result.run_id},
+                | {"last_failure": iso_utc(self._clock()), "last_error": result.message, "last_run_id": result.run_id},
             )
             return self._finish(result, started)
         result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
@@ -183,8 +183,8 @@ class JobRunner:
                 "query": saved_query(job),
                 "delta_link": done.delta_link,
                 "last_run_id": result.run_id,
-                "last_success": _iso(self._clock()),
-                "last_success_started": _iso(started),
+                "last_success": iso_utc(self._clock()),
+                "last_success_started": iso_utc(started),
                 "objects": result.objects,
                 "changes": result.changes,
                 "replica": self.replica,
@@ -256,16 +256,3 @@ def _snapshot_state(done: Round) -> dict[str, Any]:
             "chunks": done.publication.chunks,
         }
     }
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def epoch(iso: str) -> float:
-    """Unix seconds of a state file's ISO-8601 UTC time."""
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def _stamp(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -1,7 +1,9 @@
 """Log output: one JSON object per line for journald and log shippers, plain text on a terminal.
 
-Both formatters pass their finished line through :func:`daemon.redaction.redact`, so a secret cannot reach the
-output by any path: our messages, a library's debug line, or an exception's traceback.
+Both formatters pass their finished line through :func:`graphsync.redaction.redact`, so a secret cannot reach the
+output by any path: our messages, a library's debug line, or an exception's traceback. JSON lines carry their
+``time`` in UTC (``2026-12-01T23:14:05.001Z``), so that lines from replicas in different zones sort and compare as
+they are; the terminal keeps local time for the person reading it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pythonjsonlogger.json import JsonFormatter
 
 from graphsync.redaction import redact
+from graphsync.timestamps import iso_utc
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 JSON_FIELDS = ["asctime", "levelname", "name", "message"]
@@ -20,6 +23,10 @@ CHATTY_LIBRARIES = ("azure.core.pipeline.policies.http_logging_policy", "azure.i
 
 
 class RedactingJsonFormatter(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The ``time`` field: ISO-8601 UTC with milliseconds, whatever the host's time zone."""
+        return iso_utc(record.created, timespec="milliseconds")
+
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
 
@@ -29,19 +36,22 @@ class RedactingTextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+def json_formatter() -> RedactingJsonFormatter:
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message`` and any ``extra=`` fields."""
+    return RedactingJsonFormatter(
+        JSON_FIELDS,
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        timestamp=False,
+    )
+
+
 def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -> None:
     """Route all logging to stderr at ``level``; JSON unless stderr is a terminal (or ``json_output`` says)."""
     if json_output is None:
         json_output = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
     if json_output:
-        handler.setFormatter(
-            RedactingJsonFormatter(
-                JSON_FIELDS,
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-                timestamp=False,
-            )
-        )
+        handler.setFormatter(json_formatter())
     else:
         handler.setFormatter(RedactingTextFormatter(TEXT_FORMAT))
     root = logging.getLogger()

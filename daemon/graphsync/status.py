@@ -9,9 +9,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from graphsync.jobs import epoch, lock_blob
+from graphsync.jobs import lock_blob
 from graphsync.schedule import trigger
 from graphsync.storage import StorageError
+from graphsync.timestamps import epoch
 
 if TYPE_CHECKING:
     from graphsync.config import Settings

@@ -40,6 +40,7 @@ from azure.storage.blob import (
 
 from graphsync.metrics import STORAGE_OPERATIONS
 from graphsync.redaction import redact
+from graphsync.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ def _cause(exc: AzureError) -> str:
     if isinstance(exc, HttpResponseError) and exc.status_code:
         code = getattr(exc.error_code, "value", exc.error_code) or (exc.reason or "").strip()
         return f"HTTP {exc.status_code} {code}".strip()
-    first_line = (str(exc.message or exc) or type(exc).__name__).splitlines()[0]
-    return redact(f"{type(exc).__name__}: {first_line}")[:300]
+    return first_line(redact(f"{type(exc).__name__}: {str(exc.message or exc) or type(exc).__name__}"))
 
 
 class BlobStore:
