@@ -60,6 +60,14 @@ def test_status_reports_cache_jobs_lock_holder_and_stale_delta_tokens(
     [job] = report["jobs"]
     assert job["objects"] == 400 and job["last_error"] is None and job["lock_holder"] is None
     assert job["warnings"] == []
+    # The snapshot's size and chunks, and whether this host's working store matches it; another host's does not.
+    assert job["snapshot_bytes"] == (output / TENANT / "users" / "snapshot.jsonl").stat().st_size
+    assert 400 / 256 <= job["snapshot_chunks"] <= 400 / 16
+    assert job["warm_store_here"] is True
+    elsewhere = run_graphsync(
+        "status", "--json", "--config", str(config), env={"XDG_CACHE_HOME": str(tmp_path / "other-host")}
+    )
+    assert json.loads(elsewhere.stdout.strip().splitlines()[-1])["jobs"][0]["warm_store_here"] is False
     next_due = datetime.fromisoformat(job["next_due"])
     assert next_due.minute % 15 == 0 and next_due.second == 0 and next_due > datetime.now(UTC)
 

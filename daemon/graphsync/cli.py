@@ -29,7 +29,7 @@ from graphsync.status import fleet_status
 from graphsync.storage import BlobStore
 from graphsync.timestamps import display_utc
 from graphsync.tokencache import TokenCaches
-from graphsync.workstore import WorkStores, default_work_directory
+from graphsync.workstore import WorkStores
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -140,7 +140,7 @@ def _job_runner(settings: Settings) -> JobRunner:
         timeout=settings.graph.timeout_seconds,
         max_retries=settings.graph.max_retries,
     )
-    stores = WorkStores(default_work_directory())
+    stores = WorkStores(settings.output.work_directory)
     return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores)
 
 
@@ -214,7 +214,8 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     store, caches = _token_caches(settings)
-    report = fleet_status(settings, caches, sink_from_settings(settings), store, time.time())
+    stores = WorkStores(settings.output.work_directory)
+    report = fleet_status(settings, caches, sink_from_settings(settings), store, stores, time.time())
     if args.json:
         print(json.dumps(report))
     else:

@@ -92,7 +92,18 @@ def print_status(report: dict[str, Any]) -> None:
         )
     console.print(tokens)
     jobs = Table(title=f"jobs → {report['output']}")
-    for column in ("tenant", "job", "last success", "last error", "objects", "next due", "lock holder"):
+    columns = (
+        "tenant",
+        "job",
+        "last success",
+        "last error",
+        "objects",
+        "snapshot",
+        "warm here",
+        "next due",
+        "lock holder",
+    )
+    for column in columns:
         jobs.add_column(column)
     for j in report["jobs"]:
         error = (j["last_error"] or "") + "".join(f"\n⚠ {w}" for w in j["warnings"])
@@ -102,7 +113,15 @@ def print_status(report: dict[str, Any]) -> None:
             j["last_success"] or "never",
             error,
             str(j["objects"] or "-"),
+            _snapshot_size(j),
+            "yes" if j["warm_store_here"] else "no",
             j["next_due"] or "-",
             j["lock_holder"] or "-",
         )
     console.print(jobs)
+
+
+def _snapshot_size(job: dict[str, Any]) -> str:
+    if job.get("snapshot_bytes") is None:
+        return "-"
+    return f"{job['snapshot_bytes'] / 1_000_000:.1f} MB in {job['snapshot_chunks']} chunks"

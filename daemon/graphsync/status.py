@@ -19,12 +19,16 @@ if TYPE_CHECKING:
     from graphsync.sinks import Sink
     from graphsync.storage import BlobStore
     from graphsync.tokencache import TokenCaches
+    from graphsync.workstore import WorkStores
 
 DELTA_TOKEN_WARNING_SECONDS = 6 * 24 * 3600  # directory delta tokens expire after 7 days
 
 
-def fleet_status(settings: Settings, caches: TokenCaches, sink: Sink, locks: BlobStore, now: float) -> dict[str, Any]:
-    """What ``graphsync status`` reports: each tenant's shared token cache and each job's state, fleet-wide."""
+def fleet_status(
+    settings: Settings, caches: TokenCaches, sink: Sink, locks: BlobStore, stores: WorkStores, now: float
+) -> dict[str, Any]:
+    """What ``graphsync status`` reports: each tenant's shared token cache and each job's state, fleet-wide, and
+    whether this host holds a warm working store for it (one local file read, no storage call)."""
     jobs = []
     for job in settings.jobs:
         for tenant in settings.job_tenants(job):
@@ -44,6 +48,7 @@ def fleet_status(settings: Settings, caches: TokenCaches, sink: Sink, locks: Blo
                     "last success is over 6 days old: the delta token expires after 7 days, "
                     "and the next run will be a full resync"
                 )
+            snapshot = state.get("snapshot") if isinstance(state.get("snapshot"), dict) else {}
             jobs.append(
                 {
                     "tenant": tenant,
@@ -53,6 +58,9 @@ def fleet_status(settings: Settings, caches: TokenCaches, sink: Sink, locks: Blo
                     "last_failure": state.get("last_failure"),
                     "last_error": state.get("last_error"),
                     "objects": state.get("objects"),
+                    "snapshot_bytes": snapshot.get("bytes"),
+                    "snapshot_chunks": snapshot.get("chunks"),
+                    "warm_store_here": stores.is_warm(tenant, job.name, snapshot.get("version")),
                     "next_due": next_due.isoformat() if next_due else None,
                     "lock_holder": holder,
                     "warnings": warnings,

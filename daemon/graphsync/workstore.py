@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -30,18 +29,6 @@ log = logging.getLogger(__name__)
 
 STORE = "store.sqlite"
 LOCK = "store.lock"
-
-
-def default_work_directory(environ: os._Environ[str] | dict[str, str] = os.environ) -> Path:
-    """Where stores go when ``[output] work_directory`` is not set.
-
-    ``$STATE_DIRECTORY/work`` under systemd (``StateDirectory=``; the image sets ``STATE_DIRECTORY`` too, so it is
-    ``/var/lib/graphsync/work`` there), else the user's cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``).
-    """
-    if state := environ.get("STATE_DIRECTORY"):
-        return Path(state.split(":")[0]) / "work"  # systemd lists several directories with ':'
-    cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "graphsync" / "work"
 
 
 class WorkStores:

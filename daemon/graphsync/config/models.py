@@ -5,6 +5,7 @@ keys name while loading, so that a bad secret or key file stops startup instead 
 later.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -209,16 +210,31 @@ class GraphSettings(BaseModel):
     max_retries: Annotated[int, Field(ge=0)] = 5
 
 
+def default_work_directory(environ: Mapping[str, str]) -> Path:
+    """Where working stores go unless ``[output] work_directory`` says otherwise.
+
+    ``$STATE_DIRECTORY/work`` under systemd (``StateDirectory=``; the image sets ``STATE_DIRECTORY`` too, so it is
+    ``/var/lib/graphsync/work`` there), else the user's cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``).
+    """
+    if state := environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0]) / "work"  # systemd lists several state directories with ':'
+    cache = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".cache")
+    return Path(cache) / "graphsync" / "work"
+
+
 class OutputSettings(BaseModel):
-    """[output]: where exports go, a local directory or a container in the [storage] account."""
+    """[output]: where exports go, a local directory or a container in the [storage] account, and where this
+    host keeps each job's working store between runs."""
 
     model_config = ConfigDict(extra="forbid")
 
     directory: Path | None = None
     container: ContainerName | None = None
+    # A factory, not a constant: it reads the environment of the load_settings call in progress.
+    work_directory: Path = Field(default_factory=lambda: default_work_directory(current_load().environ))
 
     @model_validator(mode="after")
-    def _one_destination(self) -> Self:
+    def _defaults(self) -> Self:
         require_one(self, ("directory", "container"), "output destination", required=False)
         if self.container is None and self.directory is None:
             self.directory = DEFAULT_OUTPUT_DIRECTORY
