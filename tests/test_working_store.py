@@ -1,0 +1,424 @@
+"""A delta round costs what changed: the working store outlives the run, and snapshots are content-defined chunks.
+
+Real processes (`graphsync sync`) against Azurite behind :class:`StorageRelay`, which counts every storage request
+and byte. Two replicas are two work directories (two hosts). The oracle for the published bytes is a from-scratch
+serialization of the fake directory: compact JSON with sorted keys, one line per object sorted by id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from azure.storage.blob import BlobLeaseClient, BlobServiceClient
+
+from graphsync.chunking import chunk_lines
+from tests.conftest import REPO_ROOT
+from tests.fakes.graph import FakeGraph, mutate, populate
+from tests.fakes.storage_relay import Relayed, StorageRelay
+from tests.test_sync import GROUPS_JOB, TENANT, USERS_JOB, assert_same, output_text, parse_snapshot, truth
+
+if TYPE_CHECKING:
+    from tests.conftest import Azurite, RunGraphsync, WriteConfig
+
+
+def fresh_serialization(fake: FakeGraph, resource: str) -> list[tuple[str, bytes]]:
+    """The snapshot as written from nothing: what every published version must equal, byte for byte."""
+    objects = truth(fake, resource)
+    return [
+        (oid, json.dumps(objects[oid], separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        for oid in sorted(objects)
+    ]
+
+
+class Replica:
+    """One host: a work directory of its own, the shared config."""
+
+    def __init__(self, name: str, root: Path, run_graphsync: RunGraphsync, config: Path) -> None:
+        self.name = name
+        self.env = {"XDG_CACHE_HOME": str(root / name)}
+        self.work = root / name / "graphsync" / "work"
+        self._run = run_graphsync
+        self.config = config
+
+    def sync(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+        result = self._run("sync", "--config", str(self.config), *args, env=self.env, timeout=120)
+        assert result.returncode == expect, output_text(result)
+        assert "Traceback" not in result.stderr, output_text(result)
+        return result
+
+    def start(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "graphsync", "sync", "--config", str(self.config)],
+            cwd=REPO_ROOT,
+            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def store(self, job: str) -> Path:
+        return self.work / TENANT / job / "store.sqlite"
+
+
+@pytest.fixture
+def relay(azurite: Azurite) -> Iterator[StorageRelay]:
+    with StorageRelay(azurite) as relay:
+        yield relay
+
+
+def blob_config(
+    graphsync_config: WriteConfig, fake: FakeGraph, relay: StorageRelay, exports: Exports, *jobs: dict[str, Any]
+) -> Path:
+    """Exports go to the test's own container (the one the token cache and locks use), through the relay."""
+    return graphsync_config(
+        extra={
+            "graph": {"endpoint": fake.base_url},
+            "storage": {"connection_string": relay.connection_string},
+            "output": {"container": exports.name},
+            "jobs": list(jobs),
+        }
+    )
+
+
+class Exports:
+    """The output container as a consumer reads it."""
+
+    def __init__(self, azurite: Azurite, container: str) -> None:
+        self.name = container
+        self._container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(
+            container
+        )
+
+    def snapshot_blob(self, job: str) -> str:
+        """The blob's path as the relay records it."""
+        return f"{self.name}/{TENANT}/{job}/snapshot.jsonl"
+
+    def published(self, job: str) -> tuple[bytes, str, list[tuple[str, int]]]:
+        """The committed snapshot of ``job``: bytes, ETag and block list."""
+        blob = self._container.get_blob_client(f"{TENANT}/{job}/snapshot.jsonl")
+        download = blob.download_blob()
+        data = download.readall()
+        committed, _ = blob.get_block_list("committed")
+        return data, download.properties.etag, [(b.id, b.size) for b in committed]
+
+    def state(self, job: str) -> dict[str, Any]:
+        return json.loads(self._container.download_blob(f"{TENANT}/{job}/state.json").readall())
+
+    def snapshot_requests(
+        self, records: list[Relayed], job: str, method: str, comp: str | None = None
+    ) -> list[Relayed]:
+        return [r for r in records if r.blob == self.snapshot_blob(job) and r.method == method and r.comp == comp]
+
+    def assert_equals_fresh_serialization(self, fake: FakeGraph, job: str, resource: str) -> None:
+        data, _, blocks = self.published(job)
+        fresh = fresh_serialization(fake, resource)
+        assert_same(parse_snapshot(data), truth(fake, resource), f"{job} snapshot vs the directory")
+        assert data == b"".join(line for _, line in fresh), f"{job}: not byte-identical to a fresh serialization"
+        assert [b for b, _ in blocks] == [c.ref.block_id for c in chunk_lines(fresh)], f"{job}: chunks differ"
+
+
+@pytest.fixture
+def exports(azurite: Azurite, blob_container: str) -> Exports:
+    return Exports(azurite, blob_container)
+
+
+# -- a no-op round ---------------------------------------------------------------------------------------------
+
+
+def test_a_round_without_changes_publishes_nothing_and_still_records_the_success_blob(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    relay: StorageRelay,
+    exports: Exports,
+    tmp_path: Path,
+) -> None:
+    populate(fake_graph, TENANT, users=2000, groups=0)
+    replica = Replica(
+        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
+    )
+    replica.sync()
+    _, etag, _ = exports.published("users")
+    first = exports.state("users")
+
+    relay.reset()
+    replica.sync()
+    _, etag_after, _ = exports.published("users")
+    second = exports.state("users")
+    assert etag_after == etag, "a round that received nothing must not publish a snapshot"
+    assert second["last_run_id"] != first["last_run_id"] and second["last_success"] >= first["last_success"]
+    assert second["delta_link"] and second["changes"] == 0 and second["objects"] == 2000
+    records = relay.records()
+    touched = {(r.method, r.blob, r.comp) for r in records if r.blob.startswith(f"{exports.name}/{TENANT}/users/")}
+    # The warm store needs no download and nothing is written but state.json: no snapshot, no change file.
+    assert touched <= {
+        ("HEAD", exports.snapshot_blob("users"), None),
+        ("GET", f"{exports.name}/{TENANT}/users/state.json", None),
+        ("PUT", f"{exports.name}/{TENANT}/users/state.json", None),
+    }, touched
+    assert sum(r.body_down for r in records) < 10_000
+
+
+def test_a_round_without_changes_leaves_the_directory_snapshot_file_alone(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, run_graphsync: RunGraphsync, tmp_path: Path
+) -> None:
+    populate(fake_graph, TENANT, users=500, groups=20)
+    output = tmp_path / "out"
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(output)},
+            "jobs": [USERS_JOB, GROUPS_JOB],
+        }
+    )
+    replica = Replica("a", tmp_path, run_graphsync, config)
+    replica.sync()
+    files = {job: output / TENANT / job / "snapshot.jsonl" for job in ("users", "groups")}
+    before = {job: (path.stat().st_ino, path.stat().st_mtime_ns) for job, path in files.items()}
+    states = {job: json.loads((output / TENANT / job / "state.json").read_text()) for job in files}
+
+    fake_graph.update(TENANT, "users", next(iter(fake_graph.objects(TENANT, "users"))), jobTitle="Changed")
+    replica.sync()
+    after = {job: (path.stat().st_ino, path.stat().st_mtime_ns) for job, path in files.items()}
+    assert after["groups"] == before["groups"], "groups received nothing: its file must not be rewritten"
+    assert after["users"] != before["users"], "users changed: its file is replaced"
+    groups_state = json.loads((output / TENANT / "groups" / "state.json").read_text())
+    assert groups_state["last_run_id"] != states["groups"]["last_run_id"] and groups_state["last_error"] is None
+    assert len(list((output / TENANT / "groups" / "changes").iterdir())) == 1  # only the first, full round's
+
+
+# -- a round with k changes ------------------------------------------------------------------------------------
+
+
+def test_a_round_with_k_changes_stages_only_their_chunks_and_equals_a_fresh_serialization(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    relay: StorageRelay,
+    exports: Exports,
+    tmp_path: Path,
+) -> None:
+    populate(fake_graph, TENANT, users=5000, groups=0)
+    replica = Replica(
+        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
+    )
+    replica.sync()
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+    _, _, blocks_before = exports.published("users")
+    assert len(blocks_before) > 50
+
+    for k in (1, 7, 40):
+        changed = random.Random(k).sample(sorted(fake_graph.objects(TENANT, "users")), k)
+        for oid in changed:
+            fake_graph.update(TENANT, "users", oid, jobTitle=f"Round {k}")
+        relay.reset()
+        replica.sync()
+        exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+        fresh = list(chunk_lines(fresh_serialization(fake_graph, "users")))
+        holding = {c.ref.block_id for c in fresh if any(c.ref.first_id <= oid <= c.ref.last_id for oid in changed)}
+        staged = exports.snapshot_requests(relay.records(), "users", "PUT", "block")
+        assert len(staged) == len(holding), f"k={k}: staged {len(staged)} blocks, {len(holding)} chunks changed"
+        staged_bytes = sum(r.bytes_up for r in staged)
+        assert staged_bytes < sum(c.ref.size for c in fresh if c.ref.block_id in holding) + 2000 * len(staged)
+        assert not exports.snapshot_requests(relay.records(), "users", "GET"), "a warm store downloads nothing"
+
+
+# -- two replicas, 30 random rounds ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_replicas_alternating_over_30_random_rounds_publish_exact_snapshots_and_fetch_only_changed_chunks(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    relay: StorageRelay,
+    exports: Exports,
+    tmp_path: Path,
+) -> None:
+    populate(fake_graph, TENANT, users=3000, groups=150, seed=11)
+    config = blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB, GROUPS_JOB)
+    replicas = [Replica(name, tmp_path, run_graphsync, config) for name in ("a", "b")]
+    known: dict[tuple[str, str], dict[str, int]] = {}  # (replica, job) -> blocks its store holds
+    rng = random.Random(30)
+    stale_rounds = 0
+    for round_no in range(30):
+        if round_no:
+            mutate(fake_graph, TENANT, rng, changes=rng.choice((1, 5, 20, 60)))
+        replica = rng.choice(replicas)
+        before = {job: dict(exports.published(job)[2]) if round_no else {} for job in ("users", "groups")}
+        relay.reset()
+        replica.sync()
+        for job in ("users", "groups"):
+            exports.assert_equals_fresh_serialization(fake_graph, job, job)
+            fetched = sum(r.body_down for r in exports.snapshot_requests(relay.records(), job, "GET") if r.ranged)
+            held = known.get((replica.name, job), {})
+            lacking = sum(size for block, size in before[job].items() if block not in held)
+            assert fetched == lacking, f"round {round_no}, {replica.name}/{job}: fetched {fetched}, lacked {lacking}"
+            stale_rounds += bool(lacking) and bool(held)
+            known[(replica.name, job)] = dict(exports.published(job)[2])
+    assert stale_rounds >= 5, "the random walk should have made a replica catch up on a stale store several times"
+
+
+# -- damaged or mismatched stores --------------------------------------------------------------------------------
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "corrupt":
+        with open(path, "r+b") as file:
+            file.seek(path.stat().st_size // 2)
+            file.write(os.urandom(8192))
+    elif how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("how", ["corrupt", "truncated", "other_version", "changed_select"])
+def test_a_damaged_or_mismatched_store_is_rebuilt_and_the_run_is_exact(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    relay: StorageRelay,
+    exports: Exports,
+    tmp_path: Path,
+    how: str,
+) -> None:
+    populate(fake_graph, TENANT, users=3000, groups=0, seed=5)
+    replica = Replica(
+        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
+    )
+    replica.sync()
+    rng = random.Random(105)
+    mutate(fake_graph, TENANT, rng, changes=15)
+    if how == "changed_select":
+        replica.config = blob_config(
+            graphsync_config, fake_graph, relay, exports, USERS_JOB | {"select": ["displayName", "mail"]}
+        )
+    elif how == "other_version":  # the store of an older version: a round published since, then it came back
+        older = replica.store("users").read_bytes()
+        replica.sync()
+        replica.store("users").write_bytes(older)
+        with sqlite3.connect(replica.store("users")) as db:
+            assert (
+                db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
+                != exports.published("users")[1]
+            )
+        mutate(fake_graph, TENANT, rng, changes=15)
+    else:
+        _damage(replica.store("users"), how)
+    relay.reset()
+    result = replica.sync()
+    if how in ("corrupt", "truncated"):
+        assert "working store of" in result.stderr and "damaged" in result.stderr, result.stderr
+    data, _, _ = exports.published("users")
+    if how == "changed_select":
+        expected = {
+            oid: {"id": oid, "displayName": o.get("displayName"), "mail": o.get("mail")}
+            for oid, o in fake_graph.objects(TENANT, "users").items()
+        }
+        assert_same(parse_snapshot(data), expected, "users after the select changed")
+        assert exports.state("users")["changes"] == len(expected)  # a full round
+    else:
+        exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+        assert exports.snapshot_requests(relay.records(), "users", "GET"), (
+            "the store was refreshed from the published one"
+        )
+    # And the rebuilt store is warm for the next round.
+    relay.reset()
+    replica.sync()
+    assert not exports.snapshot_requests(relay.records(), "users", "GET")
+
+
+# -- a kill or a lost lock between staging and commit ------------------------------------------------------------
+
+
+def commit_of(exports: Exports, job: str) -> Callable[[str, str, str | None], bool]:
+    """Matches the Put Block List that would publish ``job``'s snapshot."""
+    return lambda method, blob, comp: (method, blob, comp) == ("PUT", exports.snapshot_blob(job), "blocklist")
+
+
+def test_sigkill_between_staging_and_commit_publishes_nothing_and_the_next_run_is_exact(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    relay: StorageRelay,
+    exports: Exports,
+    tmp_path: Path,
+) -> None:
+    populate(fake_graph, TENANT, users=3000, groups=0, seed=9)
+    replica = Replica(
+        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
+    )
+    replica.sync()
+    _, etag, _ = exports.published("users")
+    cursor = exports.state("users")
+    mutate(fake_graph, TENANT, random.Random(109), changes=30)
+
+    hold = relay.hold(commit_of(exports, "users"))
+    process = replica.start()
+    try:
+        assert hold.arrived.wait(60), "the run never reached its commit"
+        staged = exports.snapshot_requests(relay.records(), "users", "PUT", "block")
+        assert staged, "blocks were staged before the commit"
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        hold.drop()
+        if process.poll() is None:
+            process.kill()
+    assert exports.published("users")[1] == etag, "nothing is published by a run killed before its commit"
+    assert exports.state("users") == cursor, "the cursor did not move"
+
+    relay.reset()
+    replica.sync("--wait")  # once the dead run's lease expires; its store was rolled back by SQLite's journal
+    assert not exports.snapshot_requests(relay.records(), "users", "GET"), "still warm for the published version"
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+
+
+def test_a_lost_lock_before_commit_publishes_nothing_and_the_next_run_is_exact(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    relay: StorageRelay,
+    exports: Exports,
+    azurite: Azurite,
+    tmp_path: Path,
+) -> None:
+    populate(fake_graph, TENANT, users=3000, groups=0, seed=13)
+    config = blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
+    a, b = Replica("a", tmp_path, run_graphsync, config), Replica("b", tmp_path, run_graphsync, config)
+    a.sync()
+    mutate(fake_graph, TENANT, random.Random(113), changes=30)
+
+    hold = relay.hold(commit_of(exports, "users"))
+    process = a.start()
+    try:
+        assert hold.arrived.wait(60), "A never reached its commit"
+        # A stalls at its commit; meanwhile its lease is broken and B runs the job to the end.
+        lock = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
+            exports.name, f"locks/{TENANT}/users.lock"
+        )
+        BlobLeaseClient(lock).break_lease(lease_break_period=0)
+        mutate(fake_graph, TENANT, random.Random(114), changes=10)
+        b.sync()
+        after_b = exports.published("users")
+        hold.release()
+        out, err = process.communicate(timeout=60)
+    finally:
+        hold.drop()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, out + err
+    assert "published nothing" in err, err
+    assert exports.published("users") == after_b, "A's commit must not land over B's snapshot"
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+    a.sync()  # A's store rolled back; it is stale now and catches up from B's chunks
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
