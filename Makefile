@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint bench demo clean
+.PHONY: setup test test-fast lint typecheck bench demo clean
 
 $(STAMP): pyproject.toml constraints.txt package.json package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt package.json package-lock.json
 
 setup: $(STAMP)
 
-test: lint
+test: lint typecheck
 	$(BIN)/pytest -q
 
 test-fast: setup
@@ -26,6 +26,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+typecheck: setup
+	$(BIN)/mypy
+
 bench: setup
 	$(BIN)/python bench/token_cache.py
 	$(BIN)/python bench/sync.py
@@ -34,4 +37,4 @@ demo: setup
 	$(BIN)/python -m tests.demo
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -196,6 +196,7 @@ class Bench:
         """The URL graphsync itself starts a delta round of the job from."""
         from graphsync.graph import GraphClient
 
+        # Only builds a URL, which needs no token: no TokenSource is worth faking for it.
         client = GraphClient(self.graph.base_url, "v1.0", tokens=None)  # type: ignore[arg-type]
         return client.collection_url(JOB, select=SELECT, delta=True)
 

@@ -393,6 +393,7 @@ class Bench:
             raise self._failure(child, f"printed no summary (stdout: {stdout[-300:]!r})") from None
 
     def _failure(self, child: Child, why: str) -> BenchFailure:
+        # Popen.args is typed as any command form (str, bytes, paths); the bench always passes a list of str.
         command = shlex.join(child.process.args)  # type: ignore[arg-type]
         return BenchFailure(
             f"child {child.index} (pid {child.process.pid}) {why}\n  command: {command}\n"

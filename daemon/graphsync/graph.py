@@ -12,10 +12,13 @@ import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.connectionpool import ConnectionPool
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from graphsync.identity import retrying_session
@@ -32,8 +35,15 @@ RESYNC_CODES = {"syncstatenotfound", "resyncrequired", "syncstateinvalid"}
 class _ThrottleAwareRetry(Retry):
     """urllib3's Retry, counting and logging each throttled response it is about to wait out."""
 
-    def increment(self, method: str | None = None, url: str | None = None, *args: Any, **kwargs: Any) -> Retry:
-        response = kwargs.get("response")
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
         if response is not None and response.status in THROTTLE_STATUSES:
             GRAPH_THROTTLED.labels(str(response.status)).inc()
             log.warning(
@@ -42,7 +52,7 @@ class _ThrottleAwareRetry(Retry):
                 response.headers.get("Retry-After", "-"),
                 _path(url or ""),
             )
-        return super().increment(method, url, *args, **kwargs)
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 class TokenSource(Protocol):

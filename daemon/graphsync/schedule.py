@@ -130,6 +130,9 @@ def trigger(job: Schedule) -> BaseTrigger:
     """
     if job.interval_seconds:
         return IntervalTrigger(seconds=job.interval_seconds, start_date=EPOCH, timezone=UTC)
+    if job.cron is None:
+        # Configuration rejects such a job (require_one in config.models); this names the broken promise.
+        raise ValueError("a job's schedule needs either an interval or a crontab expression")
     return crontab_trigger(job.cron)
 
 

@@ -437,6 +437,8 @@ class FakeEntra(LoopbackHttpsServer):
         try:
             jwt.decode(
                 assertion,
+                # public_key() is typed as any key kind (DSA, X25519, ...), jwt.decode's as signing keys only;
+                # the registered certificate is the RSA one this fake issued.
                 self._certificate.public_key(),  # type: ignore[arg-type]
                 algorithms=["RS256", "PS256"],
                 audience=audience,

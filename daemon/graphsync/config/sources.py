@@ -4,7 +4,7 @@ Each source records which key each variable set, so the error report can name th
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any, get_origin
+from typing import Any, TypeGuard, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -26,7 +26,7 @@ WORKLOAD_VARIABLES = {
 }
 
 
-def is_model(annotation: Any) -> bool:
+def is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
     """Whether an annotation is a model (a section, or the item of a list of tables) rather than a value."""
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
