@@ -49,6 +49,11 @@ class TokenError(Exception):
         self.codes = codes or _aadsts_codes(description)
         super().__init__(f"token request for tenant {tenant} failed: {error}: {self.description}".rstrip(": "))
 
+    @classmethod
+    def from_result(cls, tenant: str, result: dict[str, Any]) -> TokenError:
+        """The error an MSAL result without an access token describes (see also :func:`failure_result`)."""
+        return cls(tenant, str(result.get("error")), result.get("error_description") or "", result.get("error_codes"))
+
     @property
     def aadsts(self) -> str | None:
         """The first AADSTS code (e.g. ``AADSTS7000215``), which is what troubleshooting guides are keyed by."""

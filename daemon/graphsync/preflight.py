@@ -192,9 +192,7 @@ def _check_token(settings: Settings, tenant: str) -> Check:
         result = failure_result(exc)
     if "access_token" in result:
         return Check(f"token {tenant}", True, f"issued by {settings.identity.authority_host}")
-    error = TokenError(
-        tenant, str(result.get("error")), result.get("error_description") or "", result.get("error_codes")
-    )
+    error = TokenError.from_result(tenant, result)
     return Check(f"token {tenant}", False, str(error), token_fix(error))
 
 

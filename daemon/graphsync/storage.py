@@ -72,12 +72,14 @@ class WriteConflict(Exception):
     """Someone else wrote first: a failed ``If-Match`` (412) or a lost create race (409 or 412)."""
 
 
-class _NotModified:
+class NotModified:
+    """The type of :data:`NOT_MODIFIED` (a singleton), for annotations."""
+
     def __repr__(self) -> str:
         return "NOT_MODIFIED"
 
 
-NOT_MODIFIED: Final = _NotModified()
+NOT_MODIFIED: Final = NotModified()
 """Returned by :meth:`BlobStore.read` when the blob still has the ETag the caller last saw."""
 
 
@@ -144,7 +146,7 @@ class BlobStore:
         except AzureError as exc:
             raise StorageError.from_azure(f"cannot create container {self.container_name}", exc) from exc
 
-    def read(self, name: str, *, if_none_match: str | None = None) -> BlobContent | _NotModified | None:
+    def read(self, name: str, *, if_none_match: str | None = None) -> BlobContent | NotModified | None:
         """Download ``name``; with ``if_none_match`` the service answers 304 when nothing changed."""
         conditions = {"etag": if_none_match, "match_condition": MatchConditions.IfModified} if if_none_match else {}
         try:
