@@ -81,6 +81,8 @@ class CacheEnvelope:
 
     def _decrypt(self, envelope: dict[str, Any], blob_name: str) -> Any:
         kid = envelope.get("key_id")
+        if not isinstance(kid, str):
+            raise EnvelopeError("an encrypted cache blob without a key_id")
         if not self._keys:
             raise EnvelopeError(f"encrypted with key {kid}, but no encryption key is configured")
         aead = self._keys.get(kid)
@@ -113,4 +115,5 @@ def _check_entries(state: dict[str, Any]) -> None:
 
 
 def _position(exc: Exception) -> int:
-    return getattr(exc, "pos", None) or getattr(exc, "start", 0)
+    position = getattr(exc, "pos", None) or getattr(exc, "start", 0)
+    return position if isinstance(position, int) else 0

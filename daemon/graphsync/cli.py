@@ -118,7 +118,7 @@ def _tenant(args: argparse.Namespace, settings: Settings) -> str:
         if len(tenants) == 1:
             return tenants[0]
         raise UsageError(f"--tenant is required: identity.tenants lists {len(tenants)} tenants ({', '.join(tenants)})")
-    tenant = args.tenant.lower()  # tenant ids and domain names are case-insensitive; configuration lower-cases
+    tenant: str = args.tenant.lower()  # tenant ids and domain names are case-insensitive; configuration lower-cases
     if tenant not in tenants:
         raise UsageError(f"--tenant {args.tenant} is not in identity.tenants ({', '.join(tenants)})")
     return tenant
@@ -164,11 +164,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.jobs:
         raise UsageError("no [[jobs]] are configured: nothing to schedule")
     runner = _job_runner(settings)
-    metrics = settings.metrics
+    host, port = settings.metrics.host, settings.metrics.port
     health = (
-        (lambda daemon: HealthServer(metrics.host, metrics.port, live=daemon.live, ready=daemon.ready))
-        if metrics.port
-        else None
+        (lambda daemon: HealthServer(host, port, live=daemon.live, ready=daemon.ready)) if port is not None else None
     )
     return Daemon(settings, runner, health=health).run()
 

@@ -154,7 +154,7 @@ def _managed_identity_assertion(client_id: str | None) -> Callable[[], str]:
 
     def assertion() -> str:
         try:
-            token = credential.get_token(TOKEN_EXCHANGE_SCOPE).token
+            token: str = credential.get_token(TOKEN_EXCHANGE_SCOPE).token
         except AzureError as exc:
             reason = (str(exc.message or exc).splitlines() or [type(exc).__name__])[0][:300]
             raise ClientAuthenticationError(f"no token from the {which}: {reason}") from exc

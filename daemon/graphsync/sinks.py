@@ -39,9 +39,9 @@ CHUNK_BYTES = 4 * 1024 * 1024
 
 def sink_from_settings(settings: Settings) -> Sink:
     """The configured output: ``[output] container`` in the storage account, else ``[output] directory``."""
-    if settings.output.container:
-        return BlobSink(BlobStore.from_settings(settings.storage, container=settings.output.container))
-    return DirectorySink(settings.output.directory)
+    if settings.output.directory is not None:  # the configuration fills it in when no container is set
+        return DirectorySink(settings.output.directory)
+    return BlobSink(BlobStore.from_settings(settings.storage, container=settings.output.container))
 
 
 class Sink(Protocol):

@@ -153,7 +153,8 @@ class SnapshotStore:
             self._db.execute("DELETE FROM members WHERE object_id BETWEEN ? AND ?", (first_id, last_id))
 
     def count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+        (count,) = self._db.execute("SELECT COUNT(*) FROM objects").fetchone()
+        return int(count)
 
     def entries(self, first_id: str | None = None, last_id: str | None = None) -> Iterator[tuple[str, bytes]]:
         """``(id, line)`` of the snapshot, sorted by id, all of it or the ids in ``[first_id, last_id]``.

@@ -48,7 +48,9 @@ def fleet_status(
                     "last success is over 6 days old: the delta token expires after 7 days, "
                     "and the next run will be a full resync"
                 )
-            snapshot = state.get("snapshot") if isinstance(state.get("snapshot"), dict) else {}
+            snapshot = state.get("snapshot")
+            if not isinstance(snapshot, dict):
+                snapshot = {}
             jobs.append(
                 {
                     "tenant": tenant,

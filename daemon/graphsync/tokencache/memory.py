@@ -75,8 +75,12 @@ class MemoryTokens:
         return merge_cache_states(self._state(), {}, self._wall(), exclude=self._rejected)
 
     def _state(self) -> dict[str, Any]:
-        return json.loads(self.cache.serialize())
+        state: dict[str, Any] = json.loads(self.cache.serialize())
+        return state
 
     def _search(self, now: float) -> Iterator[dict[str, Any]]:
         """This partition's access tokens; MSAL prunes expired ones as it searches, by our clock, not its own."""
-        return self.cache.search(AT, target=self._scopes, query={"client_id": self._client_id}, now=now)
+        tokens: Iterator[dict[str, Any]] = self.cache.search(
+            AT, target=self._scopes, query={"client_id": self._client_id}, now=now
+        )
+        return tokens

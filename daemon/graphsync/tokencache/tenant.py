@@ -18,7 +18,7 @@ from graphsync import redaction
 from graphsync.cache_envelope import CacheEnvelope, EnvelopeError, NewerFormat
 from graphsync.identity import TokenError, failure_result
 from graphsync.metrics import IDENTITY_PROVIDER_REQUESTS, TOKEN_ACQUISITIONS
-from graphsync.storage import NOT_MODIFIED, BlobContent, StorageError, WriteConflict
+from graphsync.storage import BlobContent, NotModified, StorageError, WriteConflict
 from graphsync.tokencache.backoff import Backoff
 from graphsync.tokencache.clocks import SYSTEM_CLOCKS, Clocks
 from graphsync.tokencache.memory import MemoryTokens
@@ -170,7 +170,7 @@ class TenantTokenCache:
             self._storage_failed(exc)
             return
         self._storage_answered()
-        if content is NOT_MODIFIED:
+        if isinstance(content, NotModified):
             return
         if content is None:
             self._etag = None

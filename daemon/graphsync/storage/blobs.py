@@ -1,19 +1,10 @@
-"""Blob storage access: conditional reads and writes, and leases on lock blobs.
-
-Everything above this module speaks in three outcomes instead of Azure SDK exceptions: a blob's content with the
-ETag *from that very download* (never from a separate properties call, which could describe a later version),
-:data:`NOT_MODIFIED`, or absent; a write that lands or raises :class:`WriteConflict`; and :class:`StorageError` for
-everything that means "storage did not answer usefully" (outage, timeout, 5xx, permissions). Calls use short
-timeouts and one quick retry, because the SDK's defaults can stall about a minute on an outage, and a token
-request must not wait that long for a cache it can do without.
-"""
+"""A container seen through the few operations graphsync needs: conditional reads and writes, block lists,
+ranged reads, and leases on lock blobs (see :mod:`graphsync.storage`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +14,6 @@ from urllib.parse import urlsplit
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
-    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
@@ -39,37 +29,13 @@ from azure.storage.blob import (
 )
 
 from graphsync.metrics import STORAGE_OPERATIONS
-from graphsync.redaction import redact
-from graphsync.text import first_line
+from graphsync.storage.errors import StorageError, WriteConflict, error_code
+from graphsync.storage.leases import BlobLease
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from graphsync.config import StorageSettings
-
-
-class StorageError(Exception):
-    """Storage did not answer usefully; the message names the blob and the cause, never a credential.
-
-    ``status`` and ``code`` (e.g. 403 ``AuthorizationPermissionMismatch``) are set when the service answered,
-    so callers can name the fix.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-    @classmethod
-    def from_azure(cls, action: str, exc: AzureError) -> StorageError:
-        status = getattr(exc, "status_code", None)
-        code = getattr(exc, "error_code", None)
-        code = getattr(code, "value", code)  # the SDK gives a StorageErrorCode enum where it knows the code
-        return cls(f"{action}: {_cause(exc)}", status=status, code=code)
-
-
-class WriteConflict(Exception):
-    """Someone else wrote first: a failed ``If-Match`` (412) or a lost create race (409 or 412)."""
 
 
 class NotModified:
@@ -98,14 +64,6 @@ class BlobContent:
     last_modified: datetime
 
 
-def _cause(exc: AzureError) -> str:
-    """A one-line cause for logs: status and error code when the service answered, else the transport error."""
-    if isinstance(exc, HttpResponseError) and exc.status_code:
-        code = getattr(exc.error_code, "value", exc.error_code) or (exc.reason or "").strip()
-        return f"HTTP {exc.status_code} {code}".strip()
-    return first_line(redact(f"{type(exc).__name__}: {str(exc.message or exc) or type(exc).__name__}"))
-
-
 class BlobStore:
     """One container, seen through the few operations graphsync needs."""
 
@@ -115,7 +73,7 @@ class BlobStore:
     @classmethod
     def from_settings(cls, settings: StorageSettings, container: str | None = None) -> BlobStore:
         """Build a store with outage-friendly timeouts; ``container`` overrides the configured one."""
-        options = {
+        options: dict[str, Any] = {
             "connection_timeout": min(settings.timeout_seconds, 5.0),
             "read_timeout": settings.timeout_seconds,
             "retry_policy": LinearRetry(backoff=1, retry_total=1, random_jitter_range=1),
@@ -125,6 +83,7 @@ class BlobStore:
         else:
             from azure.identity import DefaultAzureCredential
 
+            assert settings.account_url is not None  # the configuration requires one of the two
             service = BlobServiceClient(settings.account_url, credential=DefaultAzureCredential(), **options)
         return cls(service.get_container_client(container or settings.container))
 
@@ -148,7 +107,9 @@ class BlobStore:
 
     def read(self, name: str, *, if_none_match: str | None = None) -> BlobContent | NotModified | None:
         """Download ``name``; with ``if_none_match`` the service answers 304 when nothing changed."""
-        conditions = {"etag": if_none_match, "match_condition": MatchConditions.IfModified} if if_none_match else {}
+        conditions: dict[str, Any] = (
+            {"etag": if_none_match, "match_condition": MatchConditions.IfModified} if if_none_match else {}
+        )
         try:
             downloader = self._container.download_blob(name, **conditions)
             data = downloader.readall()
@@ -172,7 +133,7 @@ class BlobStore:
         try:
             etag = self._conditional_upload(name, data, if_match)
         except ResourceNotFoundError as exc:
-            if exc.error_code != "ContainerNotFound":
+            if error_code(exc) != "ContainerNotFound":
                 if if_match is not None:  # the blob we last saw was deleted: someone else changed it
                     raise self._conflict(name) from exc
                 raise self._failure("write", name, exc) from exc
@@ -200,7 +161,8 @@ class BlobStore:
             result = blob.upload_blob(
                 data, overwrite=True, etag=if_match, match_condition=MatchConditions.IfNotModified
             )
-        return result["etag"]
+        etag: str = result["etag"]
+        return etag
 
     def _conflict(self, name: str) -> WriteConflict:
         STORAGE_OPERATIONS.labels("write", "conflict").inc()
@@ -273,7 +235,7 @@ class BlobStore:
         try:
             blob.stage_block(block_id, data)
         except ResourceNotFoundError as exc:
-            if exc.error_code != "ContainerNotFound":
+            if error_code(exc) != "ContainerNotFound":
                 raise
             self.ensure_container()  # a new output container, or one an operator emptied
             blob.stage_block(block_id, data)
@@ -363,64 +325,3 @@ class BlobStore:
 
     def _path(self, name: str) -> str:
         return f"{self.container_name}/{name}"
-
-
-class BlobLease:
-    """A held lease. As a context manager it renews itself in the background until released.
-
-    A renewal that fails (the lease expired and was taken, was broken, or storage went away) sets :attr:`lost`;
-    work guarded by the lease checks it before publishing anything.
-    """
-
-    def __init__(self, client: BlobLeaseClient, blob: BlobClient, path: str, seconds: int) -> None:
-        self._client = client
-        self._blob = blob
-        self.path = path
-        self._seconds = seconds
-        self._released = threading.Event()
-        self.lost = False
-        self._keeper = threading.Thread(target=self._keep_alive, name=f"lease {path}", daemon=True)
-
-    def announce(self, holder: str) -> None:
-        """Record who holds the lease in the lock blob's metadata, for ``graphsync status``; best effort."""
-        with contextlib.suppress(AzureError):
-            self._blob.set_blob_metadata({"holder": holder}, lease=self._client)
-
-    def renew(self) -> bool:
-        """Extend the lease; ``False`` when it was lost (expired and taken, or broken) or storage is unreachable."""
-        try:
-            self._client.renew()
-        except AzureError:
-            STORAGE_OPERATIONS.labels("lease", "error").inc()
-            return False
-        return True
-
-    def release(self) -> None:
-        """Give the lease back early so the next holder need not wait for it to expire; failures are harmless."""
-        self._released.set()
-        try:
-            self._client.release()
-        except AzureError:
-            STORAGE_OPERATIONS.labels("lease", "error").inc()
-
-    def _keep_alive(self) -> None:
-        """Renew every third of the lease; one failed renewal is retried, the lease is lost only once it expired."""
-        renewed = time.monotonic()
-        interval = self._seconds / 3
-        while not self._released.wait(interval):
-            if self.renew():
-                renewed, interval = time.monotonic(), self._seconds / 3
-            elif time.monotonic() - renewed > self._seconds - 2:
-                log.warning("lost the lease on %s: renewals failed until it expired", self.path)
-                self.lost = True
-                return
-            else:
-                interval = 1.0
-
-    def __enter__(self) -> BlobLease:
-        self._keeper.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-        self._keeper.join()
