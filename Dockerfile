@@ -42,8 +42,11 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 # PYTHON*: logs reach `docker logs` at once; no .pyc writes into a read-only root filesystem.
 # The [output] directory default is already /var/lib/graphsync; it is deliberately not set here,
 # since a variable would override the file and clash with `[output] container = ...` there.
+# STATE_DIRECTORY (systemd's name for it) puts the working stores under /var/lib/graphsync/work by
+# default, on the volume, without overriding `[output] work_directory` in the file.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    STATE_DIRECTORY=/var/lib/graphsync \
     GRAPHSYNC_METRICS__PORT=9464 \
     GRAPHSYNC_METRICS__HOST=0.0.0.0
 

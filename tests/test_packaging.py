@@ -884,11 +884,13 @@ def test_image_sync_command_exports_as_the_image_user(
         "etc/graphsync/config.toml", packaged_config(fake_entra, azurite, blob_container, fake_graph, output)
     )
     ca = sandbox.file("ca.pem", ca_bundle.read_text())
+    assert image_environment()["STATE_DIRECTORY"] == "/var/lib/graphsync"
     env = _image_env(
         installed,
         GRAPHSYNC_CONFIG=str(config),
         GRAPHSYNC_IDENTITY__CLIENT_SECRET=CLIENT_SECRET,
         REQUESTS_CA_BUNDLE=str(ca),
+        STATE_DIRECTORY=str(output),  # the image's /var/lib/graphsync, here in the sandbox
     )
     result = subprocess.run(
         [*as_user(uid, gid), *image_command("sync")],
@@ -901,6 +903,7 @@ def test_image_sync_command_exports_as_the_image_user(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert_snapshot(output, uid)
+    assert list(output.glob("work/*/*/store.sqlite")), "the working store lives on the volume, for the next run"
 
 
 def test_image_default_command_passes_its_healthcheck_and_stops_on_sigterm(
@@ -931,6 +934,7 @@ def test_image_default_command_passes_its_healthcheck_and_stops_on_sigterm(
         GRAPHSYNC_IDENTITY__CLIENT_SECRET=CLIENT_SECRET,
         REQUESTS_CA_BUNDLE=str(ca),
         GRAPHSYNC_METRICS__PORT=port,
+        STATE_DIRECTORY=str(output),  # the image's /var/lib/graphsync, here in the sandbox
     )
     healthcheck = [
         *as_user(uid, gid),
@@ -969,14 +973,16 @@ def test_image_default_command_passes_its_healthcheck_and_stops_on_sigterm(
 
 
 def _systemd_env(
-    unit: Path, installed: Installed, credentials: Path, config: Path, ca: Path, **extra: str
+    unit: Path, installed: Installed, credentials: Path, state: Path, config: Path, ca: Path, **extra: str
 ) -> dict[str, str]:
     """What systemd hands a service (plus what stands in for /etc/graphsync/config.toml and the test CA)."""
+    assert "StateDirectory" in dict(parse_unit(unit)["Service"]), "STATE_DIRECTORY comes from StateDirectory="
     return {
         "PATH": f"{installed.bin}:/usr/bin:/bin",
         "LANG": "C.UTF-8",
         **unit_environment(unit),
         "CREDENTIALS_DIRECTORY": str(credentials),
+        "STATE_DIRECTORY": str(state),
         "GRAPHSYNC_CONFIG": str(config),
         "REQUESTS_CA_BUNDLE": str(ca),
         **extra,
@@ -1034,7 +1040,7 @@ def test_sync_unit_command_exports_in_the_units_sandbox(
     output = sandbox.owned_dir("var/lib/graphsync")  # StateDirectory=
     config = _unit_config(sandbox, output, fake_entra, azurite, blob_container, fake_graph)
     ca = sandbox.file("ca.pem", ca_bundle.read_text())
-    env = _systemd_env(unit, installed, _credentials(sandbox, unit), config, ca)
+    env = _systemd_env(unit, installed, _credentials(sandbox, unit), output, config, ca)
     result = subprocess.run(
         unit_sandbox.command(unit, installed),
         env=env,
@@ -1046,6 +1052,7 @@ def test_sync_unit_command_exports_in_the_units_sandbox(
     )
     assert result.returncode == 0, f"{unit_sandbox}\n{result.stdout}{result.stderr}"
     assert_snapshot(output, DYNAMIC_UID)
+    assert list(output.glob("work/*/*/store.sqlite")), "the working store lives under StateDirectory="
     for path in output.rglob("*"):
         if path.is_file():
             assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others despite UMask=0077"
@@ -1110,6 +1117,7 @@ def test_daemon_unit_command_notifies_systemd_and_stops_in_time(
             unit,
             installed,
             _credentials(sandbox, unit),
+            output,
             config,
             sandbox.file("ca.pem", ca_bundle.read_text()),
             NOTIFY_SOCKET=address,
@@ -1202,7 +1210,9 @@ def test_workloads_run_locked_down_with_workload_identity(kind: str) -> None:
     assert container["image"].endswith(f":{VERSION}")
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert "emptyDir" in volumes[mounts["/tmp"]], "the SQLite working store needs a writable /tmp"
+    assert "emptyDir" in volumes[mounts["/tmp"]], "Python's tempfile needs a writable /tmp"
+    work = f"{image_environment()['STATE_DIRECTORY']}/work"  # the default [output] work_directory in the image
+    assert "emptyDir" in volumes[mounts[work]], "the working stores need a writable volume"
     assert "configMap" in volumes[mounts["/etc/graphsync"]]
     assert not [v for v in volumes.values() if "persistentVolumeClaim" in v], "a fleet exports to blob storage"
     assert container["args"] == (["run"] if kind == "Deployment" else ["sync"])

@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from graphsync.chunking import ChunkRef, block_id, choose_level, chunk_lines, infer_level
 from graphsync.sinks import Sink
 from graphsync.snapshot import SnapshotStore, StoreTag
+from graphsync.storage import WriteConflict
 
 log = logging.getLogger(__name__)
+
+MAX_READ_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,9 @@ def refresh(store: SnapshotStore, sink: Sink, tenant: str, job: str, *, version:
     if tag is not None and tag.version == version and tag.query == query:
         return Refreshed(warm=True)
     blocks = sink.snapshot_blocks(tenant, job)
-    if blocks is not None and blocks.etag == version:
+    if blocks is not None and blocks.etag != version:
+        raise WriteConflict(f"the snapshot of {tenant}/{job} was replaced during this run")
+    if blocks is not None:
         try:
             with store.transaction():
                 return _read_missing_blocks(store, sink, tenant, job, version, query, blocks.blocks)
@@ -107,13 +112,14 @@ def _read_missing_blocks(
 def _missing_runs(
     blocks: Sequence[tuple[str, int]], held: dict[str, ChunkRef]
 ) -> list[tuple[int, list[tuple[str, int]]]]:
-    """Adjacent missing blocks grouped into ``(offset, blocks)`` runs: one ranged read each."""
+    """Adjacent missing blocks grouped into ``(offset, blocks)`` runs of at most about :data:`MAX_READ_BYTES`: one
+    ranged read each, and memory bounded by one read whatever the snapshot's size."""
     runs: list[tuple[int, list[tuple[str, int]]]] = []
     offset = 0
     previous_missing = False
     for block, size in blocks:
         missing = block not in held
-        if missing and previous_missing:
+        if missing and previous_missing and sum(s for _, s in runs[-1][1]) < MAX_READ_BYTES:
             runs[-1][1].append((block, size))
         elif missing:
             runs.append((offset, [(block, size)]))

@@ -92,6 +92,15 @@ class RoundRunner:
             if delta_link and version is not None:
                 try:
                     done.refreshed = refresh(store, self._sink, tenant, job.name, version=version, query=query)
+                    if not done.refreshed.warm:
+                        log.info(
+                            "working store of %s/%s brought up to date: %d chunks, %d bytes read",
+                            tenant,
+                            job.name,
+                            done.refreshed.chunks_read,
+                            done.refreshed.bytes_read,
+                            extra={"tenant": tenant, "job": job.name},
+                        )
                 except (ValueError, KeyError, TypeError, sqlite3.Error):
                     log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
                     delta_link = None

@@ -63,6 +63,7 @@ class Hold:
 class StorageRelay:
     def __init__(self, azurite: Azurite) -> None:
         self._upstream = (azurite.host, azurite.port)
+        self.direct_connection_string = azurite.connection_string  # around the relay: for checks, uncounted
         self._records: list[Relayed] = []
         self._holds: list[Hold] = []
         self._lock = threading.Lock()
