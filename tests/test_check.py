@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 from tests.conftest import AZURITE_KEY
 from tests.fakes.graph import FakeGraph, populate
 
 if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+
     from tests.conftest import Azurite, RunGraphsync, WriteConfig
 
 TENANT = "contoso.onmicrosoft.com"
@@ -78,3 +83,44 @@ def test_check_names_the_fix_for_a_wrong_storage_key(
     assert "HTTP 403 AuthorizationFailure" in result.stdout, result.stdout
     assert "fix: the request was refused: check the account key" in result.stdout
     assert "d3Jvbmcta2V5" not in result.stdout + result.stderr
+
+
+def _json_report(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The one JSON object `check --json` ends with."""
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_check_warns_that_an_unencrypted_token_cache_exposes_tokens_and_still_passes(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, blob_container: str
+) -> None:
+    config = _config(graphsync_config, fake_graph)
+    text = run_graphsync("check", "--config", config)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "!" not in text.stdout, "the check lines on stdout are unchanged"
+    assert (
+        f"! token cache encryption: the token cache blobs in container {blob_container} are not encrypted "
+        "(storage.encryption_key_file is not set): anyone who can read that container can use the app's access "
+        "tokens until they expire\n"
+        "    fix: generate a key with `openssl rand -base64 32 > cache-key`, give every replica the same file as "
+        "storage.encryption_key_file, and restart them (README: Encrypting the token cache)\n"
+    ) in text.stderr
+
+    report = _json_report(run_graphsync("check", "--json", "--config", config))
+    assert report["ok"] is True
+    [warning] = report["warnings"]
+    assert warning["name"] == "token cache encryption"
+    assert "not encrypted" in warning["detail"] and "storage.encryption_key_file" in warning["fix"]
+
+
+def test_check_does_not_warn_when_the_token_cache_is_encrypted(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, tmp_path: Path
+) -> None:
+    key = tmp_path / "cache-key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode())
+    config = _config(graphsync_config, fake_graph, storage={"encryption_key_file": str(key)})
+    text = run_graphsync("check", "--config", config)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "encryption" not in text.stderr
+
+    report = _json_report(run_graphsync("check", "--json", "--config", config))
+    assert report["ok"] is True and report["warnings"] == []

@@ -22,7 +22,7 @@ from graphsync.health import HealthServer
 from graphsync.identity import TokenError
 from graphsync.jobs import JobRunner
 from graphsync.logs import configure_logging
-from graphsync.preflight import run_checks
+from graphsync.preflight import run_checks, setup_warnings
 from graphsync.scheduler import Daemon
 from graphsync.sinks import sink_from_settings
 from graphsync.status import fleet_status
@@ -230,8 +230,14 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
             if check.fix:
                 print(f"    fix: {check.fix}", flush=True)
     ok = all(check.ok for check in checks)
+    warnings = setup_warnings(settings)
     if args.json:
-        print(json.dumps({"ok": ok, "checks": [check.as_dict() for check in checks]}))
+        checked = [check.as_dict() for check in checks]
+        print(json.dumps({"ok": ok, "checks": checked, "warnings": [warning.as_dict() for warning in warnings]}))
+    else:
+        # On stderr: a warning is not a check, and scripts that read the check lines on stdout keep working.
+        for warning in warnings:
+            print(f"! {warning.name}: {warning.detail}\n    fix: {warning.fix}", file=sys.stderr, flush=True)
     return EXIT_OK if ok else EXIT_FAILED
 
 

@@ -68,6 +68,35 @@ class Check:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SetupWarning:
+    """A risk in a setup that works: reported with its fix, but never a failed check (the exit status stays)."""
+
+    name: str
+    detail: str
+    fix: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def setup_warnings(settings: Settings) -> list[SetupWarning]:
+    """What ``graphsync check`` warns about: read from the configuration alone, so it needs no storage or token."""
+    warnings = []
+    if not settings.storage.encryption_keys:
+        warnings.append(
+            SetupWarning(
+                "token cache encryption",
+                f"the token cache blobs in container {settings.storage.container} are not encrypted "
+                "(storage.encryption_key_file is not set): anyone who can read that container can use the app's "
+                "access tokens until they expire",
+                "generate a key with `openssl rand -base64 32 > cache-key`, give every replica the same file as "
+                "storage.encryption_key_file, and restart them (README: Encrypting the token cache)",
+            )
+        )
+    return warnings
+
+
 def storage_fix(exc: StorageError) -> str:
     if exc.code == "AuthorizationPermissionMismatch":
         return (
