@@ -92,12 +92,20 @@ class GraphClient:
         )
 
     def collection_url(
-        self, resource: str, *, select: list[str] | None = None, delta: bool = False, top: int | None = None
+        self,
+        resource: str,
+        *,
+        select: list[str] | None = None,
+        expand: list[str] | None = None,
+        delta: bool = False,
+        top: int | None = None,
     ) -> str:
         url = f"{self.base_url}/{resource}{'/delta' if delta else ''}"
         query = []
         if select:
             query.append("$select=" + ",".join(select))
+        if expand:
+            query.append("$expand=" + ",".join(expand))
         if top is not None:
             query.append(f"$top={top}")
         return url + ("?" + "&".join(query) if query else "")

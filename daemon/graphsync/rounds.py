@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
 from graphsync.publication import Publication, Refreshed, publish, refresh
 from graphsync.sinks import Sink
-from graphsync.snapshot import MEMBERS_DELTA, SnapshotStore, encode
+from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, SnapshotStore, encode
 from graphsync.workstore import WorkStores
 
 if TYPE_CHECKING:
@@ -57,8 +57,16 @@ class Round:
 
 
 def saved_query(job: JobSettings) -> dict[str, Any]:
-    """What a saved delta link was made for: a changed resource or $select needs a full sync."""
-    return {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
+    """What a saved delta link was made for: a changed resource, $select or $expand needs a full sync."""
+    query: dict[str, Any] = {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
+    if job.expand:  # only when set, so that the links saved before `expand` existed stay valid
+        query["expand"] = sorted(job.expand)
+    return query
+
+
+def _new_object_defaults(job: JobSettings) -> dict[str, Any]:
+    """What every object of the job carries even when Graph's record says nothing (see SnapshotStore.apply)."""
+    return {MANAGER: None} if MANAGER in (job.expand or ()) else {}
 
 
 class RoundRunner:
@@ -100,7 +108,7 @@ class RoundRunner:
                 if delta_link is None:
                     store.clear()
                 done.full = delta_link is None
-                url = delta_link or self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
+                url = delta_link or self._collection_url(job)
                 try:
                     done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
                 except ResyncRequired as exc:
@@ -116,7 +124,7 @@ class RoundRunner:
                     store.clear()
                     changes.seek(0)
                     changes.truncate()
-                    url = self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
+                    url = self._collection_url(job)
                     done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
                 if job.delta and done.delta_link is None:
                     raise MalformedResponse(f"delta round of {job.resource} ended without an @odata.deltaLink")
@@ -139,6 +147,9 @@ class RoundRunner:
                 changes.seek(0)
                 self._sink.write_changes(tenant, job.name, change_file(done.full), _lines(changes))
         return done
+
+    def _collection_url(self, job: JobSettings) -> str:
+        return self._graph.collection_url(job.resource, select=job.select, expand=job.expand, delta=job.delta)
 
     def _published_chunks(
         self, store: SnapshotStore, tenant: str, job: str, version: str | None, query: str
@@ -170,7 +181,7 @@ class RoundRunner:
             for record in page.objects:
                 _check_record(record, job.resource)
                 changes.write(encode(_change(record)))
-            store.apply(page.objects)
+            store.apply(page.objects, defaults=_new_object_defaults(job))
             done.pages += 1
             done.changes += len(page.objects)
             if progress:
@@ -183,12 +194,15 @@ class RoundRunner:
 
 
 def _check_record(record: Any, resource: str) -> None:
-    """What the working store relies on: a string id, and member changes that are objects with an id."""
+    """What the working store relies on: a string id, and link changes (members, manager) that are objects with ids."""
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
         raise MalformedResponse(f"a record in {resource} has no string 'id'")
-    members = record.get(MEMBERS_DELTA, [])
-    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in members):
-        raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{MEMBERS_DELTA}'")
+    for link in (MEMBERS_DELTA, MANAGER_DELTA):
+        entries = record.get(link, [])
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries
+        ):
+            raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{link}'")
 
 
 def _change(record: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,11 @@ token was issued for by :class:`~tests.fakes.entra.FakeEntra`):
 
 * ``GET /v1.0/{resource}?$select=a,b&$top=N`` -- a full listing, paged with ``$skiptoken``.
   ``$expand=members`` on ``groups`` adds a ``members`` array.
-* ``GET /v1.0/{resource}/delta?$select=...`` -- starts a delta round (``$top`` is ignored);
-  ``$deltatoken=latest`` returns just a deltaLink for "from now on".
+* ``GET /v1.0/{resource}/delta?$select=...&$expand=...`` -- starts a delta round (``$top`` is ignored);
+  ``$deltatoken=latest`` returns just a deltaLink for "from now on".  Relationships are tracked
+  as Graph documents them, as ``<name>@delta`` annotations: a group's ``members`` (in
+  ``$select`` or ``$expand``) and a user's ``manager`` (likewise); ``$expand`` of anything else
+  is a 400, as on Graph.
 * ``GET <@odata.deltaLink>`` -- the changes since that link was issued, paged the same way.
 * ``GET /v1.0/{resource}/{id}`` -- one object.
 
@@ -32,9 +35,11 @@ anything changed after the start is in the next round anyway because the deltaLi
 remembers the change-log position of the round's start.
 
 Deliberate simplifications: users and groups are independent collections (deleting a user
-does not remove it from groups); only ``groups`` have members, and members are always
-``#microsoft.graph.user``; with ``$select``, only changes to selected properties make an
-object show up in a changes round; without ``$select`` every stored property is returned.
+does not remove it from groups, nor as anyone's manager); only ``groups`` have members, and
+members and managers are always ``#microsoft.graph.user``; a removed manager comes as a
+``manager@delta`` entry with ``@removed``, the way ``members@delta`` reports removals; with
+``$select``, only changes to selected properties make an object show up in a changes round;
+without ``$select`` every stored property is returned.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -77,6 +83,7 @@ logger = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 999  # the largest $top Graph honours for directory objects
 MEMBER_TYPE = "#microsoft.graph.user"
 _MEMBER_RESOURCES = frozenset({"groups"})
+_LINK_OF = {"groups": "members", "users": "manager"}  # the relationship a delta round can track
 _DELTA_SEGMENTS = frozenset({"delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()"})
 _MAX_ROUNDS = 1000  # rounds kept for their skiptokens; the oldest are forgotten first
 _DUPLICATE_EVERY = 4  # with duplicate_records, every 4th record of a round is sent again later
@@ -129,11 +136,13 @@ class _Collection:
     ``log`` is append-only; a change's sequence number is its index + 1, so ``len(log)`` is
     the position a deltaLink remembers.  Entries are ``(kind, id, data)``:
     ``("full", id, None)`` added or restored, ``("props", id, frozenset)`` updated,
-    ``("removed", id, reason)``, ``("member", group_id, (member_id, removed))``.
+    ``("removed", id, reason)``, ``("member", group_id, (member_id, removed))``,
+    ``("manager", user_id, previous manager id or None)``.
     """
 
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=dict)  # group id -> member ids
+    managers: dict[str, str] = field(default_factory=dict)  # user id -> manager id
     soft_deleted: dict[str, tuple[dict[str, Any], set[str] | None]] = field(default_factory=dict)
     log: list[tuple[str, str, Any]] = field(default_factory=list)
 
@@ -143,13 +152,15 @@ class _Item:
     """One record of a round, rendered when its page is served.
 
     ``props`` None means "all selected properties"; a set means only those (minimal mode).
-    ``members`` becomes ``members@delta``: ``(member_id, removed)`` pairs.
+    ``members`` becomes ``members@delta``: ``(member_id, removed)`` pairs; ``manager`` becomes
+    ``manager@delta``: one ``(manager_id, removed)`` pair.
     """
 
     id: str
     removed: str | None = None
     props: frozenset[str] | None = None
     members: tuple[tuple[str, bool], ...] | None = None
+    manager: tuple[str, bool] | None = None
 
 
 @dataclass
@@ -166,6 +177,7 @@ class _Round:
     empty_pages: bool
     seq: int  # change-log position at the round's start, for the deltaLink
     generation: int
+    links: frozenset[str] = frozenset()  # relationships a delta round tracks: "members" or "manager"
 
     @property
     def pages(self) -> int:
@@ -261,11 +273,18 @@ class FakeGraph(LoopbackHttpsServer):
 
     # -- the directory ---------------------------------------------------------------------
 
-    def add(self, tenant: str, resource: str, obj: Mapping[str, Any]) -> None:
-        """Create an object (a dict with at least ``id``); for groups, ``members`` is a list of ids."""
-        self.add_many(tenant, resource, [obj])
+    def add(self, tenant: str, resource: str, obj: Mapping[str, Any], *, silently: bool = False) -> None:
+        """Create an object (a dict with at least ``id``); for groups, ``members`` is a list of ids, for users
+        ``manager`` is the manager's id.
 
-    def add_many(self, tenant: str, resource: str, objs: Iterable[Mapping[str, Any]]) -> None:
+        ``silently``: without a change record, so that no delta round ever reports it (Graph's delta has been
+        known to miss changes); only a full listing or a new delta round sees it.
+        """
+        self.add_many(tenant, resource, [obj], silently=silently)
+
+    def add_many(
+        self, tenant: str, resource: str, objs: Iterable[Mapping[str, Any]], *, silently: bool = False
+    ) -> None:
         """:meth:`add` for many objects under one lock, so populating 100k users stays quick."""
         with self._lock:
             coll = self._collection(tenant, resource)
@@ -280,8 +299,14 @@ class FakeGraph(LoopbackHttpsServer):
                     coll.members[oid] = {str(m) for m in members or ()}
                 elif members is not None:
                     raise ValueError(f"only {sorted(_MEMBER_RESOURCES)} have members")
+                manager = stored.pop("manager", None)
+                if manager is not None:
+                    if resource != "users":
+                        raise ValueError("only users have a manager")
+                    coll.managers[oid] = str(manager)
                 coll.objects[oid] = stored
-                coll.log.append(("full", oid, None))
+                if not silently:
+                    coll.log.append(("full", oid, None))
 
     def update(self, tenant: str, resource: str, id: str, **props: Any) -> None:
         """Change properties (None clears one: Graph returns it as null) and record the change."""
@@ -295,10 +320,11 @@ class FakeGraph(LoopbackHttpsServer):
         """
         self._change(tenant, resource, id, props, silently=True)
 
-    def delete(self, tenant: str, resource: str, id: str, *, soft: bool = True) -> None:
+    def delete(self, tenant: str, resource: str, id: str, *, soft: bool = True, silently: bool = False) -> None:
         """Delete an object: soft (restorable; delta says reason "changed") or hard ("deleted").
 
-        Hard-deleting a soft-deleted object purges it, as emptying the recycle bin does.
+        Hard-deleting a soft-deleted object purges it, as emptying the recycle bin does. ``silently``: no delta
+        round ever reports it (see :meth:`add`).
         """
         with self._lock:
             coll = self._collection(tenant, resource)
@@ -311,7 +337,10 @@ class FakeGraph(LoopbackHttpsServer):
                 del coll.soft_deleted[id]
             else:
                 raise KeyError(f"{resource} {id} does not exist (or is already soft-deleted) in {tenant}")
-            coll.log.append(("removed", id, "changed" if soft else "deleted"))
+            if not soft:
+                coll.managers.pop(id, None)
+            if not silently:
+                coll.log.append(("removed", id, "changed" if soft else "deleted"))
 
     def restore(self, tenant: str, resource: str, id: str) -> None:
         """Bring a soft-deleted object back, with its members; delta shows it as a full object."""
@@ -325,13 +354,42 @@ class FakeGraph(LoopbackHttpsServer):
                 coll.members[id] = members
             coll.log.append(("full", id, None))
 
-    def add_members(self, tenant: str, group_id: str, member_ids: Iterable[str]) -> None:
-        """Add users to a group (already-present members are ignored, as Graph would refuse them)."""
-        self._change_members(tenant, group_id, member_ids, removed=False)
+    def add_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False) -> None:
+        """Add users to a group (already-present members are ignored, as Graph would refuse them).
 
-    def remove_members(self, tenant: str, group_id: str, member_ids: Iterable[str]) -> None:
-        """Remove users from a group (absent members are ignored)."""
-        self._change_members(tenant, group_id, member_ids, removed=True)
+        ``silently``: no delta round ever reports it (see :meth:`add`).
+        """
+        self._change_members(tenant, group_id, member_ids, removed=False, silently=silently)
+
+    def remove_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False) -> None:
+        """Remove users from a group (absent members are ignored).
+
+        ``silently``: the removal never appears in ``members@delta``, as Graph's docs-contrib tracker reports
+        happening; only a full listing or a new delta round sees it.
+        """
+        self._change_members(tenant, group_id, member_ids, removed=True, silently=silently)
+
+    def set_manager(self, tenant: str, user_id: str, manager_id: str | None, *, silently: bool = False) -> None:
+        """Set or (with None) remove a user's manager; ``silently``: no delta round reports it (see :meth:`add`)."""
+        with self._lock:
+            coll = self._collection(tenant, "users")
+            if user_id not in coll.objects:
+                raise KeyError(f"user {user_id} does not exist in {tenant}")
+            previous = coll.managers.get(user_id)
+            if previous == manager_id:
+                return
+            if manager_id is None:
+                del coll.managers[user_id]
+            else:
+                coll.managers[user_id] = manager_id
+            if not silently:
+                coll.log.append(("manager", user_id, previous))
+
+    def managers(self, tenant: str) -> dict[str, str]:
+        """Each live user's manager id (users without one are absent), for assertions."""
+        with self._lock:
+            coll = self._collections.get(self._key(tenant, "users"))
+            return {} if coll is None else {u: m for u, m in coll.managers.items() if u in coll.objects}
 
     def objects(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
         """The current truth without deleted objects, for assertions; groups get ``members`` (sorted ids).
@@ -513,7 +571,9 @@ class FakeGraph(LoopbackHttpsServer):
             if not silently and props:
                 coll.log.append(("props", id, frozenset(props)))
 
-    def _change_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, removed: bool) -> None:
+    def _change_members(
+        self, tenant: str, group_id: str, member_ids: Iterable[str], *, removed: bool, silently: bool
+    ) -> None:
         with self._lock:
             coll = self._collection(tenant, "groups")
             if group_id not in coll.objects:
@@ -527,7 +587,8 @@ class FakeGraph(LoopbackHttpsServer):
                     members.discard(mid)
                 else:
                     members.add(mid)
-                coll.log.append(("member", group_id, (mid, removed)))
+                if not silently:
+                    coll.log.append(("member", group_id, (mid, removed)))
 
     def _tenant_from_entra(self, access_token: str) -> str | None:
         """Which tenant Entra issued ``access_token`` for, from its public token records.
@@ -669,10 +730,11 @@ class FakeGraph(LoopbackHttpsServer):
                 seq = len(self._collection_by_key(tkey, resource).log)
                 generation = self._generation
             select = _parse_select(query.get("$select"))
+            latest = _Round(tkey, resource, True, select, False, [], 1, False, seq, generation, _links(resource, query))
             body = {
                 "@odata.context": self._context(resource, select),
                 "value": [],
-                "@odata.deltaLink": self._delta_link(tkey, resource, select, seq, generation),
+                "@odata.deltaLink": self._delta_link(latest, seq, generation),
             }
             return _Reply(200, _json(body))
         elif delta and deltatoken is not None:
@@ -690,7 +752,7 @@ class FakeGraph(LoopbackHttpsServer):
             token = _encode({"r": round_id, "p": page + 1})
             body["@odata.nextLink"] = f"{self._collection_url(resource, delta)}?$skiptoken={token}"
         elif delta:
-            body["@odata.deltaLink"] = self._delta_link(tkey, resource, rnd.select, rnd.seq, rnd.generation)
+            body["@odata.deltaLink"] = self._delta_link(rnd, rnd.seq, rnd.generation)
         return _Reply(200, _json(body))
 
     def _collection_by_key(self, tkey: str, resource: str) -> _Collection:
@@ -705,9 +767,10 @@ class FakeGraph(LoopbackHttpsServer):
     def _context(self, resource: str, select: tuple[str, ...] | None) -> str:
         return f"{self.base_url}/v1.0/$metadata#{resource}" + (f"({','.join(select)})" if select else "")
 
-    def _delta_link(self, tkey: str, resource: str, select: tuple[str, ...] | None, seq: int, generation: int) -> str:
-        token = _encode({"t": tkey, "r": resource, "s": list(select) if select else None, "q": seq, "g": generation})
-        return f"{self._collection_url(resource, True)}?$deltatoken={token}"
+    def _delta_link(self, rnd: _Round, seq: int, generation: int) -> str:
+        state = {"t": rnd.tenant, "r": rnd.resource, "s": list(rnd.select) if rnd.select else None, "q": seq}
+        token = _encode({**state, "g": generation, "x": sorted(rnd.links)})
+        return f"{self._collection_url(rnd.resource, True)}?$deltatoken={token}"
 
     def _fresh_start(self, resource: str, select: tuple[str, ...] | None) -> str:
         url = self._collection_url(resource, True)
@@ -753,7 +816,8 @@ class FakeGraph(LoopbackHttpsServer):
     def _start_round(self, tkey: str, resource: str, delta: bool, query: Mapping[str, str]) -> tuple[str, _Round]:
         """A listing or the first round of a delta sync: every current object, once (plus knobs)."""
         select = _parse_select(query.get("$select"))
-        with_members = delta and resource in _MEMBER_RESOURCES and select is not None and "members" in select
+        links = _links(resource, query) if delta else frozenset()
+        with_members = "members" in links
         with self._lock:
             coll = self._collection_by_key(tkey, resource)
             if delta:
@@ -767,6 +831,11 @@ class FakeGraph(LoopbackHttpsServer):
             if with_members:
                 items = [
                     _Item(oid, members=tuple((m, False) for m in sorted(coll.members.get(oid, ()))))
+                    for oid in coll.objects
+                ]
+            elif "manager" in links:
+                items = [
+                    _Item(oid, manager=(coll.managers[oid], False)) if oid in coll.managers else oid
                     for oid in coll.objects
                 ]
             else:
@@ -784,6 +853,7 @@ class FakeGraph(LoopbackHttpsServer):
             empty_pages=empty,
             seq=seq,
             generation=generation,
+            links=links,
         )
         return self._register(rnd), rnd
 
@@ -796,7 +866,8 @@ class FakeGraph(LoopbackHttpsServer):
         if state is None or state.get("t") != tkey or state.get("r") != resource or not isinstance(state.get("q"), int):
             raise self._expired(resource, select)
         select = tuple(state["s"]) if state.get("s") else None
-        with_members = resource in _MEMBER_RESOURCES and select is not None and "members" in select
+        links = frozenset(state.get("x") or ())
+        with_members = "members" in links
         with self._lock:
             if state.get("g") != self._generation:
                 raise self._expired(resource, select)
@@ -812,6 +883,7 @@ class FakeGraph(LoopbackHttpsServer):
             full: set[str] = set()
             props: dict[str, set[str]] = {}
             member_changes: dict[str, dict[str, bool]] = {}
+            manager_before: dict[str, str | None] = {}  # the manager before the last change in the window
             order: dict[str, None] = {}
             for kind, oid, data in window:
                 order.setdefault(oid)
@@ -822,6 +894,8 @@ class FakeGraph(LoopbackHttpsServer):
                 elif kind == "member":
                     mid, removed = data
                     member_changes.setdefault(oid, {})[mid] = removed
+                elif kind == "manager":
+                    manager_before[oid] = data
 
             items: list[str | _Item] = []
             for oid in order:
@@ -836,15 +910,21 @@ class FakeGraph(LoopbackHttpsServer):
                         changes = {m: r for m, r in changes.items() if r}
                         changes.update(dict.fromkeys(coll.members.get(oid, ()), False))
                     members = tuple(sorted(changes.items())) or None
+                manager: tuple[str, bool] | None = None
+                if "manager" in links and (oid in full or oid in manager_before):
+                    current, before = coll.managers.get(oid), manager_before.get(oid)
+                    manager = (current, False) if current else (before, True) if before and oid not in full else None
                 if oid in full:
-                    items.append(_Item(oid, members=members or (() if with_members else None)))
+                    items.append(_Item(oid, members=members or (() if with_members else None), manager=manager))
                     continue
                 changed = props.get(oid, set())
                 if select is not None:
                     changed &= set(select)
-                if not changed and members is None:
+                if not changed and members is None and manager is None:
                     continue  # only unselected properties (or nothing visible) changed
-                items.append(_Item(oid, props=frozenset(changed) if minimal else None, members=members))
+                items.append(
+                    _Item(oid, props=frozenset(changed) if minimal else None, members=members, manager=manager)
+                )
         items = _shape(items, chunk, dup)
         rnd = _Round(
             tenant=tkey,
@@ -857,6 +937,7 @@ class FakeGraph(LoopbackHttpsServer):
             empty_pages=empty,
             seq=end,
             generation=generation,
+            links=links,
         )
         return self._register(rnd), rnd
 
@@ -878,6 +959,8 @@ class FakeGraph(LoopbackHttpsServer):
         record = _render(obj, rnd.select, item.props)
         if item.members is not None:
             record["members@delta"] = [_member(mid, removed) for mid, removed in item.members]
+        if item.manager is not None:
+            record["manager@delta"] = [_member(*item.manager)]
         return record
 
 
@@ -894,7 +977,7 @@ def _render(obj: Mapping[str, Any], select: tuple[str, ...] | None, props: froze
         names = obj.keys()
     record = {"id": obj["id"]}
     for name in names:
-        if name != "members":
+        if name not in _LINK_OF.values():
             record[name] = obj.get(name)
     return record
 
@@ -914,7 +997,7 @@ def _shape(items: list[str | _Item], chunk: int | None, duplicate: bool) -> list
         for item in items:
             if isinstance(item, _Item) and item.members and len(item.members) > chunk:
                 parts = [item.members[i : i + chunk] for i in range(0, len(item.members), chunk)]
-                head.append(_Item(item.id, props=item.props, members=parts[0]))
+                head.append(dataclasses.replace(item, members=parts[0]))
                 tail.extend(_Item(item.id, props=item.props, members=part) for part in parts[1:])
             else:
                 head.append(item)
@@ -922,6 +1005,21 @@ def _shape(items: list[str | _Item], chunk: int | None, duplicate: bool) -> list
     if duplicate:
         items = items + items[::_DUPLICATE_EVERY]
     return items
+
+
+def _links(resource: str, query: Mapping[str, str]) -> frozenset[str]:
+    """The relationship a delta round on ``resource`` tracks, asked for in ``$select`` or ``$expand``.
+
+    Graph's delta expands only a user's ``manager`` and a group's ``members``: anything else is a 400.
+    """
+    link = _LINK_OF.get(resource)
+    expand = [name.strip() for name in (query.get("$expand") or "").split(",") if name.strip()]
+    if any(name != link for name in expand):
+        raise _GraphError(
+            400, "Request_UnsupportedQuery", f"$expand is supported on {resource}/delta only for {link or 'nothing'}."
+        )
+    asked = set(expand) | set(_parse_select(query.get("$select")) or ())
+    return frozenset({link}) if link is not None and link in asked else frozenset()
 
 
 def _parse_select(value: str | None) -> tuple[str, ...] | None:
