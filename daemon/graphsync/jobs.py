@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from graphsync.graph import GraphClient, GraphError
 from graphsync.identity import TokenError
 from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
+from graphsync.reconcile import LAST_FULL_ROUND, reconciliation_due, report_drift
 from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
@@ -148,7 +149,15 @@ class JobRunner:
             return f"{file_stamp(started)}-{result.run_id}{'-full' if full else ''}.jsonl"
 
         try:
-            done = self._rounds.run(job, tenant, state, change_file, interrupted=interrupted, progress=progress)
+            done = self._rounds.run(
+                job,
+                tenant,
+                state,
+                change_file,
+                interrupted=interrupted,
+                progress=progress,
+                reconcile=reconciliation_due(job, state, started),
+            )
         except RunInterrupted as exc:
             result.status, result.message = "stopped", str(exc)
             return self._finish(result, started)
@@ -172,6 +181,8 @@ class JobRunner:
             return self._finish(result, started)
         result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
         result.full, result.resync = done.full, done.resync
+        if done.drift is not None:
+            report_drift(done.drift, tenant, job.name)
         saved = self._save_state(
             tenant,
             job,
@@ -190,7 +201,8 @@ class JobRunner:
                 "replica": self.replica,
                 "last_error": None,
             }
-            | _snapshot_state(done),
+            | _snapshot_state(done)
+            | _reconcile_state(done, started),
         )
         if not saved:  # the data is published and safe; the next run fetches these changes again
             result.status, result.message = "failed", "published, but the cursor (state.json) could not be saved"
@@ -243,6 +255,14 @@ class JobRunner:
                 extra=extra,
             )
         return result
+
+
+def _reconcile_state(done: Round, started: float) -> dict[str, Any]:
+    """When the last full round was (it times the next reconciliation), and what the last reconciliation found."""
+    state: dict[str, Any] = {LAST_FULL_ROUND: iso_utc(started)} if done.full else {}
+    if done.drift is not None:
+        state["reconciliation"] = {"at": iso_utc(started), **done.drift.as_state()}
+    return state
 
 
 def _snapshot_state(done: Round) -> dict[str, Any]:

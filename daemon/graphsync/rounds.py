@@ -15,6 +15,7 @@ store equals what was published. A round that received nothing publishes nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -25,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
 from graphsync.publication import Publication, Refreshed, publish, refresh
+from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
 from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, SnapshotStore, encode
 from graphsync.workstore import WorkStores
@@ -54,6 +56,7 @@ class Round:
     resync: bool = False
     refreshed: Refreshed | None = None
     publication: Publication | None = None
+    drift: Drift | None = None  # set by a reconciling round: how far the published snapshot was from it
 
 
 def saved_query(job: JobSettings) -> dict[str, Any]:
@@ -86,8 +89,13 @@ class RoundRunner:
         *,
         interrupted: Callable[[], bool],
         progress: Progress | None = None,
+        reconcile: bool = False,
     ) -> Round:
-        """One round from ``state`` (the job's ``state.json``); ``change_file(full)`` names its change file."""
+        """One round from ``state`` (the job's ``state.json``); ``change_file(full)`` names its change file.
+
+        ``reconcile``: a full round even with a delta link, compared with the published snapshot it replaces
+        (:mod:`graphsync.reconcile`).
+        """
         done = Round()
         delta_link = state.get("delta_link") if job.delta and state.get("query") == saved_query(job) else None
         version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
@@ -96,13 +104,21 @@ class RoundRunner:
             delta_link = None
         # The tag names the output too: two outputs may hold blobs with equal ETags.
         query = json.dumps({"output": self._sink.location(), **saved_query(job)}, sort_keys=True)
-        with self._stores.open(tenant, job.name) as store, tempfile.TemporaryFile(dir=store.path.parent) as changes:
+        with (
+            self._stores.open(tenant, job.name) as store,
+            tempfile.TemporaryFile(dir=store.path.parent) as changes,
+            contextlib.ExitStack() as cleanup,
+        ):
             if delta_link and version is not None:
                 try:
                     done.refreshed = refresh(store, self._sink, tenant, job.name, version=version, query=query)
                 except (ValueError, KeyError, TypeError, sqlite3.Error):
                     log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
                     delta_link = None
+            baseline = None
+            if reconcile and delta_link is not None:  # the store now equals the published snapshot: keep it
+                baseline = cleanup.enter_context(saved_lines(store))
+                delta_link = None
             previous, previous_level = self._published_chunks(store, tenant, job.name, version, query)
             with store.transaction():
                 if delta_link is None:
@@ -131,6 +147,8 @@ class RoundRunner:
                 if interrupted():
                     raise RunInterrupted("stopped before publishing")
                 done.objects = store.count()
+                if baseline is not None:
+                    done.drift = compare(baseline, store.entries())
                 if done.changes or done.full:
                     # Fenced: a replica that lost its lock fails here, publishes nothing, and rolls back.
                     done.publication = publish(
