@@ -19,6 +19,12 @@ token was issued for by :class:`~tests.fakes.entra.FakeEntra`):
   is a 400, as on Graph.
 * ``GET <@odata.deltaLink>`` -- the changes since that link was issued, paged the same way.
 * ``GET /v1.0/{resource}/{id}`` -- one object.
+* ``GET /v1.0/auditLogs/signIns?$filter=createdDateTime ge 2024-05-01T00:00:00Z and ...&$top=N``
+  (likewise ``auditLogs/directoryAudits`` and ``auditLogs/provisioning`` on ``activityDateTime``)
+  -- an append-only log: no delta, filtered by its timestamp (``ge``/``gt``/``le``/``lt``),
+  newest first, paged with ``$skiptoken``, ``$top`` capped at 1,000, as Graph documents; with
+  :attr:`FakeGraph.reports_limit` set, requests beyond that rate get 429 with ``Retry-After``,
+  as the reporting APIs' much lower limits (5 requests per 10 s per app and tenant) do.
 
 Link shapes (treat them as opaque; they are documented so test failures are readable)::
 
@@ -52,6 +58,7 @@ import json
 import logging
 import math
 import random
+import re
 import secrets
 import threading
 import time
@@ -70,6 +77,7 @@ from tests.fakes.entra import FakeEntra, tenant_id
 from tests.fakes.https import FakeHttpServer, LoopbackHttpsServer
 
 __all__ = [
+    "LOG_TIMES",
     "MAX_PAGE_SIZE",
     "FakeGraph",
     "GraphRequest",
@@ -86,6 +94,20 @@ _MEMBER_RESOURCES = frozenset({"groups"})
 _LINK_OF = {"groups": "members", "users": "manager"}  # the relationship a delta round can track
 _DELTA_SEGMENTS = frozenset({"delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()"})
 _MAX_ROUNDS = 1000  # rounds kept for their skiptokens; the oldest are forgotten first
+# The logs Graph serves only by time: the timestamp each one filters and orders on.
+LOG_TIMES = {
+    "auditLogs/signIns": "createdDateTime",
+    "auditLogs/directoryAudits": "activityDateTime",
+    "auditLogs/provisioning": "activityDateTime",
+}
+_MAX_LOG_PAGE = 1000  # the largest (and default) page of the reporting APIs
+_FILTER_CLAUSE = re.compile(r"\s*(\w+)\s+(ge|gt|le|lt)\s+(\S+)\s*", re.IGNORECASE)
+_COMPARE: dict[str, Callable[[datetime, datetime], bool]] = {
+    "ge": lambda a, b: a >= b,
+    "gt": lambda a, b: a > b,
+    "le": lambda a, b: a <= b,
+    "lt": lambda a, b: a < b,
+}
 _DUPLICATE_EVERY = 4  # with duplicate_records, every 4th record of a round is sent again later
 _CONTENT_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
 _DIAGNOSTIC = json.dumps(
@@ -263,6 +285,12 @@ class FakeGraph(LoopbackHttpsServer):
         self._empty_pages = False
         self._members_chunk: int | None = None
         self._slow_pages = 0.0
+        self._logs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._log_rounds: collections.OrderedDict[str, tuple[str, str, list[dict[str, Any]], int]] = (
+            collections.OrderedDict()
+        )
+        self._reports_limit: tuple[int, float] | None = None
+        self._report_times: dict[str, collections.deque[float]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -406,6 +434,26 @@ class FakeGraph(LoopbackHttpsServer):
                     obj["members"] = sorted(coll.members.get(oid, ()))
             return result
 
+    def add_log_records(self, tenant: str, resource: str, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append records (each with ``id`` and the log's timestamp, e.g. ``createdDateTime``) to a log.
+
+        A record whose timestamp is older than others already there is a late arrival, as Graph's sign-in and
+        audit logs have: it shows up in every later query whose time filter covers it.
+        """
+        time_property = LOG_TIMES[resource]
+        with self._lock:
+            log = self._logs.setdefault(self._key(tenant, resource), {})
+            for record in records:
+                _log_time(record, time_property)  # a record the fake could not filter is a test bug
+                if str(record["id"]) in log:
+                    raise ValueError(f"{resource} record {record['id']} already exists in {tenant}")
+                log[str(record["id"])] = dict(record)
+
+    def log_records(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
+        """Every record of a log, by id, for assertions."""
+        with self._lock:
+            return {rid: dict(record) for rid, record in self._logs.get(self._key(tenant, resource), {}).items()}
+
     def soft_deleted(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
         """Soft-deleted (restorable) objects, like Graph's ``directory/deletedItems``."""
         with self._lock:
@@ -483,6 +531,22 @@ class FakeGraph(LoopbackHttpsServer):
     def slow_pages(self, value: float) -> None:
         with self._lock:
             self._slow_pages = value
+
+    @property
+    def reports_limit(self) -> tuple[int, float] | None:
+        """``(requests, seconds)``: the log endpoints' rate per tenant; beyond it, 429 with ``Retry-After``.
+
+        Graph's identity and access reports allow 5 requests per 10 seconds per app and tenant. None (the default)
+        means no limit, so that tests not about throttling stay fast.
+        """
+        with self._lock:
+            return self._reports_limit
+
+    @reports_limit.setter
+    def reports_limit(self, value: tuple[int, float] | None) -> None:
+        with self._lock:
+            self._reports_limit = value
+            self._report_times.clear()
 
     def throttle_next(
         self, count: int, *, status: int = 429, retry_after: str = "2", tenant: str | None = None
@@ -683,8 +747,10 @@ class FakeGraph(LoopbackHttpsServer):
             raise _GraphError(400, "BadRequest", f"Resource not found for the segment '{path}'.")
         if method != "GET":
             raise _GraphError(405, "Request_BadRequest", f"The HTTP method '{method}' is not supported here.")
-        resource = parts[1]
         tkey = tenant_id(tenant)
+        if "/".join(parts[1:]) in LOG_TIMES:
+            return self._log_page(tkey, "/".join(parts[1:]), query)
+        resource = parts[1]
         with self._lock:
             denied = (tkey, resource) in self._denied
         if denied:
@@ -701,6 +767,64 @@ class FakeGraph(LoopbackHttpsServer):
         if minimal:
             reply.headers["Preference-Applied"] = "return=minimal"
         return reply
+
+    def _log_page(self, tkey: str, resource: str, query: Mapping[str, str]) -> _Reply:
+        """One page of a log read by time, newest first; the records are fixed when its first page is asked for."""
+        with self._lock:
+            denied = (tkey, resource) in self._denied
+        if denied:
+            raise _GraphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+        self._count_report_request(tkey)
+        skiptoken = query.get("$skiptoken")
+        if skiptoken is not None:
+            state = _decode(skiptoken) or {}
+            with self._lock:
+                log_round = self._log_rounds.get(str(state.get("l")))
+            page = state.get("p")
+            if log_round is None or not isinstance(page, int) or log_round[:2] != (tkey, resource):
+                raise _GraphError(400, "Directory_ExpiredPageToken", "The specified page token value has expired.")
+            round_id = str(state["l"])
+        else:
+            time_property = LOG_TIMES[resource]
+            bounds = _time_filter(query.get("$filter"), time_property)
+            top = query.get("$top")
+            page_size = min(_positive_int(top, "$top"), _MAX_LOG_PAGE) if top else min(self.page_size, _MAX_LOG_PAGE)
+            with self._lock:
+                records = [
+                    dict(record)
+                    for record in self._logs.get((tkey, resource), {}).values()
+                    if all(_COMPARE[op](_log_time(record, time_property), bound) for op, bound in bounds)
+                ]
+            records.sort(key=lambda record: (_log_time(record, time_property), record["id"]), reverse=True)
+            round_id, page, log_round = secrets.token_urlsafe(12), 0, (tkey, resource, records, page_size)
+            with self._lock:
+                self._log_rounds[round_id] = log_round
+                while len(self._log_rounds) > _MAX_ROUNDS:
+                    self._log_rounds.popitem(last=False)
+        records, page_size = log_round[2], log_round[3]
+        body: dict[str, Any] = {
+            "@odata.context": self._context(resource, None),
+            "value": records[page * page_size : (page + 1) * page_size],
+        }
+        if (page + 1) * page_size < len(records):
+            token = _encode({"l": round_id, "p": page + 1})
+            body["@odata.nextLink"] = f"{self._collection_url(resource, False)}?$skiptoken={token}"
+        return _Reply(200, _json(body))
+
+    def _count_report_request(self, tkey: str) -> None:
+        """Refuse the request with 429 and a ``Retry-After`` if it would exceed :attr:`reports_limit`."""
+        with self._lock:
+            if self._reports_limit is None:
+                return
+            limit, seconds = self._reports_limit
+            times = self._report_times.setdefault(tkey, collections.deque())
+            now = time.monotonic()
+            while times and now - times[0] >= seconds:
+                times.popleft()
+            if len(times) >= limit:
+                wait = max(1, math.ceil(seconds - (now - times[0])))
+                raise _GraphError(429, "TooManyRequests", _THROTTLED_MESSAGE, {"Retry-After": str(wait)})
+            times.append(now)
 
     def _get_one(self, tkey: str, resource: str, oid: str, query: Mapping[str, str]) -> _Reply:
         select = _parse_select(query.get("$select"))
@@ -1020,6 +1144,30 @@ def _links(resource: str, query: Mapping[str, str]) -> frozenset[str]:
         )
     asked = set(expand) | set(_parse_select(query.get("$select")) or ())
     return frozenset({link}) if link is not None and link in asked else frozenset()
+
+
+def _log_time(record: Mapping[str, Any], time_property: str) -> datetime:
+    value = record.get(time_property)
+    if not isinstance(value, str):
+        raise ValueError(f"a log record needs {time_property} as an ISO-8601 string")
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _time_filter(value: str | None, time_property: str) -> list[tuple[str, datetime]]:
+    """``$filter`` clauses ``<time_property> ge|gt|le|lt <time>`` joined by ``and``; anything else is a 400."""
+    bounds: list[tuple[str, datetime]] = []
+    for clause in re.split(r"\s+and\s+", value or "", flags=re.IGNORECASE) if value else []:
+        match = _FILTER_CLAUSE.fullmatch(clause)
+        if match is None or match[1] != time_property:
+            raise _GraphError(400, "Request_UnsupportedQuery", f"Unsupported or invalid query filter clause: {clause}")
+        try:
+            bound = datetime.fromisoformat(match[3].replace("Z", "+00:00"))
+        except ValueError:
+            bound = None
+        if bound is None or bound.tzinfo is None:
+            raise _GraphError(400, "Request_BadRequest", f"Invalid DateTimeOffset in filter: {match[3]}")
+        bounds.append((match[2].lower(), bound))
+    return bounds
 
 
 def _parse_select(value: str | None) -> tuple[str, ...] | None:
