@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from urllib3.util.retry import Retry
@@ -99,6 +99,7 @@ class GraphClient:
         expand: list[str] | None = None,
         delta: bool = False,
         top: int | None = None,
+        filter_expression: str | None = None,
     ) -> str:
         url = f"{self.base_url}/{resource}{'/delta' if delta else ''}"
         query = []
@@ -106,6 +107,8 @@ class GraphClient:
             query.append("$select=" + ",".join(select))
         if expand:
             query.append("$expand=" + ",".join(expand))
+        if filter_expression:
+            query.append("$filter=" + quote(filter_expression, safe=":"))
         if top is not None:
             query.append(f"$top={top}")
         return url + ("?" + "&".join(query) if query else "")

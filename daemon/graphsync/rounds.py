@@ -64,6 +64,8 @@ def saved_query(job: JobSettings) -> dict[str, Any]:
     query: dict[str, Any] = {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
     if job.expand:  # only when set, so that the links saved before `expand` existed stay valid
         query["expand"] = sorted(job.expand)
+    if job.cursor:
+        query["cursor"] = job.cursor
     return query
 
 
