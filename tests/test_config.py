@@ -799,3 +799,66 @@ def test_certificate_file_must_hold_an_rsa_key_and_certificate(tmp_path: Path, k
     message = config_error(path)
     assert f"identity.certificate_file (from {path})" in message
     assert expected in message
+
+
+# --- kinds of job: delta links, reconciliation, logs read by time ----------------------------------
+
+
+def job(lines: str) -> str:
+    return f'[[jobs]]\nname = "j"\nevery = "1h"\n{lines}\n'
+
+
+def test_job_kind_keys_get_defaults(tmp_path: Path) -> None:
+    write_secret(tmp_path)
+    path = write(
+        tmp_path,
+        MINIMAL
+        + job('resource = "users"\ndelta = true\nexpand = ["manager"]')
+        + job('resource = "auditLogs/signIns"\ncursor = "createdDateTime"').replace('"j"', '"k"'),
+    )
+
+    users, signins = load_settings(path, {}).jobs
+
+    assert users.expand == ["manager"] and users.reconcile_seconds == 6 * 86400 and users.cursor is None
+    assert (signins.cursor, signins.since, signins.overlap, signins.max_pages) == ("createdDateTime", "7d", "1h", 20)
+    assert signins.reconcile_seconds is None
+
+
+def test_reconcile_every_zero_turns_reconciliation_off(tmp_path: Path) -> None:
+    write_secret(tmp_path)
+    path = write(tmp_path, MINIMAL + job('resource = "users"\ndelta = true\nreconcile_every = "0"'))
+
+    assert load_settings(path, {}).jobs[0].reconcile_seconds is None
+
+
+@pytest.mark.parametrize(
+    ("lines", "key", "expected"),
+    [
+        ('resource = "auditLogs/signIns"\ndelta = true\ncursor = "createdDateTime"', "cursor", "cannot be combined"),
+        ('resource = "auditLogs/signIns"\ncursor = "activityDateTime"', "cursor", 'set cursor = "createdDateTime"'),
+        ('resource = "auditLogs/directoryAudits"\ndelta = true', "delta", 'cursor = "activityDateTime"'),
+        ('resource = "auditLogs/provisioning"', "cursor", "has no delta query"),
+        ('resource = "users"\ndelta = true\nexpand = ["memberOf"]', "expand", "can expand only manager"),
+        ('resource = "groups"\ndelta = true\nexpand = ["manager"]', "expand", "can expand only members"),
+        ('resource = "servicePrincipals"\ndelta = true\nexpand = ["owners"]', "expand", "servicePrincipals has none"),
+        ('resource = "users"\nexpand = ["manager"]', "expand", "needs delta = true"),
+        ('resource = "users"\ndelta = true\nexpand = ["manager", "manager"]', "expand", "entries must be unique"),
+        ('resource = "users"\nreconcile_every = "6d"', "reconcile_every", "only used by delta jobs"),
+        ('resource = "users"\ndelta = true\nreconcile_every = "6 days"', "reconcile_every", 'expected "0" (off)'),
+        ('resource = "users"\ndelta = true\nsince = "7d"', "since", "only used with cursor"),
+        ('resource = "users"\novermax = 1', "overmax", "unknown key"),
+        ('resource = "users"\nmax_pages = 5', "max_pages", "only used with cursor"),
+        ('resource = "x/events"\ncursor = "time"\nmax_pages = 0', "max_pages", "greater than or equal to 1"),
+        ('resource = "x/events"\ncursor = "time"\nexpand = ["a"]', "expand", "only used by delta jobs"),
+        ('resource = "x/events"\ncursor = "time"\nreconcile_every = "1d"', "reconcile_every", "keeps no snapshot"),
+        ('resource = "x/events"\ncursor = "time"\noverlap = "1 hour"', "overlap", "expected a positive whole"),
+    ],
+)
+def test_bad_job_kind_combinations_name_the_key(tmp_path: Path, lines: str, key: str, expected: str) -> None:
+    write_secret(tmp_path)
+    path = write(tmp_path, MINIMAL + job(lines))
+
+    message = config_error(path)
+
+    origin = "not set" if key == "cursor" and "cursor =" not in lines else f"from {path}"
+    assert f"jobs[0].{key} ({origin}): " in message and expected in message, message

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -529,6 +530,114 @@ def test_silent_changes_are_invisible_to_delta_but_not_to_a_full_read(graph: Fak
     assert graph.objects(CONTOSO, "users")[ids[0]]["jobTitle"] == "Ghost"
     assert client.walk("/v1.0/users?$select=jobTitle").latest()[ids[0]]["jobTitle"] == "Ghost"
     assert client.walk(f"/v1.0/users/delta?$select={USER_SELECT}").latest()[ids[0]]["jobTitle"] == "Ghost"
+
+
+def test_user_delta_with_expand_manager_reports_manager_delta_set_changed_and_removed(
+    graph: FakeGraph, client: Client
+) -> None:
+    ids = add_users(graph, 4)
+    graph.set_manager(CONTOSO, ids[1], ids[0])
+    manager = {"@odata.type": "#microsoft.graph.user", "id": ids[0]}
+    initial = client.walk(f"/v1.0/users/delta?$select={USER_SELECT}&$expand=manager")
+    records = initial.latest()
+    assert records[ids[1]]["manager@delta"] == [manager]
+    assert "manager@delta" not in records[ids[2]], "a user without a manager carries no annotation"
+    assert all("manager" not in record for record in initial.records)
+
+    graph.set_manager(CONTOSO, ids[2], ids[0])  # set
+    graph.set_manager(CONTOSO, ids[1], ids[3])  # changed
+    changes = client.walk(initial.delta_link, minimal=True)
+    assert sorted(changes.records, key=lambda r: r["id"]) == [
+        {"id": ids[1], "manager@delta": [{"@odata.type": "#microsoft.graph.user", "id": ids[3]}]},
+        {"id": ids[2], "manager@delta": [manager]},
+    ]
+
+    graph.set_manager(CONTOSO, ids[2], None)  # removed: the old manager, marked @removed
+    graph.update(CONTOSO, "users", ids[3], jobTitle="Boss")
+    removed = client.walk(changes.delta_link, minimal=True).latest()
+    assert removed[ids[2]] == {"id": ids[2], "manager@delta": [{**manager, "@removed": {"reason": "deleted"}}]}
+    assert removed[ids[3]] == {"id": ids[3], "jobTitle": "Boss"}, "no manager change, no annotation"
+    assert graph.managers(CONTOSO) == {ids[1]: ids[3]}
+
+    # Without the link asked for, manager changes are invisible to delta.
+    plain = client.walk(f"/v1.0/users/delta?$select={USER_SELECT}")
+    graph.set_manager(CONTOSO, ids[0], ids[3])
+    assert client.walk(plain.delta_link).records == []
+
+
+def test_delta_expand_of_an_untracked_link_is_a_400(graph: FakeGraph, client: Client) -> None:
+    add_users(graph, 1)
+    for url in ("/v1.0/users/delta?$expand=memberOf", "/v1.0/groups/delta?$expand=manager"):
+        response = client.get(url)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "Request_UnsupportedQuery"
+    assert client.get("/v1.0/groups/delta?$expand=members").status_code == 200
+
+
+def test_silently_added_deleted_and_unlinked_objects_escape_delta_but_not_a_full_read(
+    graph: FakeGraph, client: Client
+) -> None:
+    ids = add_users(graph, 3)
+    graph.add(CONTOSO, "groups", {"id": "g1", "displayName": "One", "members": ids[:2]})
+    users = client.walk(f"/v1.0/users/delta?$select={USER_SELECT}")
+    groups = client.walk("/v1.0/groups/delta?$select=displayName,members")
+
+    graph.add(CONTOSO, "users", {"id": "ghost", "displayName": "Ghost"}, silently=True)
+    graph.delete(CONTOSO, "users", ids[2], silently=True)
+    graph.remove_members(CONTOSO, "g1", [ids[0]], silently=True)
+    graph.add_members(CONTOSO, "g1", [ids[2]], silently=True)
+
+    assert client.walk(users.delta_link).records == []
+    assert client.walk(groups.delta_link).records == []
+    fresh_users = client.walk(f"/v1.0/users/delta?$select={USER_SELECT}").latest()
+    assert "ghost" in fresh_users and ids[2] not in fresh_users
+    fresh_group = client.walk("/v1.0/groups/delta?$select=displayName,members").latest()["g1"]
+    assert member_ids(fresh_group) == ({ids[1], ids[2]}, set())
+
+
+def sign_ins(count: int, start: str = "2026-05-01T10:00:00", prefix: str = "s") -> list[dict[str, Any]]:
+    """``count`` sign-ins one minute apart from ``start`` (UTC), with Graph's 7-digit fractions."""
+    first = datetime.fromisoformat(start)
+    return [
+        {
+            "id": f"{prefix}{n:04d}",
+            "createdDateTime": (first + timedelta(minutes=n)).strftime("%Y-%m-%dT%H:%M:%S.1234567Z"),
+        }
+        for n in range(count)
+    ]
+
+
+def test_sign_in_log_is_filtered_by_time_and_served_newest_first_in_pages(graph: FakeGraph, client: Client) -> None:
+    graph.add_log_records(CONTOSO, "auditLogs/signIns", sign_ins(30))
+    graph.page_size = 7
+    window = "createdDateTime ge 2026-05-01T10:05:00Z and createdDateTime lt 2026-05-01T10:25:00Z"
+    walk = client.walk(f"/v1.0/auditLogs/signIns?$filter={window}")
+    assert [record["id"] for record in walk.records] == [f"s{n:04d}" for n in range(24, 4, -1)]
+    assert [len(page) for page in walk.pages] == [7, 7, 6] and walk.delta_link is None
+    assert [len(page) for page in client.walk("/v1.0/auditLogs/signIns?$top=25").pages] == [25, 5]
+
+    # A late arrival: an old timestamp, appended later, shows up in every query that covers it.
+    graph.add_log_records(CONTOSO, "auditLogs/signIns", sign_ins(1, "2026-05-01T10:05:30", prefix="late"))
+    late = client.walk("/v1.0/auditLogs/signIns?$filter=createdDateTime ge 2026-05-01T10:05:00Z").records
+    assert [record["id"] for record in late][-2:] == ["late0000", "s0005"]
+
+    for bad in ("activityDateTime ge 2026-05-01T10:00:00Z", "createdDateTime ge yesterday", "startsWith(x,'a')"):
+        response = client.get(f"/v1.0/auditLogs/signIns?$filter={bad}")
+        assert response.status_code == 400, bad
+    assert client.get("/v1.0/auditLogs/signIns/delta").status_code != 200, "logs have no delta"
+
+
+def test_reports_limit_answers_429_with_retry_after_until_the_window_frees(graph: FakeGraph, client: Client) -> None:
+    graph.add_log_records(
+        CONTOSO, "auditLogs/directoryAudits", [{"id": "a1", "activityDateTime": "2026-05-01T10:00:00Z"}]
+    )
+    graph.reports_limit = (2, 1.5)
+    assert [client.get("/v1.0/auditLogs/directoryAudits").status_code for _ in range(2)] == [200, 200]
+    refused = client.get("/v1.0/auditLogs/directoryAudits")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "TooManyRequests"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 2
+    assert client.get("/v1.0/users").status_code == 200, "the directory's limits are not the reports'"
+    time.sleep(1.6)
+    assert client.get("/v1.0/auditLogs/directoryAudits").status_code == 200
 
 
 def test_requests_are_recorded(graph: FakeGraph, client: Client) -> None:

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("command line and reports", frozenset({"cli", "__main__", "console", "preflight", "status"})),
     ("scheduler", frozenset({"scheduler"})),
     ("jobs", frozenset({"jobs"})),
-    ("rounds", frozenset({"rounds", "publication"})),
+    ("rounds", frozenset({"rounds", "publication", "reconcile", "logrounds"})),
     ("outputs and working stores", frozenset({"sinks", "snapshot", "workstore"})),
     ("Graph and tokens", frozenset({"graph", "tokencache", "identity", "cache_envelope"})),
     ("storage", frozenset({"storage"})),

@@ -45,14 +45,6 @@ needs_promtool = pytest.mark.skipif(
 
 # Series that Prometheus records itself for every scrape target, never found in an exporter's /metrics.
 PROMETHEUS_OWN_SERIES = frozenset({"up"})
-# Metrics of issue 11 that are built on another branch, allowed here until it lands. The daemon test below fails
-# once the daemon exports one of them, to say that its entry should go.
-NOT_YET_EXPORTED = frozenset(
-    {
-        "graphsync_reconcile_drift_objects",  # drift reconciliation (issue 11, item 2)
-    }
-)
-
 # -- reading PromQL --------------------------------------------------------------------------------------------
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -212,6 +204,5 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_running_d
     expressions = [str(rule["expr"]) for rule in _rules()] + _dashboard_expressions()
     used = set().union(*(metric_names(expr) for expr in expressions))
     recorded = {rule["record"] for rule in _rules() if "record" in rule}
-    missing = used - exported - recorded - PROMETHEUS_OWN_SERIES - NOT_YET_EXPORTED
+    missing = used - exported - recorded - PROMETHEUS_OWN_SERIES
     assert not missing, f"the rules or the dashboard use metrics the daemon does not export: {sorted(missing)}"
-    assert not NOT_YET_EXPORTED & exported, "now exported: remove these from NOT_YET_EXPORTED"

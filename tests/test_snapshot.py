@@ -52,3 +52,17 @@ def test_members_survive_a_round_trip_through_the_published_snapshot(tmp_path: P
         {"displayName": "G2", "id": "g", "members": []},
         {"displayName": "U again", "id": "u"},
     ]
+
+
+def test_manager_delta_sets_changes_and_clears_manager_and_new_objects_get_the_defaults(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "users.sqlite")
+    manager = {"manager": None}
+    store.apply([{"id": "a", "manager@delta": [{"id": "m1"}]}, {"id": "b", "displayName": "B"}], defaults=manager)
+    store.apply([{"id": "a", "manager@delta": [{"id": "m2"}]}, {"id": "c", "displayName": "C"}], defaults=manager)
+    assert _lines(store) == [
+        {"id": "a", "manager": "m2"},
+        {"displayName": "B", "id": "b", "manager": None},
+        {"displayName": "C", "id": "c", "manager": None},
+    ]
+    store.apply([{"id": "a", "manager@delta": [{"id": "m2", "@removed": {"reason": "deleted"}}]}, {"id": "b"}])
+    assert _lines(store)[:2] == [{"id": "a", "manager": None}, {"displayName": "B", "id": "b", "manager": None}]

@@ -681,6 +681,22 @@ def test_requests_carry_ids_and_priority_and_delta_rounds_prefer_minimal(
         pytest.param([{**USERS_JOB, "every": "5 minutes"}], "jobs[0].every", id="bad interval"),
         pytest.param([{**USERS_JOB, "every": None, "cron": "61 * * * *"}], "jobs[0].cron", id="bad cron"),
         pytest.param([{**USERS_JOB, "resource": "/users?$top=5"}], "jobs[0].resource", id="bad resource"),
+        pytest.param([{**GROUPS_JOB, "expand": ["manager"]}], "jobs[0].expand", id="expand Graph cannot track"),
+        pytest.param([{**USERS_JOB, "delta": False, "expand": ["manager"]}], "jobs[0].expand", id="expand no delta"),
+        pytest.param([{**USERS_JOB, "reconcile_every": "weekly"}], "jobs[0].reconcile_every", id="bad reconcile"),
+        pytest.param(
+            [{**USERS_JOB, "resource": "auditLogs/signIns", "select": None, "cursor": "createdDateTime"}],
+            "jobs[0].cursor",
+            id="delta with cursor",
+        ),
+        pytest.param(
+            [{**USERS_JOB, "resource": "auditLogs/directoryAudits", "select": None}], "jobs[0].delta", id="log delta"
+        ),
+        pytest.param(
+            [{**USERS_JOB, "delta": False, "resource": "auditLogs/signIns", "cursor": "activityDateTime"}],
+            "jobs[0].cursor",
+            id="wrong cursor",
+        ),
     ],
 )
 def test_bad_job_definitions_exit_2_naming_the_key(

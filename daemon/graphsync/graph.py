@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from urllib3.connectionpool import ConnectionPool
@@ -102,12 +102,23 @@ class GraphClient:
         )
 
     def collection_url(
-        self, resource: str, *, select: list[str] | None = None, delta: bool = False, top: int | None = None
+        self,
+        resource: str,
+        *,
+        select: list[str] | None = None,
+        expand: list[str] | None = None,
+        delta: bool = False,
+        top: int | None = None,
+        filter_expression: str | None = None,
     ) -> str:
         url = f"{self.base_url}/{resource}{'/delta' if delta else ''}"
         query = []
         if select:
             query.append("$select=" + ",".join(select))
+        if expand:
+            query.append("$expand=" + ",".join(expand))
+        if filter_expression:
+            query.append("$filter=" + quote(filter_expression, safe=":"))
         if top is not None:
             query.append(f"$top={top}")
         return url + ("?" + "&".join(query) if query else "")

@@ -1,4 +1,7 @@
-"""One run of one job for one tenant: lock, run a round (:mod:`graphsync.rounds`), then advance the cursor.
+"""One run of one job for one tenant: lock, run a round, then advance the cursor.
+
+The round is a collection's (:mod:`graphsync.rounds`: full or delta, into the snapshot) or, for a job with
+``cursor``, a log's (:mod:`graphsync.logrounds`: read by time, into change files only).
 
 A run's data (snapshot and change file) is durable before its delta link is saved, so a crash or SIGTERM at any
 point loses nothing: the next run starts again from the last saved link. Across replicas a lease on the job's
@@ -20,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from graphsync.graph import GraphClient, GraphError
 from graphsync.identity import TokenError
+from graphsync.logrounds import LogRoundRunner
 from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
+from graphsync.reconcile import LAST_FULL_ROUND, reconciliation_due, report_drift
 from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
@@ -74,6 +79,7 @@ class JobRunner:
     ) -> None:
         self._sink = sink
         self._rounds = RoundRunner(graph=graph, sink=sink, stores=stores)
+        self._log_rounds = LogRoundRunner(graph=graph, sink=sink)
         self._locks = locks
         self.replica = replica or replica_name()
         self._clock = clock
@@ -148,7 +154,7 @@ class JobRunner:
             return f"{file_stamp(started)}-{result.run_id}{'-full' if full else ''}.jsonl"
 
         try:
-            done = self._rounds.run(job, tenant, state, change_file, interrupted=interrupted, progress=progress)
+            fields = self._round(job, tenant, state, change_file, result, started, interrupted, progress)
         except RunInterrupted as exc:
             result.status, result.message = "stopped", str(exc)
             return self._finish(result, started)
@@ -170,8 +176,6 @@ class JobRunner:
                 | {"last_failure": iso_utc(self._clock()), "last_error": result.message, "last_run_id": result.run_id},
             )
             return self._finish(result, started)
-        result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
-        result.full, result.resync = done.full, done.resync
         saved = self._save_state(
             tenant,
             job,
@@ -181,7 +185,6 @@ class JobRunner:
                 "job": job.name,
                 "tenant": tenant,
                 "query": saved_query(job),
-                "delta_link": done.delta_link,
                 "last_run_id": result.run_id,
                 "last_success": iso_utc(self._clock()),
                 "last_success_started": iso_utc(started),
@@ -190,11 +193,45 @@ class JobRunner:
                 "replica": self.replica,
                 "last_error": None,
             }
-            | _snapshot_state(done),
+            | fields,
         )
         if not saved:  # the data is published and safe; the next run fetches these changes again
             result.status, result.message = "failed", "published, but the cursor (state.json) could not be saved"
         return self._finish(result, started)
+
+    def _round(
+        self,
+        job: JobSettings,
+        tenant: str,
+        state: dict[str, Any],
+        change_file: Callable[[bool], str],
+        result: RunResult,
+        started: float,
+        interrupted: Callable[[], bool],
+        progress: Progress | None,
+    ) -> dict[str, Any]:
+        """Run the round of the job's kind, fill in ``result``'s counts, return the state fields that kind keeps."""
+        if job.cursor is not None:
+            read = self._log_rounds.run(
+                job, tenant, state, change_file, now=started, interrupted=interrupted, progress=progress
+            )
+            result.objects = result.changes = read.written
+            result.pages = read.pages
+            return {"cursor": read.cursor.as_state()}
+        done = self._rounds.run(
+            job,
+            tenant,
+            state,
+            change_file,
+            interrupted=interrupted,
+            progress=progress,
+            reconcile=reconciliation_due(job, state, started),
+        )
+        result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
+        result.full, result.resync = done.full, done.resync
+        if done.drift is not None:
+            report_drift(done.drift, tenant, job.name)
+        return {"delta_link": done.delta_link} | _snapshot_state(done) | _reconcile_state(done, started)
 
     def _save_state(self, tenant: str, job: JobSettings, etag: str | None, state: dict[str, Any]) -> bool:
         try:
@@ -243,6 +280,14 @@ class JobRunner:
                 extra=extra,
             )
         return result
+
+
+def _reconcile_state(done: Round, started: float) -> dict[str, Any]:
+    """When the last full round was (it times the next reconciliation), and what the last reconciliation found."""
+    state: dict[str, Any] = {LAST_FULL_ROUND: iso_utc(started)} if done.full else {}
+    if done.drift is not None:
+        state["reconciliation"] = {"at": iso_utc(started), **done.drift.as_state()}
+    return state
 
 
 def _snapshot_state(done: Round) -> dict[str, Any]:

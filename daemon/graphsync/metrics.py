@@ -55,3 +55,9 @@ GRAPH_THROTTLED = Counter(
     "Graph responses (429, 503, 504) waited out and retried, honouring Retry-After.",
     ["status"],
 )
+RECONCILE_DRIFT = Gauge(
+    "graphsync_reconcile_drift_objects",
+    "Drift the last reconciliation found between a delta job's snapshot and a full round, by kind (missing, extra, "
+    "different objects; member_missing, member_extra links); corrected by that round.",
+    ["tenant", "job", "kind"],
+)

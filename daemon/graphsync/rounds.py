@@ -15,6 +15,7 @@ store equals what was published. A round that received nothing publishes nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -25,8 +26,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
 from graphsync.publication import Publication, Refreshed, publish, refresh
+from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
-from graphsync.snapshot import MEMBERS_DELTA, SnapshotStore, encode
+from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, SnapshotStore, encode
 from graphsync.workstore import WorkStores
 
 if TYPE_CHECKING:
@@ -54,11 +56,22 @@ class Round:
     resync: bool = False
     refreshed: Refreshed | None = None
     publication: Publication | None = None
+    drift: Drift | None = None  # set by a reconciling round: how far the published snapshot was from it
 
 
 def saved_query(job: JobSettings) -> dict[str, Any]:
-    """What a saved delta link was made for: a changed resource or $select needs a full sync."""
-    return {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
+    """What a saved delta link was made for: a changed resource, $select or $expand needs a full sync."""
+    query: dict[str, Any] = {"resource": job.resource, "select": sorted(job.select or []), "delta": job.delta}
+    if job.expand:  # only when set, so that the links saved before `expand` existed stay valid
+        query["expand"] = sorted(job.expand)
+    if job.cursor:
+        query["cursor"] = job.cursor
+    return query
+
+
+def _new_object_defaults(job: JobSettings) -> dict[str, Any]:
+    """What every object of the job carries even when Graph's record says nothing (see SnapshotStore.apply)."""
+    return {MANAGER: None} if MANAGER in (job.expand or ()) else {}
 
 
 class RoundRunner:
@@ -78,8 +91,13 @@ class RoundRunner:
         *,
         interrupted: Callable[[], bool],
         progress: Progress | None = None,
+        reconcile: bool = False,
     ) -> Round:
-        """One round from ``state`` (the job's ``state.json``); ``change_file(full)`` names its change file."""
+        """One round from ``state`` (the job's ``state.json``); ``change_file(full)`` names its change file.
+
+        ``reconcile``: a full round even with a delta link, compared with the published snapshot it replaces
+        (:mod:`graphsync.reconcile`).
+        """
         done = Round()
         delta_link = state.get("delta_link") if job.delta and state.get("query") == saved_query(job) else None
         version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
@@ -88,7 +106,11 @@ class RoundRunner:
             delta_link = None
         # The tag names the output too: two outputs may hold blobs with equal ETags.
         query = json.dumps({"output": self._sink.location(), **saved_query(job)}, sort_keys=True)
-        with self._stores.open(tenant, job.name) as store, tempfile.TemporaryFile(dir=store.path.parent) as changes:
+        with (
+            self._stores.open(tenant, job.name) as store,
+            tempfile.TemporaryFile(dir=store.path.parent) as changes,
+            contextlib.ExitStack() as cleanup,
+        ):
             if delta_link and version is not None:
                 try:
                     done.refreshed = refresh(store, self._sink, tenant, job.name, version=version, query=query)
@@ -104,12 +126,16 @@ class RoundRunner:
                 except (ValueError, KeyError, TypeError, sqlite3.Error):
                     log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
                     delta_link = None
+            baseline = None
+            if reconcile and delta_link is not None:  # the store now equals the published snapshot: keep it
+                baseline = cleanup.enter_context(saved_lines(store))
+                delta_link = None
             previous, previous_level = self._published_chunks(store, tenant, job.name, version, query)
             with store.transaction():
                 if delta_link is None:
                     store.clear()
                 done.full = delta_link is None
-                url = delta_link or self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
+                url = delta_link or self._collection_url(job)
                 try:
                     done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
                 except ResyncRequired as exc:
@@ -125,13 +151,15 @@ class RoundRunner:
                     store.clear()
                     changes.seek(0)
                     changes.truncate()
-                    url = self._graph.collection_url(job.resource, select=job.select, delta=job.delta)
+                    url = self._collection_url(job)
                     done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
                 if job.delta and done.delta_link is None:
                     raise MalformedResponse(f"delta round of {job.resource} ended without an @odata.deltaLink")
                 if interrupted():
                     raise RunInterrupted("stopped before publishing")
                 done.objects = store.count()
+                if baseline is not None:
+                    done.drift = compare(baseline, store.entries())
                 if done.changes or done.full:
                     # Fenced: a replica that lost its lock fails here, publishes nothing, and rolls back.
                     done.publication = publish(
@@ -148,6 +176,9 @@ class RoundRunner:
                 changes.seek(0)
                 self._sink.write_changes(tenant, job.name, change_file(done.full), _lines(changes))
         return done
+
+    def _collection_url(self, job: JobSettings) -> str:
+        return self._graph.collection_url(job.resource, select=job.select, expand=job.expand, delta=job.delta)
 
     def _published_chunks(
         self, store: SnapshotStore, tenant: str, job: str, version: str | None, query: str
@@ -179,7 +210,7 @@ class RoundRunner:
             for record in page.objects:
                 _check_record(record, job.resource)
                 changes.write(encode(_change(record)))
-            store.apply(page.objects)
+            store.apply(page.objects, defaults=_new_object_defaults(job))
             done.pages += 1
             done.changes += len(page.objects)
             if progress:
@@ -192,12 +223,15 @@ class RoundRunner:
 
 
 def _check_record(record: Any, resource: str) -> None:
-    """What the working store relies on: a string id, and member changes that are objects with an id."""
+    """What the working store relies on: a string id, and link changes (members, manager) that are objects with ids."""
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
         raise MalformedResponse(f"a record in {resource} has no string 'id'")
-    members = record.get(MEMBERS_DELTA, [])
-    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in members):
-        raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{MEMBERS_DELTA}'")
+    for link in (MEMBERS_DELTA, MANAGER_DELTA):
+        entries = record.get(link, [])
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries
+        ):
+            raise MalformedResponse(f"record {record['id']} in {resource} has a malformed '{link}'")
 
 
 def _change(record: dict[str, Any]) -> dict[str, Any]:

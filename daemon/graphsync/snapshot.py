@@ -3,7 +3,8 @@
 This is where Graph's delta semantics live: an updated object may carry only some properties (absent means
 unchanged, ``null`` means cleared), the same object may come several times in a round (later wins), ``@removed``
 takes it out, and a group's ``members@delta`` entries add or remove member ids, possibly spread over several
-records. Members live in a table of their own, so a change to a group of any size costs only its changed
+records. A user's ``manager@delta`` (a job that expands the manager) becomes ``manager``: the manager's id, or
+``null`` once removed. Members live in a table of their own, so a change to a group of any size costs only its changed
 members. The snapshot comes out one JSON line per object, sorted by id, groups with a sorted ``members`` list.
 
 The store also remembers which published snapshot it equals (its *tag*) and the chunks that snapshot is made of
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from graphsync.chunking import ChunkRef
 
 MEMBERS_DELTA = "members@delta"
 MEMBERS = "members"
+MANAGER_DELTA = "manager@delta"
+MANAGER = "manager"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS objects (id TEXT PRIMARY KEY, body TEXT NOT NULL, has_members INTEGER)",
@@ -35,6 +38,15 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS chunks (position INTEGER PRIMARY KEY, block_id TEXT NOT NULL, first_id TEXT NOT NULL,"
     " last_id TEXT NOT NULL, count INTEGER NOT NULL, size INTEGER NOT NULL)",
 )
+
+
+_LINKS = frozenset({MEMBERS_DELTA, MANAGER_DELTA})
+
+
+def _manager(entries: list[dict[str, Any]]) -> str | None:
+    """The manager's id after a ``manager@delta``: its last entry that is not ``@removed``, else none."""
+    current = [entry["id"] for entry in entries if "@removed" not in entry]
+    return current[-1] if current else None
 
 
 def _dumps(obj: dict[str, Any]) -> str:
@@ -112,8 +124,13 @@ class SnapshotStore:
                         "INSERT OR IGNORE INTO members VALUES (?, ?)", ((obj["id"], member) for member in members)
                     )
 
-    def apply(self, records: Iterable[dict[str, Any]]) -> None:
-        """Apply a page of records atomically; never replaces a stored object by a partial one."""
+    def apply(self, records: Iterable[dict[str, Any]], *, defaults: Mapping[str, Any] | None = None) -> None:
+        """Apply a page of records atomically; never replaces a stored object by a partial one.
+
+        ``defaults``: what an object the store does not hold yet starts with, for properties its record may lack
+        (a user without a manager carries no ``manager@delta`` at all, yet its line must say ``"manager": null``
+        whether it came in a full round or a delta round).
+        """
         with self._step():
             for record in records:
                 object_id = record["id"]
@@ -122,9 +139,11 @@ class SnapshotStore:
                     self._db.execute("DELETE FROM members WHERE object_id = ?", (object_id,))
                     continue
                 row = self._db.execute("SELECT body, has_members FROM objects WHERE id = ?", (object_id,)).fetchone()
-                stored = json.loads(row[0]) if row else {}
+                stored = json.loads(row[0]) if row else dict(defaults or {})
                 changes = record.get(MEMBERS_DELTA)
-                stored.update((key, value) for key, value in record.items() if key != MEMBERS_DELTA)
+                stored.update((key, value) for key, value in record.items() if key not in _LINKS)
+                if MANAGER_DELTA in record:
+                    stored[MANAGER] = _manager(record[MANAGER_DELTA])
                 self._put(stored, has_members=bool(row and row[1]) or changes is not None)
                 for change in changes or ():
                     if "@removed" in change:

@@ -12,10 +12,19 @@ token was issued for by :class:`~tests.fakes.entra.FakeEntra`):
 
 * ``GET /v1.0/{resource}?$select=a,b&$top=N`` -- a full listing, paged with ``$skiptoken``.
   ``$expand=members`` on ``groups`` adds a ``members`` array.
-* ``GET /v1.0/{resource}/delta?$select=...`` -- starts a delta round (``$top`` is ignored);
-  ``$deltatoken=latest`` returns just a deltaLink for "from now on".
+* ``GET /v1.0/{resource}/delta?$select=...&$expand=...`` -- starts a delta round (``$top`` is ignored);
+  ``$deltatoken=latest`` returns just a deltaLink for "from now on".  Relationships are tracked
+  as Graph documents them, as ``<name>@delta`` annotations: a group's ``members`` (in
+  ``$select`` or ``$expand``) and a user's ``manager`` (likewise); ``$expand`` of anything else
+  is a 400, as on Graph.
 * ``GET <@odata.deltaLink>`` -- the changes since that link was issued, paged the same way.
 * ``GET /v1.0/{resource}/{id}`` -- one object.
+* ``GET /v1.0/auditLogs/signIns?$filter=createdDateTime ge 2024-05-01T00:00:00Z and ...&$top=N``
+  (likewise ``auditLogs/directoryAudits`` and ``auditLogs/provisioning`` on ``activityDateTime``)
+  -- an append-only log: no delta, filtered by its timestamp (``ge``/``gt``/``le``/``lt``),
+  newest first, paged with ``$skiptoken``, ``$top`` capped at 1,000, as Graph documents; with
+  :attr:`FakeGraph.reports_limit` set, requests beyond that rate get 429 with ``Retry-After``,
+  as the reporting APIs' much lower limits (5 requests per 10 s per app and tenant) do.
 
 Link shapes (treat them as opaque; they are documented so test failures are readable)::
 
@@ -32,9 +41,11 @@ anything changed after the start is in the next round anyway because the deltaLi
 remembers the change-log position of the round's start.
 
 Deliberate simplifications: users and groups are independent collections (deleting a user
-does not remove it from groups); only ``groups`` have members, and members are always
-``#microsoft.graph.user``; with ``$select``, only changes to selected properties make an
-object show up in a changes round; without ``$select`` every stored property is returned.
+does not remove it from groups, nor as anyone's manager); only ``groups`` have members, and
+members and managers are always ``#microsoft.graph.user``; a removed manager comes as a
+``manager@delta`` entry with ``@removed``, the way ``members@delta`` reports removals; with
+``$select``, only changes to selected properties make an object show up in a changes round;
+without ``$select`` every stored property is returned.
 """
 
 from __future__ import annotations
@@ -42,10 +53,12 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import dataclasses
 import json
 import logging
 import math
 import random
+import re
 import secrets
 import threading
 import time
@@ -64,6 +77,7 @@ from tests.fakes.entra import FakeEntra, tenant_id
 from tests.fakes.https import FakeHttpServer, LoopbackHttpsServer
 
 __all__ = [
+    "LOG_TIMES",
     "MAX_PAGE_SIZE",
     "FakeGraph",
     "GraphRequest",
@@ -77,8 +91,23 @@ logger = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 999  # the largest $top Graph honours for directory objects
 MEMBER_TYPE = "#microsoft.graph.user"
 _MEMBER_RESOURCES = frozenset({"groups"})
+_LINK_OF = {"groups": "members", "users": "manager"}  # the relationship a delta round can track
 _DELTA_SEGMENTS = frozenset({"delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()"})
 _MAX_ROUNDS = 1000  # rounds kept for their skiptokens; the oldest are forgotten first
+# The logs Graph serves only by time: the timestamp each one filters and orders on.
+LOG_TIMES = {
+    "auditLogs/signIns": "createdDateTime",
+    "auditLogs/directoryAudits": "activityDateTime",
+    "auditLogs/provisioning": "activityDateTime",
+}
+_MAX_LOG_PAGE = 1000  # the largest (and default) page of the reporting APIs
+_FILTER_CLAUSE = re.compile(r"\s*(\w+)\s+(ge|gt|le|lt)\s+(\S+)\s*", re.IGNORECASE)
+_COMPARE: dict[str, Callable[[datetime, datetime], bool]] = {
+    "ge": lambda a, b: a >= b,
+    "gt": lambda a, b: a > b,
+    "le": lambda a, b: a <= b,
+    "lt": lambda a, b: a < b,
+}
 _DUPLICATE_EVERY = 4  # with duplicate_records, every 4th record of a round is sent again later
 _CONTENT_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
 _DIAGNOSTIC = json.dumps(
@@ -129,11 +158,13 @@ class _Collection:
     ``log`` is append-only; a change's sequence number is its index + 1, so ``len(log)`` is
     the position a deltaLink remembers.  Entries are ``(kind, id, data)``:
     ``("full", id, None)`` added or restored, ``("props", id, frozenset)`` updated,
-    ``("removed", id, reason)``, ``("member", group_id, (member_id, removed))``.
+    ``("removed", id, reason)``, ``("member", group_id, (member_id, removed))``,
+    ``("manager", user_id, previous manager id or None)``.
     """
 
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=dict)  # group id -> member ids
+    managers: dict[str, str] = field(default_factory=dict)  # user id -> manager id
     soft_deleted: dict[str, tuple[dict[str, Any], set[str] | None]] = field(default_factory=dict)
     log: list[tuple[str, str, Any]] = field(default_factory=list)
 
@@ -143,13 +174,15 @@ class _Item:
     """One record of a round, rendered when its page is served.
 
     ``props`` None means "all selected properties"; a set means only those (minimal mode).
-    ``members`` becomes ``members@delta``: ``(member_id, removed)`` pairs.
+    ``members`` becomes ``members@delta``: ``(member_id, removed)`` pairs; ``manager`` becomes
+    ``manager@delta``: one ``(manager_id, removed)`` pair.
     """
 
     id: str
     removed: str | None = None
     props: frozenset[str] | None = None
     members: tuple[tuple[str, bool], ...] | None = None
+    manager: tuple[str, bool] | None = None
 
 
 @dataclass
@@ -166,6 +199,7 @@ class _Round:
     empty_pages: bool
     seq: int  # change-log position at the round's start, for the deltaLink
     generation: int
+    links: frozenset[str] = frozenset()  # relationships a delta round tracks: "members" or "manager"
 
     @property
     def pages(self) -> int:
@@ -251,6 +285,12 @@ class FakeGraph(LoopbackHttpsServer):
         self._empty_pages = False
         self._members_chunk: int | None = None
         self._slow_pages = 0.0
+        self._logs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._log_rounds: collections.OrderedDict[str, tuple[str, str, list[dict[str, Any]], int]] = (
+            collections.OrderedDict()
+        )
+        self._reports_limit: tuple[int, float] | None = None
+        self._report_times: dict[str, collections.deque[float]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -261,11 +301,18 @@ class FakeGraph(LoopbackHttpsServer):
 
     # -- the directory ---------------------------------------------------------------------
 
-    def add(self, tenant: str, resource: str, obj: Mapping[str, Any]) -> None:
-        """Create an object (a dict with at least ``id``); for groups, ``members`` is a list of ids."""
-        self.add_many(tenant, resource, [obj])
+    def add(self, tenant: str, resource: str, obj: Mapping[str, Any], *, silently: bool = False) -> None:
+        """Create an object (a dict with at least ``id``); for groups, ``members`` is a list of ids, for users
+        ``manager`` is the manager's id.
 
-    def add_many(self, tenant: str, resource: str, objs: Iterable[Mapping[str, Any]]) -> None:
+        ``silently``: without a change record, so that no delta round ever reports it (Graph's delta has been
+        known to miss changes); only a full listing or a new delta round sees it.
+        """
+        self.add_many(tenant, resource, [obj], silently=silently)
+
+    def add_many(
+        self, tenant: str, resource: str, objs: Iterable[Mapping[str, Any]], *, silently: bool = False
+    ) -> None:
         """:meth:`add` for many objects under one lock, so populating 100k users stays quick."""
         with self._lock:
             coll = self._collection(tenant, resource)
@@ -280,8 +327,14 @@ class FakeGraph(LoopbackHttpsServer):
                     coll.members[oid] = {str(m) for m in members or ()}
                 elif members is not None:
                     raise ValueError(f"only {sorted(_MEMBER_RESOURCES)} have members")
+                manager = stored.pop("manager", None)
+                if manager is not None:
+                    if resource != "users":
+                        raise ValueError("only users have a manager")
+                    coll.managers[oid] = str(manager)
                 coll.objects[oid] = stored
-                coll.log.append(("full", oid, None))
+                if not silently:
+                    coll.log.append(("full", oid, None))
 
     def update(self, tenant: str, resource: str, id: str, **props: Any) -> None:
         """Change properties (None clears one: Graph returns it as null) and record the change."""
@@ -295,10 +348,11 @@ class FakeGraph(LoopbackHttpsServer):
         """
         self._change(tenant, resource, id, props, silently=True)
 
-    def delete(self, tenant: str, resource: str, id: str, *, soft: bool = True) -> None:
+    def delete(self, tenant: str, resource: str, id: str, *, soft: bool = True, silently: bool = False) -> None:
         """Delete an object: soft (restorable; delta says reason "changed") or hard ("deleted").
 
-        Hard-deleting a soft-deleted object purges it, as emptying the recycle bin does.
+        Hard-deleting a soft-deleted object purges it, as emptying the recycle bin does. ``silently``: no delta
+        round ever reports it (see :meth:`add`).
         """
         with self._lock:
             coll = self._collection(tenant, resource)
@@ -311,7 +365,10 @@ class FakeGraph(LoopbackHttpsServer):
                 del coll.soft_deleted[id]
             else:
                 raise KeyError(f"{resource} {id} does not exist (or is already soft-deleted) in {tenant}")
-            coll.log.append(("removed", id, "changed" if soft else "deleted"))
+            if not soft:
+                coll.managers.pop(id, None)
+            if not silently:
+                coll.log.append(("removed", id, "changed" if soft else "deleted"))
 
     def restore(self, tenant: str, resource: str, id: str) -> None:
         """Bring a soft-deleted object back, with its members; delta shows it as a full object."""
@@ -325,13 +382,42 @@ class FakeGraph(LoopbackHttpsServer):
                 coll.members[id] = members
             coll.log.append(("full", id, None))
 
-    def add_members(self, tenant: str, group_id: str, member_ids: Iterable[str]) -> None:
-        """Add users to a group (already-present members are ignored, as Graph would refuse them)."""
-        self._change_members(tenant, group_id, member_ids, removed=False)
+    def add_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False) -> None:
+        """Add users to a group (already-present members are ignored, as Graph would refuse them).
 
-    def remove_members(self, tenant: str, group_id: str, member_ids: Iterable[str]) -> None:
-        """Remove users from a group (absent members are ignored)."""
-        self._change_members(tenant, group_id, member_ids, removed=True)
+        ``silently``: no delta round ever reports it (see :meth:`add`).
+        """
+        self._change_members(tenant, group_id, member_ids, removed=False, silently=silently)
+
+    def remove_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False) -> None:
+        """Remove users from a group (absent members are ignored).
+
+        ``silently``: the removal never appears in ``members@delta``, as Graph's docs-contrib tracker reports
+        happening; only a full listing or a new delta round sees it.
+        """
+        self._change_members(tenant, group_id, member_ids, removed=True, silently=silently)
+
+    def set_manager(self, tenant: str, user_id: str, manager_id: str | None, *, silently: bool = False) -> None:
+        """Set or (with None) remove a user's manager; ``silently``: no delta round reports it (see :meth:`add`)."""
+        with self._lock:
+            coll = self._collection(tenant, "users")
+            if user_id not in coll.objects:
+                raise KeyError(f"user {user_id} does not exist in {tenant}")
+            previous = coll.managers.get(user_id)
+            if previous == manager_id:
+                return
+            if manager_id is None:
+                del coll.managers[user_id]
+            else:
+                coll.managers[user_id] = manager_id
+            if not silently:
+                coll.log.append(("manager", user_id, previous))
+
+    def managers(self, tenant: str) -> dict[str, str]:
+        """Each live user's manager id (users without one are absent), for assertions."""
+        with self._lock:
+            coll = self._collections.get(self._key(tenant, "users"))
+            return {} if coll is None else {u: m for u, m in coll.managers.items() if u in coll.objects}
 
     def objects(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
         """The current truth without deleted objects, for assertions; groups get ``members`` (sorted ids).
@@ -347,6 +433,26 @@ class FakeGraph(LoopbackHttpsServer):
                 for oid, obj in result.items():
                     obj["members"] = sorted(coll.members.get(oid, ()))
             return result
+
+    def add_log_records(self, tenant: str, resource: str, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append records (each with ``id`` and the log's timestamp, e.g. ``createdDateTime``) to a log.
+
+        A record whose timestamp is older than others already there is a late arrival, as Graph's sign-in and
+        audit logs have: it shows up in every later query whose time filter covers it.
+        """
+        time_property = LOG_TIMES[resource]
+        with self._lock:
+            log = self._logs.setdefault(self._key(tenant, resource), {})
+            for record in records:
+                _log_time(record, time_property)  # a record the fake could not filter is a test bug
+                if str(record["id"]) in log:
+                    raise ValueError(f"{resource} record {record['id']} already exists in {tenant}")
+                log[str(record["id"])] = dict(record)
+
+    def log_records(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
+        """Every record of a log, by id, for assertions."""
+        with self._lock:
+            return {rid: dict(record) for rid, record in self._logs.get(self._key(tenant, resource), {}).items()}
 
     def soft_deleted(self, tenant: str, resource: str) -> dict[str, dict[str, Any]]:
         """Soft-deleted (restorable) objects, like Graph's ``directory/deletedItems``."""
@@ -425,6 +531,22 @@ class FakeGraph(LoopbackHttpsServer):
     def slow_pages(self, value: float) -> None:
         with self._lock:
             self._slow_pages = value
+
+    @property
+    def reports_limit(self) -> tuple[int, float] | None:
+        """``(requests, seconds)``: the log endpoints' rate per tenant; beyond it, 429 with ``Retry-After``.
+
+        Graph's identity and access reports allow 5 requests per 10 seconds per app and tenant. None (the default)
+        means no limit, so that tests not about throttling stay fast.
+        """
+        with self._lock:
+            return self._reports_limit
+
+    @reports_limit.setter
+    def reports_limit(self, value: tuple[int, float] | None) -> None:
+        with self._lock:
+            self._reports_limit = value
+            self._report_times.clear()
 
     def throttle_next(
         self, count: int, *, status: int = 429, retry_after: str = "2", tenant: str | None = None
@@ -513,7 +635,9 @@ class FakeGraph(LoopbackHttpsServer):
             if not silently and props:
                 coll.log.append(("props", id, frozenset(props)))
 
-    def _change_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, removed: bool) -> None:
+    def _change_members(
+        self, tenant: str, group_id: str, member_ids: Iterable[str], *, removed: bool, silently: bool
+    ) -> None:
         with self._lock:
             coll = self._collection(tenant, "groups")
             if group_id not in coll.objects:
@@ -527,7 +651,8 @@ class FakeGraph(LoopbackHttpsServer):
                     members.discard(mid)
                 else:
                     members.add(mid)
-                coll.log.append(("member", group_id, (mid, removed)))
+                if not silently:
+                    coll.log.append(("member", group_id, (mid, removed)))
 
     def _tenant_from_entra(self, access_token: str) -> str | None:
         """Which tenant Entra issued ``access_token`` for, from its public token records.
@@ -622,8 +747,10 @@ class FakeGraph(LoopbackHttpsServer):
             raise _GraphError(400, "BadRequest", f"Resource not found for the segment '{path}'.")
         if method != "GET":
             raise _GraphError(405, "Request_BadRequest", f"The HTTP method '{method}' is not supported here.")
-        resource = parts[1]
         tkey = tenant_id(tenant)
+        if "/".join(parts[1:]) in LOG_TIMES:
+            return self._log_page(tkey, "/".join(parts[1:]), query)
+        resource = parts[1]
         with self._lock:
             denied = (tkey, resource) in self._denied
         if denied:
@@ -640,6 +767,64 @@ class FakeGraph(LoopbackHttpsServer):
         if minimal:
             reply.headers["Preference-Applied"] = "return=minimal"
         return reply
+
+    def _log_page(self, tkey: str, resource: str, query: Mapping[str, str]) -> _Reply:
+        """One page of a log read by time, newest first; the records are fixed when its first page is asked for."""
+        with self._lock:
+            denied = (tkey, resource) in self._denied
+        if denied:
+            raise _GraphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+        self._count_report_request(tkey)
+        skiptoken = query.get("$skiptoken")
+        if skiptoken is not None:
+            state = _decode(skiptoken) or {}
+            with self._lock:
+                log_round = self._log_rounds.get(str(state.get("l")))
+            page = state.get("p")
+            if log_round is None or not isinstance(page, int) or log_round[:2] != (tkey, resource):
+                raise _GraphError(400, "Directory_ExpiredPageToken", "The specified page token value has expired.")
+            round_id = str(state["l"])
+        else:
+            time_property = LOG_TIMES[resource]
+            bounds = _time_filter(query.get("$filter"), time_property)
+            top = query.get("$top")
+            page_size = min(_positive_int(top, "$top"), _MAX_LOG_PAGE) if top else min(self.page_size, _MAX_LOG_PAGE)
+            with self._lock:
+                records = [
+                    dict(record)
+                    for record in self._logs.get((tkey, resource), {}).values()
+                    if all(_COMPARE[op](_log_time(record, time_property), bound) for op, bound in bounds)
+                ]
+            records.sort(key=lambda record: (_log_time(record, time_property), record["id"]), reverse=True)
+            round_id, page, log_round = secrets.token_urlsafe(12), 0, (tkey, resource, records, page_size)
+            with self._lock:
+                self._log_rounds[round_id] = log_round
+                while len(self._log_rounds) > _MAX_ROUNDS:
+                    self._log_rounds.popitem(last=False)
+        records, page_size = log_round[2], log_round[3]
+        body: dict[str, Any] = {
+            "@odata.context": self._context(resource, None),
+            "value": records[page * page_size : (page + 1) * page_size],
+        }
+        if (page + 1) * page_size < len(records):
+            token = _encode({"l": round_id, "p": page + 1})
+            body["@odata.nextLink"] = f"{self._collection_url(resource, False)}?$skiptoken={token}"
+        return _Reply(200, _json(body))
+
+    def _count_report_request(self, tkey: str) -> None:
+        """Refuse the request with 429 and a ``Retry-After`` if it would exceed :attr:`reports_limit`."""
+        with self._lock:
+            if self._reports_limit is None:
+                return
+            limit, seconds = self._reports_limit
+            times = self._report_times.setdefault(tkey, collections.deque())
+            now = time.monotonic()
+            while times and now - times[0] >= seconds:
+                times.popleft()
+            if len(times) >= limit:
+                wait = max(1, math.ceil(seconds - (now - times[0])))
+                raise _GraphError(429, "TooManyRequests", _THROTTLED_MESSAGE, {"Retry-After": str(wait)})
+            times.append(now)
 
     def _get_one(self, tkey: str, resource: str, oid: str, query: Mapping[str, str]) -> _Reply:
         select = _parse_select(query.get("$select"))
@@ -669,10 +854,11 @@ class FakeGraph(LoopbackHttpsServer):
                 seq = len(self._collection_by_key(tkey, resource).log)
                 generation = self._generation
             select = _parse_select(query.get("$select"))
+            latest = _Round(tkey, resource, True, select, False, [], 1, False, seq, generation, _links(resource, query))
             body = {
                 "@odata.context": self._context(resource, select),
                 "value": [],
-                "@odata.deltaLink": self._delta_link(tkey, resource, select, seq, generation),
+                "@odata.deltaLink": self._delta_link(latest, seq, generation),
             }
             return _Reply(200, _json(body))
         elif delta and deltatoken is not None:
@@ -690,7 +876,7 @@ class FakeGraph(LoopbackHttpsServer):
             token = _encode({"r": round_id, "p": page + 1})
             body["@odata.nextLink"] = f"{self._collection_url(resource, delta)}?$skiptoken={token}"
         elif delta:
-            body["@odata.deltaLink"] = self._delta_link(tkey, resource, rnd.select, rnd.seq, rnd.generation)
+            body["@odata.deltaLink"] = self._delta_link(rnd, rnd.seq, rnd.generation)
         return _Reply(200, _json(body))
 
     def _collection_by_key(self, tkey: str, resource: str) -> _Collection:
@@ -705,9 +891,10 @@ class FakeGraph(LoopbackHttpsServer):
     def _context(self, resource: str, select: tuple[str, ...] | None) -> str:
         return f"{self.base_url}/v1.0/$metadata#{resource}" + (f"({','.join(select)})" if select else "")
 
-    def _delta_link(self, tkey: str, resource: str, select: tuple[str, ...] | None, seq: int, generation: int) -> str:
-        token = _encode({"t": tkey, "r": resource, "s": list(select) if select else None, "q": seq, "g": generation})
-        return f"{self._collection_url(resource, True)}?$deltatoken={token}"
+    def _delta_link(self, rnd: _Round, seq: int, generation: int) -> str:
+        state = {"t": rnd.tenant, "r": rnd.resource, "s": list(rnd.select) if rnd.select else None, "q": seq}
+        token = _encode({**state, "g": generation, "x": sorted(rnd.links)})
+        return f"{self._collection_url(rnd.resource, True)}?$deltatoken={token}"
 
     def _fresh_start(self, resource: str, select: tuple[str, ...] | None) -> str:
         url = self._collection_url(resource, True)
@@ -753,7 +940,8 @@ class FakeGraph(LoopbackHttpsServer):
     def _start_round(self, tkey: str, resource: str, delta: bool, query: Mapping[str, str]) -> tuple[str, _Round]:
         """A listing or the first round of a delta sync: every current object, once (plus knobs)."""
         select = _parse_select(query.get("$select"))
-        with_members = delta and resource in _MEMBER_RESOURCES and select is not None and "members" in select
+        links = _links(resource, query) if delta else frozenset()
+        with_members = "members" in links
         with self._lock:
             coll = self._collection_by_key(tkey, resource)
             if delta:
@@ -767,6 +955,11 @@ class FakeGraph(LoopbackHttpsServer):
             if with_members:
                 items = [
                     _Item(oid, members=tuple((m, False) for m in sorted(coll.members.get(oid, ()))))
+                    for oid in coll.objects
+                ]
+            elif "manager" in links:
+                items = [
+                    _Item(oid, manager=(coll.managers[oid], False)) if oid in coll.managers else oid
                     for oid in coll.objects
                 ]
             else:
@@ -784,6 +977,7 @@ class FakeGraph(LoopbackHttpsServer):
             empty_pages=empty,
             seq=seq,
             generation=generation,
+            links=links,
         )
         return self._register(rnd), rnd
 
@@ -796,7 +990,8 @@ class FakeGraph(LoopbackHttpsServer):
         if state is None or state.get("t") != tkey or state.get("r") != resource or not isinstance(state.get("q"), int):
             raise self._expired(resource, select)
         select = tuple(state["s"]) if state.get("s") else None
-        with_members = resource in _MEMBER_RESOURCES and select is not None and "members" in select
+        links = frozenset(state.get("x") or ())
+        with_members = "members" in links
         with self._lock:
             if state.get("g") != self._generation:
                 raise self._expired(resource, select)
@@ -812,6 +1007,7 @@ class FakeGraph(LoopbackHttpsServer):
             full: set[str] = set()
             props: dict[str, set[str]] = {}
             member_changes: dict[str, dict[str, bool]] = {}
+            manager_before: dict[str, str | None] = {}  # the manager before the last change in the window
             order: dict[str, None] = {}
             for kind, oid, data in window:
                 order.setdefault(oid)
@@ -822,6 +1018,8 @@ class FakeGraph(LoopbackHttpsServer):
                 elif kind == "member":
                     mid, removed = data
                     member_changes.setdefault(oid, {})[mid] = removed
+                elif kind == "manager":
+                    manager_before[oid] = data
 
             items: list[str | _Item] = []
             for oid in order:
@@ -836,15 +1034,21 @@ class FakeGraph(LoopbackHttpsServer):
                         changes = {m: r for m, r in changes.items() if r}
                         changes.update(dict.fromkeys(coll.members.get(oid, ()), False))
                     members = tuple(sorted(changes.items())) or None
+                manager: tuple[str, bool] | None = None
+                if "manager" in links and (oid in full or oid in manager_before):
+                    current, before = coll.managers.get(oid), manager_before.get(oid)
+                    manager = (current, False) if current else (before, True) if before and oid not in full else None
                 if oid in full:
-                    items.append(_Item(oid, members=members or (() if with_members else None)))
+                    items.append(_Item(oid, members=members or (() if with_members else None), manager=manager))
                     continue
                 changed = props.get(oid, set())
                 if select is not None:
                     changed &= set(select)
-                if not changed and members is None:
+                if not changed and members is None and manager is None:
                     continue  # only unselected properties (or nothing visible) changed
-                items.append(_Item(oid, props=frozenset(changed) if minimal else None, members=members))
+                items.append(
+                    _Item(oid, props=frozenset(changed) if minimal else None, members=members, manager=manager)
+                )
         items = _shape(items, chunk, dup)
         rnd = _Round(
             tenant=tkey,
@@ -857,6 +1061,7 @@ class FakeGraph(LoopbackHttpsServer):
             empty_pages=empty,
             seq=end,
             generation=generation,
+            links=links,
         )
         return self._register(rnd), rnd
 
@@ -878,6 +1083,8 @@ class FakeGraph(LoopbackHttpsServer):
         record = _render(obj, rnd.select, item.props)
         if item.members is not None:
             record["members@delta"] = [_member(mid, removed) for mid, removed in item.members]
+        if item.manager is not None:
+            record["manager@delta"] = [_member(*item.manager)]
         return record
 
 
@@ -894,7 +1101,7 @@ def _render(obj: Mapping[str, Any], select: tuple[str, ...] | None, props: froze
         names = obj.keys()
     record = {"id": obj["id"]}
     for name in names:
-        if name != "members":
+        if name not in _LINK_OF.values():
             record[name] = obj.get(name)
     return record
 
@@ -914,7 +1121,7 @@ def _shape(items: list[str | _Item], chunk: int | None, duplicate: bool) -> list
         for item in items:
             if isinstance(item, _Item) and item.members and len(item.members) > chunk:
                 parts = [item.members[i : i + chunk] for i in range(0, len(item.members), chunk)]
-                head.append(_Item(item.id, props=item.props, members=parts[0]))
+                head.append(dataclasses.replace(item, members=parts[0]))
                 tail.extend(_Item(item.id, props=item.props, members=part) for part in parts[1:])
             else:
                 head.append(item)
@@ -922,6 +1129,45 @@ def _shape(items: list[str | _Item], chunk: int | None, duplicate: bool) -> list
     if duplicate:
         items = items + items[::_DUPLICATE_EVERY]
     return items
+
+
+def _links(resource: str, query: Mapping[str, str]) -> frozenset[str]:
+    """The relationship a delta round on ``resource`` tracks, asked for in ``$select`` or ``$expand``.
+
+    Graph's delta expands only a user's ``manager`` and a group's ``members``: anything else is a 400.
+    """
+    link = _LINK_OF.get(resource)
+    expand = [name.strip() for name in (query.get("$expand") or "").split(",") if name.strip()]
+    if any(name != link for name in expand):
+        raise _GraphError(
+            400, "Request_UnsupportedQuery", f"$expand is supported on {resource}/delta only for {link or 'nothing'}."
+        )
+    asked = set(expand) | set(_parse_select(query.get("$select")) or ())
+    return frozenset({link}) if link is not None and link in asked else frozenset()
+
+
+def _log_time(record: Mapping[str, Any], time_property: str) -> datetime:
+    value = record.get(time_property)
+    if not isinstance(value, str):
+        raise ValueError(f"a log record needs {time_property} as an ISO-8601 string")
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _time_filter(value: str | None, time_property: str) -> list[tuple[str, datetime]]:
+    """``$filter`` clauses ``<time_property> ge|gt|le|lt <time>`` joined by ``and``; anything else is a 400."""
+    bounds: list[tuple[str, datetime]] = []
+    for clause in re.split(r"\s+and\s+", value or "", flags=re.IGNORECASE) if value else []:
+        match = _FILTER_CLAUSE.fullmatch(clause)
+        if match is None or match[1] != time_property:
+            raise _GraphError(400, "Request_UnsupportedQuery", f"Unsupported or invalid query filter clause: {clause}")
+        try:
+            bound = datetime.fromisoformat(match[3].replace("Z", "+00:00"))
+        except ValueError:
+            bound = None
+        if bound is None or bound.tzinfo is None:
+            raise _GraphError(400, "Request_BadRequest", f"Invalid DateTimeOffset in filter: {match[3]}")
+        bounds.append((match[2].lower(), bound))
+    return bounds
 
 
 def _parse_select(value: str | None) -> tuple[str, ...] | None:

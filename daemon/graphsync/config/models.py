@@ -51,6 +51,7 @@ from graphsync.config.fields import (
     read_text,
     unique,
 )
+from graphsync.config.jobkinds import LOG_CURSORS, cursor_problem, expand_problem
 from graphsync.schedule import check_crontab, check_interval, interval_seconds
 
 DEFAULT_OUTPUT_DIRECTORY = Path("/var/lib/graphsync")
@@ -58,6 +59,9 @@ DEFAULT_OUTPUT_DIRECTORY = Path("/var/lib/graphsync")
 # Settings read GRAPHSYNC_<SECTION>__<KEY> variables.
 ENV_PREFIX = "GRAPHSYNC_"
 ENV_DELIMITER = "__"
+
+# reconcile_every's value that turns reconciliation off.
+RECONCILE_OFF = "0"
 
 # The [identity] keys that each name a credential; exactly one must be set.
 CREDENTIAL_KEYS = (
@@ -250,8 +254,24 @@ class MetricsSettings(BaseModel):
     host: NonEmptyStr = "127.0.0.1"
 
 
+def _interval_or_off(value: str) -> str:
+    if value != RECONCILE_OFF:
+        try:
+            interval_seconds(value)
+        except ValueError:
+            raise ValueError(
+                f'expected "{RECONCILE_OFF}" (off) or a positive whole number and a unit s, m, h or d, e.g. "6d"'
+            ) from None
+    return value
+
+
 class JobSettings(BaseModel):
-    """[[jobs]]: one Graph collection exported on a schedule."""
+    """[[jobs]]: one Graph collection exported on a schedule.
+
+    The kind of job follows from its keys: a full listing, a delta query (``delta``, optionally ``expand`` and
+    ``reconcile_every``), or a time-cursor read of a log (``cursor``, ``since``, ``overlap``, ``max_pages``). Keys
+    of another kind are errors rather than ignored, so that a job never silently does less than its file says.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -259,6 +279,14 @@ class JobSettings(BaseModel):
     resource: ResourcePath
     delta: bool = False
     select: Annotated[list[PropertyName], Field(min_length=1)] | None = None
+    expand: Annotated[list[PropertyName], Field(min_length=1), AfterValidator(unique)] | None = None
+    # Below the directory delta token's 7-day lifetime, so a job that runs at all never needs an unplanned resync.
+    reconcile_every: Annotated[str, AfterValidator(_interval_or_off)] = "6d"
+    cursor: PropertyName | None = None
+    since: Annotated[str, AfterValidator(check_interval)] = "7d"
+    overlap: Annotated[str, AfterValidator(check_interval)] = "1h"
+    # The reporting APIs allow 5 requests per 10 seconds per app and tenant: a run reads a bounded number of pages.
+    max_pages: Annotated[int, Field(ge=1, le=1000)] = 20
     every: Annotated[str, AfterValidator(check_interval)] | None = None
     cron: Annotated[str, AfterValidator(check_crontab)] | None = None
     tenants: Annotated[list[Tenant], AfterValidator(unique)] = []
@@ -268,10 +296,58 @@ class JobSettings(BaseModel):
         require_one(self, ("every", "cron"), "schedule")
         return self
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        """Keys of one kind of job only, and only what Graph serves for the resource."""
+        problems = self._cursor_problems() if self.cursor is not None else self._collection_problems()
+        if problems:
+            raise key_errors(problems)
+        return self
+
+    def _cursor_problems(self) -> list[tuple[Loc, str]]:
+        assert self.cursor is not None
+        problems: list[tuple[Loc, str]] = []
+        if self.delta:
+            problems.append((("cursor",), "cannot be combined with delta = true: a log read by time has no delta"))
+        if problem := cursor_problem(self.resource, self.cursor):
+            problems.append((("cursor",), problem))
+        if self.expand is not None:
+            problems.append((("expand",), "is only used by delta jobs, not with cursor"))
+        if "reconcile_every" in self.model_fields_set:
+            problems.append((("reconcile_every",), "is only used by delta jobs: a cursor job keeps no snapshot"))
+        return problems
+
+    def _collection_problems(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = [
+            ((key,), "is only used with cursor (a log read by time)")
+            for key in ("since", "overlap", "max_pages")
+            if key in self.model_fields_set
+        ]
+        if (log_cursor := LOG_CURSORS.get(self.resource)) is not None:
+            key = "delta" if self.delta else "cursor"
+            problems.append(((key,), f'{self.resource} has no delta query: read it by time, cursor = "{log_cursor}"'))
+        if self.expand is not None:
+            if not self.delta:
+                problems.append(
+                    (("expand",), "needs delta = true: Graph reports links as <name>@delta in delta rounds")
+                )
+            elif problem := expand_problem(self.resource, self.expand):
+                problems.append((("expand",), problem))
+        if not self.delta and "reconcile_every" in self.model_fields_set:
+            problems.append((("reconcile_every",), "is only used by delta jobs: every run of this job is a full round"))
+        return problems
+
     @property
     def interval_seconds(self) -> int | None:
         """``every`` in seconds; None for a cron job."""
         return None if self.every is None else interval_seconds(self.every)
+
+    @property
+    def reconcile_seconds(self) -> int | None:
+        """How often a delta job's run is a full round compared with its snapshot; None: never."""
+        if not self.delta or self.reconcile_every == RECONCILE_OFF:
+            return None
+        return interval_seconds(self.reconcile_every)
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,43 @@
+"""What Microsoft Graph allows each kind of job, so that a job Graph would refuse (or silently mis-serve) fails at load.
+
+Three kinds of job read a collection: a full listing, a delta query (``delta = true``), and a time-cursor read of an
+append-only log (``cursor = "..."``), which has no delta and is filtered by its timestamp instead. The facts here are
+from Graph's documentation: delta on users and groups reports relationships as ``<name>@delta`` annotations, and
+only ``manager`` (users) and ``members`` (groups) can be tracked that way; the sign-in, directory audit and
+provisioning logs have no delta and filter by ``createdDateTime`` / ``activityDateTime``.
+"""
+
+from collections.abc import Mapping
+
+# Relationships a delta query on the resource can track, as `expand` entries.
+DELTA_LINKS: Mapping[str, frozenset[str]] = {
+    "users": frozenset({"manager"}),
+    "groups": frozenset({"members"}),
+}
+
+# The logs Graph serves only by time, and the property each one filters on.
+LOG_CURSORS: Mapping[str, str] = {
+    "auditLogs/signIns": "createdDateTime",
+    "auditLogs/directoryAudits": "activityDateTime",
+    "auditLogs/provisioning": "activityDateTime",
+}
+
+
+def expand_problem(resource: str, expand: list[str]) -> str | None:
+    """Why ``expand`` does not suit a delta query on ``resource``, or ``None``."""
+    allowed = DELTA_LINKS.get(resource)
+    if allowed is None:
+        known = ", ".join(f"{name} ({', '.join(sorted(links))})" for name, links in DELTA_LINKS.items())
+        return f"Graph's delta tracks links only on {known}; {resource} has none"
+    unknown = sorted(set(expand) - allowed)
+    if unknown:
+        return f"delta on {resource} can expand only {', '.join(sorted(allowed))}, not {', '.join(unknown)}"
+    return None
+
+
+def cursor_problem(resource: str, cursor: str) -> str | None:
+    """Why ``cursor`` is not the time property ``resource`` filters on, or ``None`` (any property elsewhere)."""
+    expected = LOG_CURSORS.get(resource)
+    if expected is not None and cursor != expected:
+        return f'{resource} is filtered by time on {expected}: set cursor = "{expected}"'
+    return None
