@@ -52,7 +52,6 @@ TENANT = "contoso.onmicrosoft.com"
 JOB = "users"
 SELECT = ["displayName", "givenName", "surname", "mail", "userPrincipalName", "jobTitle"]
 PAGE_SIZE = 200  # what Graph serves on users delta (see FACTS.md)
-CONTAINER = "exports"
 
 
 @dataclass
@@ -77,6 +76,7 @@ class Bench:
         self.graph = graph
         self.users = users
         self.rng = random.Random(users)
+        self.container = f"exports-{users}"  # each size its own: state.json holds the fake's delta links
         from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET
 
         workdir.mkdir(parents=True, exist_ok=True)
@@ -91,9 +91,9 @@ class Bench:
                         "authority_host": entra.authority_host,
                         "client_secret": CLIENT_SECRET,
                     },
-                    "storage": {"connection_string": relay.connection_string, "container": "graphsync"},
+                    "storage": {"connection_string": relay.connection_string, "container": f"graphsync-{users}"},
                     "graph": {"endpoint": graph.base_url},
-                    "output": {"container": CONTAINER},
+                    "output": {"container": self.container},
                     "jobs": [{"name": JOB, "resource": "users", "delta": True, "select": SELECT, "every": "1h"}],
                 }
             )
@@ -149,7 +149,7 @@ class Bench:
         from azure.storage.blob import BlobServiceClient
 
         with BlobServiceClient.from_connection_string(self.relay.direct_connection_string) as service:
-            blob = service.get_blob_client(CONTAINER, f"{TENANT}/{JOB}/snapshot.jsonl")
+            blob = service.get_blob_client(self.container, f"{TENANT}/{JOB}/snapshot.jsonl")
             data = blob.download_blob().readall()
             committed, _ = blob.get_block_list("committed")
         objects = self.graph.objects(TENANT, "users")

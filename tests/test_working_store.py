@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 from azure.storage.blob import BlobLeaseClient, BlobServiceClient
@@ -76,20 +76,6 @@ def relay(azurite: Azurite) -> Iterator[StorageRelay]:
         yield relay
 
 
-def blob_config(
-    graphsync_config: WriteConfig, fake: FakeGraph, relay: StorageRelay, exports: Exports, *jobs: dict[str, Any]
-) -> Path:
-    """Exports go to the test's own container (the one the token cache and locks use), through the relay."""
-    return graphsync_config(
-        extra={
-            "graph": {"endpoint": fake.base_url},
-            "storage": {"connection_string": relay.connection_string},
-            "output": {"container": exports.name},
-            "jobs": list(jobs),
-        }
-    )
-
-
 class Exports:
     """The output container as a consumer reads it."""
 
@@ -132,21 +118,46 @@ def exports(azurite: Azurite, blob_container: str) -> Exports:
     return Exports(azurite, blob_container)
 
 
-# -- a no-op round ---------------------------------------------------------------------------------------------
+class Hosts(Protocol):
+    def __call__(self, *jobs: dict[str, Any], names: tuple[str, ...] = ("a",)) -> list[Replica]: ...
 
 
-def test_a_round_without_changes_publishes_nothing_and_still_records_the_success_blob(
+@pytest.fixture
+def hosts(
     graphsync_config: WriteConfig,
     fake_graph: FakeGraph,
     run_graphsync: RunGraphsync,
     relay: StorageRelay,
     exports: Exports,
     tmp_path: Path,
+) -> Hosts:
+    """Replicas on hosts of their own, exporting ``jobs`` to the test's container through the relay."""
+
+    def make(*jobs: dict[str, Any], names: tuple[str, ...] = ("a",)) -> list[Replica]:
+        config = graphsync_config(
+            extra={
+                "graph": {"endpoint": fake_graph.base_url},
+                "storage": {"connection_string": relay.connection_string},
+                "output": {"container": exports.name},
+                "jobs": list(jobs),
+            }
+        )
+        return [Replica(name, tmp_path, run_graphsync, config) for name in names]
+
+    return make
+
+
+# -- a no-op round ---------------------------------------------------------------------------------------------
+
+
+def test_a_round_without_changes_publishes_nothing_and_still_records_the_success_blob(
+    hosts: Hosts,
+    fake_graph: FakeGraph,
+    relay: StorageRelay,
+    exports: Exports,
 ) -> None:
     populate(fake_graph, TENANT, users=2000, groups=0)
-    replica = Replica(
-        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
-    )
+    (replica,) = hosts(USERS_JOB)
     replica.sync()
     _, etag, _ = exports.published("users")
     first = exports.state("users")
@@ -201,17 +212,13 @@ def test_a_round_without_changes_leaves_the_directory_snapshot_file_alone(
 
 
 def test_a_round_with_k_changes_stages_only_their_chunks_and_equals_a_fresh_serialization(
-    graphsync_config: WriteConfig,
+    hosts: Hosts,
     fake_graph: FakeGraph,
-    run_graphsync: RunGraphsync,
     relay: StorageRelay,
     exports: Exports,
-    tmp_path: Path,
 ) -> None:
     populate(fake_graph, TENANT, users=5000, groups=0)
-    replica = Replica(
-        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
-    )
+    (replica,) = hosts(USERS_JOB)
     replica.sync()
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
     _, _, blocks_before = exports.published("users")
@@ -238,16 +245,13 @@ def test_a_round_with_k_changes_stages_only_their_chunks_and_equals_a_fresh_seri
 
 @pytest.mark.slow
 def test_two_replicas_alternating_over_30_random_rounds_publish_exact_snapshots_and_fetch_only_changed_chunks(
-    graphsync_config: WriteConfig,
+    hosts: Hosts,
     fake_graph: FakeGraph,
-    run_graphsync: RunGraphsync,
     relay: StorageRelay,
     exports: Exports,
-    tmp_path: Path,
 ) -> None:
     populate(fake_graph, TENANT, users=3000, groups=150, seed=11)
-    config = blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB, GROUPS_JOB)
-    replicas = [Replica(name, tmp_path, run_graphsync, config) for name in ("a", "b")]
+    replicas = hosts(USERS_JOB, GROUPS_JOB, names=("a", "b"))
     known: dict[tuple[str, str], dict[str, int]] = {}  # (replica, job) -> blocks its store holds
     rng = random.Random(30)
     stale_rounds = 0
@@ -283,25 +287,19 @@ def _damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["corrupt", "truncated", "other_version", "changed_select"])
 def test_a_damaged_or_mismatched_store_is_rebuilt_and_the_run_is_exact(
-    graphsync_config: WriteConfig,
+    hosts: Hosts,
     fake_graph: FakeGraph,
-    run_graphsync: RunGraphsync,
     relay: StorageRelay,
     exports: Exports,
-    tmp_path: Path,
     how: str,
 ) -> None:
     populate(fake_graph, TENANT, users=3000, groups=0, seed=5)
-    replica = Replica(
-        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
-    )
+    (replica,) = hosts(USERS_JOB)
     replica.sync()
     rng = random.Random(105)
     mutate(fake_graph, TENANT, rng, changes=15)
     if how == "changed_select":
-        replica.config = blob_config(
-            graphsync_config, fake_graph, relay, exports, USERS_JOB | {"select": ["displayName", "mail"]}
-        )
+        (replica,) = hosts(USERS_JOB | {"select": ["displayName", "mail"]})  # the same host, a new config
     elif how == "other_version":  # the store of an older version: a round published since, then it came back
         older = replica.store("users").read_bytes()
         replica.sync()
@@ -346,17 +344,13 @@ def commit_of(exports: Exports, job: str) -> Callable[[str, str, str | None], bo
 
 
 def test_sigkill_between_staging_and_commit_publishes_nothing_and_the_next_run_is_exact(
-    graphsync_config: WriteConfig,
+    hosts: Hosts,
     fake_graph: FakeGraph,
-    run_graphsync: RunGraphsync,
     relay: StorageRelay,
     exports: Exports,
-    tmp_path: Path,
 ) -> None:
     populate(fake_graph, TENANT, users=3000, groups=0, seed=9)
-    replica = Replica(
-        "a", tmp_path, run_graphsync, blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
-    )
+    (replica,) = hosts(USERS_JOB)
     replica.sync()
     _, etag, _ = exports.published("users")
     cursor = exports.state("users")
@@ -384,17 +378,14 @@ def test_sigkill_between_staging_and_commit_publishes_nothing_and_the_next_run_i
 
 
 def test_a_lost_lock_before_commit_publishes_nothing_and_the_next_run_is_exact(
-    graphsync_config: WriteConfig,
+    hosts: Hosts,
     fake_graph: FakeGraph,
-    run_graphsync: RunGraphsync,
     relay: StorageRelay,
     exports: Exports,
     azurite: Azurite,
-    tmp_path: Path,
 ) -> None:
     populate(fake_graph, TENANT, users=3000, groups=0, seed=13)
-    config = blob_config(graphsync_config, fake_graph, relay, exports, USERS_JOB)
-    a, b = Replica("a", tmp_path, run_graphsync, config), Replica("b", tmp_path, run_graphsync, config)
+    a, b = hosts(USERS_JOB, names=("a", "b"))
     a.sync()
     mutate(fake_graph, TENANT, random.Random(113), changes=30)
 

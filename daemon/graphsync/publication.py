@@ -16,9 +16,12 @@ content it describes, and only to a version that was read or written in this run
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from graphsync.chunking import ChunkRef, block_id, choose_level, chunk_lines, infer_level
@@ -29,6 +32,7 @@ from graphsync.storage import WriteConflict
 log = logging.getLogger(__name__)
 
 MAX_READ_BYTES = 8 * 1024 * 1024
+READ_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,11 @@ def _read_missing_blocks(
             store.drop_range(chunk.first_id, chunk.last_id)
     chunks: dict[str, ChunkRef] = dict(held)
     read = 0
-    for start, run in _missing_runs(blocks, held):
-        data = sink.read_snapshot_range(tenant, job, start, sum(size for _, size in run), version=version)
+
+    def fetch(start: int, run: list[tuple[str, int]]) -> bytes:
+        return sink.read_snapshot_range(tenant, job, start, sum(size for _, size in run), version=version)
+
+    for run, data in _read_ahead(fetch, _missing_runs(blocks, held)):
         read += len(data)
         offset = 0
         for block, size in run:
@@ -126,6 +133,24 @@ def _missing_runs(
         previous_missing = missing
         offset += size
     return runs
+
+
+def _read_ahead(
+    fetch: Callable[[int, list[tuple[str, int]]], bytes], runs: list[tuple[int, list[tuple[str, int]]]]
+) -> Iterator[tuple[list[tuple[str, int]], bytes]]:
+    """Each run's bytes, in order, with up to :data:`READ_CONCURRENCY` reads in flight (each a round trip), so
+    memory holds that many reads at most; the caller loads them into the store on its own thread."""
+    with ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="read") as pool:
+        pending: deque[tuple[list[tuple[str, int]], Future[bytes]]] = deque()
+        upcoming = iter(runs)
+        for start, run in itertools.islice(upcoming, READ_CONCURRENCY):
+            pending.append((run, pool.submit(fetch, start, run)))
+        while pending:
+            run, future = pending.popleft()
+            data = future.result()
+            for start, following in itertools.islice(upcoming, 1):
+                pending.append((following, pool.submit(fetch, start, following)))
+            yield run, data
 
 
 def _load_block(store: SnapshotStore, block: str, data: bytes) -> ChunkRef:

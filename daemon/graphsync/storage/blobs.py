@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -62,6 +63,9 @@ class BlobContent:
     data: bytes
     etag: str
     last_modified: datetime
+
+
+STAGE_CONCURRENCY = 8
 
 
 class BlobStore:
@@ -204,18 +208,28 @@ class BlobStore:
 
         ``blocks`` are ``(block id, bytes)`` to stage, or ``(block id, None)`` for a block the blob already has
         committed (the list names it by ID; nothing is uploaded). Readers see the old blob until the commit and
-        the whole new one after it, never a half-written file, and memory holds one block at a time.
+        the whole new one after it, never a half-written file. Up to :data:`STAGE_CONCURRENCY` blocks are staged
+        at once (each is a round trip; a round with a hundred changed chunks must not wait for them one by one),
+        so memory holds that many blocks at most; ``blocks`` is consumed on this thread only.
         ``fenced``: commit only if the blob still has ETag ``if_match`` (``None``: only if it still does not
         exist), else :class:`WriteConflict`. Returns the new ETag.
         """
         blob = self._container.get_blob_client(name)
         try:
             block_list = []
-            for block_id, data in blocks:
-                if data is not None:
-                    self._stage(blob, block_id, data)
-                # LATEST: the block just staged if there is one, else the committed block of that ID.
-                block_list.append(BlobBlock(block_id))
+            with ThreadPoolExecutor(STAGE_CONCURRENCY, thread_name_prefix="stage") as pool:
+                staging: set[Future[None]] = set()
+                for block_id, data in blocks:
+                    if data is not None:
+                        if len(staging) >= STAGE_CONCURRENCY:
+                            finished, staging = wait(staging, return_when=FIRST_COMPLETED)
+                            for future in finished:
+                                future.result()  # the first failure stops the write
+                        staging.add(pool.submit(self._stage, blob, block_id, data))
+                    # LATEST: the block just staged if there is one, else the committed block of that ID.
+                    block_list.append(BlobBlock(block_id))
+                for future in staging:
+                    future.result()
             if not fenced:
                 result = blob.commit_block_list(block_list)
             elif if_match is None:
