@@ -27,6 +27,7 @@ from graphsync.config import (
     ManagedIdentityCredential,
     SecretCredential,
 )
+from graphsync.text import first_line
 
 if TYPE_CHECKING:
     from graphsync.config import IdentitySettings
@@ -45,7 +46,7 @@ class TokenError(Exception):
     def __init__(self, tenant: str, error: str, description: str = "", codes: list[int] | None = None) -> None:
         self.tenant = tenant
         self.error = error
-        self.description = description.splitlines()[0] if description else ""
+        self.description = first_line(description, limit=1000)
         self.codes = codes or _aadsts_codes(description)
         super().__init__(f"token request for tenant {tenant} failed: {error}: {self.description}".rstrip(": "))
 
@@ -79,8 +80,7 @@ def failure_result(exc: Exception) -> dict[str, str]:
         error = "credential_unreadable"
     else:
         error = "token_request_failed"
-    first_line = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-    return {"error": error, "error_description": first_line[:300]}
+    return {"error": error, "error_description": first_line(str(exc)) or type(exc).__name__}
 
 
 def retrying_session(
@@ -156,7 +156,7 @@ def _managed_identity_assertion(client_id: str | None) -> Callable[[], str]:
         try:
             token: str = credential.get_token(TOKEN_EXCHANGE_SCOPE).token
         except AzureError as exc:
-            reason = (str(exc.message or exc).splitlines() or [type(exc).__name__])[0][:300]
+            reason = first_line(str(exc.message or exc)) or type(exc).__name__
             raise ClientAuthenticationError(f"no token from the {which}: {reason}") from exc
         redaction.register_secret(token)
         return token

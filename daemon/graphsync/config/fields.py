@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from pydantic import AfterValidator, BeforeValidator, Field, HttpUrl, SecretStr, TypeAdapter, ValidationError
 
 from graphsync.config.context import current_load
+from graphsync.text import first_line
 
 # identity.managed_identity_client_id's value for the resource's system-assigned identity.
 SYSTEM_ASSIGNED = "system"
@@ -199,7 +200,7 @@ def certificate_problem(path: Path, password_file: Path | None) -> str | None:
             key = serialization.load_pem_private_key(data, password)
             certificate = x509.load_pem_x509_certificate(data)
     except (ValueError, TypeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(str(exc), limit=1000) or type(exc).__name__
         return (
             f"cannot load a private key and certificate from {path} ({reason}); expected PEM with both, "
             "or .pfx/.p12 (with identity.certificate_password_file if encrypted)"
