@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Iterator
+
+import pytest
 
 from graphsync.chunking import (
     BLOCK_ID_LENGTH,
     LEVEL_DOWN_CHUNKS,
     LEVEL_UP_CHUNKS,
     MAX_BLOCKS,
+    MAX_BYTES,
     MAX_OBJECTS,
     MEAN_OBJECTS,
     MIN_OBJECTS,
     Chunk,
+    ChunkRef,
     choose_level,
     chunk_lines,
     infer_level,
     level_for,
+    recut,
 )
 
 
@@ -76,7 +82,7 @@ def test_equal_objects_give_equal_chunks_on_any_replica() -> None:
     assert [c.ref for c in _cut(entries)] == [c.ref for c in _cut(list(entries))]
 
 
-def test_one_huge_object_is_a_chunk_of_its_own() -> None:
+def test_a_huge_object_ends_its_chunk_so_no_block_grows_past_one_line_over_the_limit() -> None:
     ids = _ids(100)
     entries = _entries(ids)
     big = ids[50]
@@ -84,12 +90,18 @@ def test_one_huge_object_is_a_chunk_of_its_own() -> None:
     chunks = _cut(entries)
     (holder,) = [c for c in chunks if c.ref.first_id <= big <= c.ref.last_id]
     assert holder.ref.last_id == big  # the chunk ends right after it, whatever the ids say
+    assert all(c.ref.size < MAX_BYTES + len(entries[50][1]) for c in chunks)
 
 
-def test_levels_keep_several_million_objects_under_azures_block_limit() -> None:
-    for objects in (0, 100_000, 2_000_000, 5_000_000, 20_000_000, 200_000_000):
+def test_a_level_makes_chunks_twice_as_big_so_millions_of_objects_stay_under_the_block_limit() -> None:
+    ids = _ids(60_000)
+    for level in (0, 1, 2):
+        mean = len(ids) / len(_cut(_entries(ids), level))
+        assert 0.8 * (MEAN_OBJECTS << level) < mean < 1.2 * (MEAN_OBJECTS << level)
+    for objects in (100_000, 2_000_000, 5_000_000, 20_000_000, 200_000_000):
         level = level_for(objects)
-        assert objects / (MEAN_OBJECTS << level) <= LEVEL_UP_CHUNKS < MAX_BLOCKS
+        expected_blocks = objects / (MEAN_OBJECTS << level)
+        assert expected_blocks <= LEVEL_UP_CHUNKS < MAX_BLOCKS, objects
     assert level_for(1_000_000) == 0  # a million objects: ~16k blocks of ~64 objects
 
 
@@ -103,9 +115,58 @@ def test_a_level_changes_only_when_the_chunk_count_leaves_its_band() -> None:
     assert choose_level(LEVEL_DOWN_CHUNKS * (MEAN_OBJECTS << 1) - 1, 1) == 0
 
 
-def test_the_level_of_a_published_snapshot_is_inferred_from_its_counts() -> None:
+def test_the_level_of_published_chunks_is_inferred_even_with_huge_objects_among_them() -> None:
     for level in (0, 1, 3):
-        objects = 40_000 * (MEAN_OBJECTS << level) // 2
-        chunks = len(_cut(_entries(_ids(objects // 64)), level)) * 64  # measured mean, scaled up
-        assert infer_level(objects, chunks) == level
-    assert infer_level(500, 9) == 0  # few chunks: always level 0
+        sample = [c.ref for c in _cut(_entries(_ids(40_000)), level)]
+        chunks = sample * (LEVEL_DOWN_CHUNKS // len(sample) + 1)  # enough chunks for a confident average
+        huge = ChunkRef("f" * 32, "a", "a", 1, MAX_BYTES + 10)  # one object that filled a chunk by bytes
+        assert infer_level(chunks + [huge] * (len(chunks) // 5)) == level
+    assert infer_level([c.ref for c in _cut(_entries(_ids(500)))]) == 0  # few chunks: always level 0
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cutting_again_around_touched_objects_equals_cutting_the_whole_snapshot(seed: int) -> None:
+    rng = random.Random(seed)
+    level = rng.choice((0, 0, 1))
+    ids = _ids(rng.choice((0, 1, 50, 3_000, 12_000)), seed=seed)
+    old = [c.ref for c in _cut(_entries(ids), level)]
+    body: dict[str, str] = {}
+    current = set(ids)
+    touched: set[str] = set()
+    for _ in range(rng.choice((1, 5, 40, 400))):
+        op = rng.random()
+        if op < 0.4 and current:
+            oid = rng.choice(sorted(current))
+            body[oid] = f"v{rng.random()}"
+        elif op < 0.7 and current:
+            oid = rng.choice(sorted(current))
+            current.discard(oid)
+        else:
+            oid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            current.add(oid)
+        touched.add(oid)
+    entries = _entries(sorted(current), body)
+
+    def entries_after(after: str | None) -> list[tuple[str, bytes]]:
+        return [e for e in entries if after is None or e[0] > after]
+
+    fresh = [c.ref for c in _cut(entries, level)]
+    assert list(recut(old, touched, entries_after, level)) == fresh
+
+
+def test_cutting_again_reads_only_the_chunks_around_touched_objects() -> None:
+    ids = _ids(20_000)
+    old = [c.ref for c in _cut(_entries(ids))]
+    touched = {ids[1_000], ids[10_000]}
+    entries = _entries(ids, {oid: "changed" for oid in touched})
+    read = 0
+
+    def entries_after(after: str | None) -> Iterator[tuple[str, bytes]]:
+        nonlocal read
+        for entry in entries:
+            if after is None or entry[0] > after:
+                read += 1
+                yield entry
+
+    assert list(recut(old, touched, entries_after, 0)) == [c.ref for c in _cut(entries)]
+    assert read <= 2 * MAX_OBJECTS, f"read {read} of {len(entries)} objects to cut again around 2 of them"

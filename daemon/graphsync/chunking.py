@@ -15,9 +15,10 @@ agree on both write byte-identical blobs with identical block lists.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 # Level 0: a boundary is allowed once a chunk holds MIN_OBJECTS, taken after an id whose hash is 0 modulo
@@ -27,7 +28,8 @@ MIN_OBJECTS = 16
 BOUNDARY_MODULUS = 48
 MAX_OBJECTS = 256
 MEAN_OBJECTS = MIN_OBJECTS + BOUNDARY_MODULUS
-# A chunk also ends once it holds this many bytes (one huge group is a chunk of its own, never a giant block).
+# A chunk also ends once it holds this many bytes, so a block exceeds it by one line at most (a run of huge groups
+# is cut into several blocks).
 MAX_BYTES = 8 * 1024 * 1024
 # Azure: at most 50,000 committed blocks per blob. The level keeps the expected count between these.
 MAX_BLOCKS = 50_000
@@ -113,13 +115,56 @@ def choose_level(objects: int, previous: int | None) -> int:
     return previous
 
 
-def infer_level(objects: int, chunks: int) -> int:
-    """The level a published snapshot was cut at, from its object and chunk counts.
+def infer_level(chunks: Sequence[ChunkRef]) -> int:
+    """The level a published snapshot was cut at, from its chunks.
 
-    Thousands of chunks average out to within a few per cent of ``MEAN_OBJECTS << level``; a small snapshot
-    (where the average is noisy) is always level 0, since :func:`choose_level` leaves higher levels below
+    Thousands of chunks average out to within a few per cent of ``MEAN_OBJECTS << level``; chunks that ended on
+    :data:`MAX_BYTES` are left out of the average (huge objects, not the level, cut them). A small snapshot, where
+    the average is noisy, is always level 0, since :func:`choose_level` leaves higher levels below
     ``LEVEL_DOWN_CHUNKS`` chunks.
     """
-    if chunks < LEVEL_DOWN_CHUNKS // 2 or objects <= 0:
+    regular = [chunk for chunk in chunks if chunk.size < MAX_BYTES]
+    objects = sum(chunk.count for chunk in regular)
+    if len(chunks) < LEVEL_DOWN_CHUNKS // 2 or not regular or objects <= 0:
         return 0
-    return max(0, round(math.log2(objects / chunks / MEAN_OBJECTS)))
+    return max(0, round(math.log2(objects / len(regular) / MEAN_OBJECTS)))
+
+
+def recut(
+    old: Sequence[ChunkRef],
+    touched: Iterable[str],
+    entries_after: Callable[[str | None], Iterable[tuple[str, bytes]]],
+    level: int,
+) -> Iterator[ChunkRef]:
+    """The chunks of a snapshot that was ``old`` (cut at ``level``) before the objects ``touched`` changed, were
+    added or removed, cutting again only around them: the result equals cutting the whole snapshot.
+
+    A boundary depends only on the objects since the previous one, so once a chunk cut again ends where an old one
+    ended, the old chunks after it stand until the next touched one, where cutting starts again.
+    ``entries_after(id)`` gives the snapshot's ``(id, line)`` after ``id`` (from the start for ``None``). Costs the
+    touched chunks and their neighbours, not the snapshot.
+    """
+    if not old:
+        yield from (chunk.ref for chunk in chunk_lines(entries_after(None), level))
+        return
+    last_ids = [chunk.last_id for chunk in old]
+    ends = {chunk.last_id: index for index, chunk in enumerate(old)}
+    affected = {min(bisect.bisect_left(last_ids, object_id), len(old) - 1) for object_id in touched}
+    position = 0  # the first old chunk not yet passed
+    for start in sorted(affected):
+        if start < position:
+            continue  # cut again already, in the region of an earlier touched chunk
+        yield from old[position:start]
+        position = len(old)
+        for chunk in chunk_lines(entries_after(old[start - 1].last_id if start else None), level):
+            yield chunk.ref
+            if chunk.ref.last_id in ends:  # back on an old boundary: what follows is as it was, or touched
+                position = ends[chunk.ref.last_id] + 1
+                break
+    yield from old[position:]
+
+
+def cut_by_this_rule(chunks: Sequence[ChunkRef], level: int) -> bool:
+    """Whether ``chunks`` can have been cut by :func:`chunk_lines` at ``level`` (blocks of an older graphsync were
+    ~4 MiB of any objects): only then can :func:`recut` build on them."""
+    return all(chunk.count <= MAX_OBJECTS << level for chunk in chunks)

@@ -6,8 +6,9 @@ Two directions:
   version is used as it is (no I/O). Otherwise, where the medium has blocks, it reads the block list, keeps the
   chunks it already holds, drops those that are gone and reads only the missing ones (adjacent ones in one ranged
   read); else (a local directory, or a blob whose blocks are not whole lines) it loads the whole snapshot.
-- :func:`publish` cuts the store into content-defined chunks and hands the sink the new list, unless it equals
-  the published one (then nothing is written). The sink uploads only the chunks the published version lacks; their
+- :func:`publish` cuts the store into content-defined chunks — again only around the objects the round touched,
+  when the store holds the published version's chunks — and hands the sink the new list, unless it equals the
+  published one (then nothing is written). The sink uploads only the chunks the published version lacks; their
   bytes are serialized a second time, from the store, just for those chunks, so memory holds one chunk at a time.
 
 A store is never trusted over the published version: the tag is set in the same SQLite transaction as the
@@ -20,12 +21,21 @@ import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from graphsync.chunking import ChunkRef, block_id, choose_level, chunk_lines, infer_level
-from graphsync.sinks import Sink
+from graphsync.chunking import (
+    MAX_BLOCKS,
+    ChunkRef,
+    block_id,
+    choose_level,
+    chunk_lines,
+    cut_by_this_rule,
+    infer_level,
+    recut,
+)
+from graphsync.sinks import Sink, SnapshotBlocks
 from graphsync.snapshot import SnapshotStore, StoreTag
 from graphsync.storage import WriteConflict
 
@@ -56,6 +66,23 @@ class Publication:
     bytes_uploaded: int = 0
 
 
+@dataclass(frozen=True)
+class Published:
+    """What this host knows of the version a round publishes over, for :func:`publish`.
+
+    ``block_ids``: its blocks (a container) or this host's chunks of it (a directory). ``chunks``: the same with
+    their id ranges, when the store holds exactly that version's chunks (then only touched ones are cut again).
+    """
+
+    block_ids: list[str]
+    chunks: list[ChunkRef] | None
+    level: int | None
+
+
+class SnapshotTooLarge(Exception):
+    """More chunks than Azure allows committed blocks: cannot happen with the levels, so say so if it does."""
+
+
 class UnalignedBlocks(Exception):
     """A published block does not hold whole lines (written by an older graphsync): read the snapshot whole."""
 
@@ -66,82 +93,76 @@ def refresh(store: SnapshotStore, sink: Sink, tenant: str, job: str, *, version:
     if tag is not None and tag.version == version and tag.query == query:
         return Refreshed(warm=True)
     blocks = sink.snapshot_blocks(tenant, job)
-    if blocks is not None and blocks.etag != version:
+    if blocks is not None and blocks.version is not None and blocks.version != version:
         raise WriteConflict(f"the snapshot of {tenant}/{job} was replaced during this run")
-    if blocks is not None:
+    if blocks is not None and blocks.complete:
         try:
             with store.transaction():
-                return _read_missing_blocks(store, sink, tenant, job, version, query, blocks.blocks)
+                return _read_missing_blocks(store, blocks, version, query)
         except UnalignedBlocks as exc:
             log.info("%s/%s: %s; reading the snapshot whole", tenant, job, exc)
+    elif blocks is not None:
+        log.info("%s/%s: the snapshot's blocks do not make up the blob (written whole?); reading it whole", tenant, job)
     return _read_whole(store, sink, tenant, job, version, query, cut_chunks=blocks is None)
 
 
-def _read_missing_blocks(
-    store: SnapshotStore,
-    sink: Sink,
-    tenant: str,
-    job: str,
-    version: str,
-    query: str,
-    blocks: Sequence[tuple[str, int]],
-) -> Refreshed:
+def _read_missing_blocks(store: SnapshotStore, blocks: SnapshotBlocks, version: str, query: str) -> Refreshed:
     tag = store.tag
     held = {chunk.block_id: chunk for chunk in store.chunks()} if tag is not None and tag.query == query else {}
     if not held:
         store.clear()
-    published = {block for block, _ in blocks}
+    published = {block for block, _ in blocks.blocks}
     for chunk in held.values():
         if chunk.block_id not in published:
             store.drop_range(chunk.first_id, chunk.last_id)
     chunks: dict[str, ChunkRef] = dict(held)
     read = 0
-
-    def fetch(start: int, run: list[tuple[str, int]]) -> bytes:
-        return sink.read_snapshot_range(tenant, job, start, sum(size for _, size in run), version=version)
-
-    for run, data in _read_ahead(fetch, _missing_runs(blocks, held)):
+    for run, data in _read_ahead(blocks, _missing_runs(blocks.blocks, held)):
         read += len(data)
         offset = 0
         for block, size in run:
-            chunk = _load_block(store, block, data[offset : offset + size])
-            chunks[block] = chunk
+            chunks[block] = _load_block(store, block, data[offset : offset + size])
             offset += size
-    ordered = [chunks[block] for block, _ in blocks]
+    ordered = [chunks[block] for block, _ in blocks.blocks]
     objects = sum(chunk.count for chunk in ordered)
     if store.count() != objects:
         raise UnalignedBlocks(f"the store holds {store.count()} objects after reading, the blocks {objects}")
-    store.set_tag(StoreTag(version, query, infer_level(objects, len(ordered))), ordered)
-    missing = len(blocks) - sum(1 for block, _ in blocks if block in held)
+    store.set_tag(StoreTag(version, query, infer_level(ordered)), ordered)
+    missing = sum(1 for block, _ in blocks.blocks if block not in held)
     return Refreshed(warm=False, chunks_read=missing, bytes_read=read)
 
 
-def _missing_runs(
-    blocks: Sequence[tuple[str, int]], held: dict[str, ChunkRef]
-) -> list[tuple[int, list[tuple[str, int]]]]:
+Run = list[tuple[str, int]]
+
+
+def _missing_runs(blocks: Sequence[tuple[str, int]], held: dict[str, ChunkRef]) -> list[tuple[int, Run]]:
     """Adjacent missing blocks grouped into ``(offset, blocks)`` runs of at most about :data:`MAX_READ_BYTES`: one
     ranged read each, and memory bounded by one read whatever the snapshot's size."""
-    runs: list[tuple[int, list[tuple[str, int]]]] = []
-    offset = 0
+    runs: list[tuple[int, Run]] = []
+    offset = run_bytes = 0
     previous_missing = False
     for block, size in blocks:
         missing = block not in held
-        if missing and previous_missing and sum(s for _, s in runs[-1][1]) < MAX_READ_BYTES:
+        if missing and previous_missing and run_bytes < MAX_READ_BYTES:
             runs[-1][1].append((block, size))
+            run_bytes += size
         elif missing:
             runs.append((offset, [(block, size)]))
+            run_bytes = size
         previous_missing = missing
         offset += size
     return runs
 
 
-def _read_ahead(
-    fetch: Callable[[int, list[tuple[str, int]]], bytes], runs: list[tuple[int, list[tuple[str, int]]]]
-) -> Iterator[tuple[list[tuple[str, int]], bytes]]:
+def _read_ahead(blocks: SnapshotBlocks, runs: list[tuple[int, Run]]) -> Iterator[tuple[Run, bytes]]:
     """Each run's bytes, in order, with up to :data:`READ_CONCURRENCY` reads in flight (each a round trip), so
     memory holds that many reads at most; the caller loads them into the store on its own thread."""
+
+    def fetch(start: int, run: Run) -> bytes:
+        return blocks.read(start, sum(size for _, size in run))
+
     with ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="read") as pool:
-        pending: deque[tuple[list[tuple[str, int]], Future[bytes]]] = deque()
+        pending: deque[tuple[Run, Future[bytes]]] = deque()
         upcoming = iter(runs)
         for start, run in itertools.islice(upcoming, READ_CONCURRENCY):
             pending.append((run, pool.submit(fetch, start, run)))
@@ -155,11 +176,9 @@ def _read_ahead(
 
 def _load_block(store: SnapshotStore, block: str, data: bytes) -> ChunkRef:
     """Load one block's lines into the store; it must hold whole lines for the chunk's id range to be known."""
-    if not data.endswith(b"\n") and data:
+    if not data.endswith(b"\n"):
         raise UnalignedBlocks(f"block {block} does not end at a line boundary")
     lines = data.splitlines(keepends=True)
-    if not lines:
-        raise UnalignedBlocks(f"block {block} is empty")
     store.load(lines)
     first, last = json.loads(lines[0])["id"], json.loads(lines[-1])["id"]
     return ChunkRef(block, first, last, len(lines), len(data))
@@ -168,17 +187,17 @@ def _load_block(store: SnapshotStore, block: str, data: bytes) -> ChunkRef:
 def _read_whole(
     store: SnapshotStore, sink: Sink, tenant: str, job: str, version: str, query: str, *, cut_chunks: bool
 ) -> Refreshed:
-    """Load the whole published snapshot.
+    """Load the whole published snapshot, of exactly ``version``.
 
-    ``cut_chunks``: record the chunks this host would cut from it (a medium without blocks, where they only tell
-    whether the next round changed anything). With blocks that are not our chunks, record none: the chunk list
-    must only ever name blocks the published version really holds, or a later commit would name missing ones.
+    ``cut_chunks``: tag the store, with the chunks this host would cut from it (a medium without blocks, where they
+    only tell whether the next round changed anything). With blocks that are not our chunks, leave it untagged:
+    a tag's chunk list must only ever name blocks the published version really holds.
     """
     size = 0
 
     def counted() -> Iterator[bytes]:
         nonlocal size
-        for line in sink.snapshot_lines(tenant, job):
+        for line in sink.snapshot_lines(tenant, job, version=version):
             size += len(line)
             yield line
 
@@ -186,9 +205,12 @@ def _read_whole(
         store.clear()
         store.load(counted())
         level = choose_level(store.count(), None)
-        chunks = [chunk.ref for chunk in chunk_lines(store.entries(), level)] if cut_chunks else []
-        store.set_tag(StoreTag(version, query, level), chunks)
-    return Refreshed(warm=False, chunks_read=len(chunks), bytes_read=size)
+        if cut_chunks:
+            chunks = [chunk.ref for chunk in chunk_lines(store.entries(), level)]
+            store.set_tag(StoreTag(version, query, level), chunks)
+        else:  # its blocks are not our chunks: it becomes a tagged store once this host publishes
+            store.set_tag(None)
+    return Refreshed(warm=False, bytes_read=size)
 
 
 def publish(
@@ -198,18 +220,30 @@ def publish(
     job: str,
     *,
     version: str | None,
-    previous: Sequence[str] | None,
-    previous_level: int | None,
+    previous: Published | None,
+    touched: Collection[str] | None,
     query: str,
 ) -> Publication:
-    """Publish the store over ``version`` unless its chunks equal ``previous`` (the published block IDs).
+    """Publish the store over ``version`` unless its chunks equal the published ones.
 
-    Runs inside the caller's store transaction; on success the store is tagged with the new version.
+    ``touched``: the ids this round changed, added or removed (``None`` after a full round). Runs inside the
+    caller's store transaction; on success the store is tagged with the new version.
     """
-    level = choose_level(store.count(), previous_level)
-    chunks = [chunk.ref for chunk in chunk_lines(store.entries(), level)]
+    level = choose_level(store.count(), previous.level if previous else None)
+    if (
+        previous is not None
+        and previous.chunks is not None
+        and touched is not None
+        and level == previous.level
+        and cut_by_this_rule(previous.chunks, level)
+    ):
+        chunks = list(recut(previous.chunks, touched, store.entries_after, level))
+    else:
+        chunks = [chunk.ref for chunk in chunk_lines(store.entries(), level)]
+    if len(chunks) > MAX_BLOCKS:
+        raise SnapshotTooLarge(f"{len(chunks)} chunks at level {level}: more than Azure's {MAX_BLOCKS} blocks")
     size = sum(chunk.size for chunk in chunks)
-    if previous is not None and version is not None and [chunk.block_id for chunk in chunks] == list(previous):
+    if previous is not None and version is not None and [chunk.block_id for chunk in chunks] == previous.block_ids:
         store.set_tag(StoreTag(version, query, level), chunks)
         return Publication(version, changed=False, chunks=len(chunks), size=size)
     uploaded: list[int] = []
@@ -221,8 +255,7 @@ def publish(
         uploaded.append(len(data))
         return data
 
-    new_version = sink.write_snapshot(
-        tenant, job, chunks, read, if_version=version, committed=frozenset(previous or ())
-    )
+    committed = frozenset(previous.block_ids if previous else ())
+    new_version = sink.write_snapshot(tenant, job, chunks, read, if_version=version, committed=committed)
     store.set_tag(StoreTag(new_version, query, level), chunks)
     return Publication(new_version, True, len(chunks), size, len(uploaded), sum(uploaded))

@@ -21,11 +21,11 @@ import logging
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
-from graphsync.publication import Publication, Refreshed, publish, refresh
+from graphsync.publication import Publication, Published, Refreshed, publish, refresh
 from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
 from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, SnapshotStore, encode
@@ -56,6 +56,7 @@ class Round:
     resync: bool = False
     refreshed: Refreshed | None = None
     publication: Publication | None = None
+    touched: set[str] = field(default_factory=set)  # ids of the records received: where the chunks may change
     drift: Drift | None = None  # set by a reconciling round: how far the published snapshot was from it
 
 
@@ -130,7 +131,7 @@ class RoundRunner:
             if reconcile and delta_link is not None:  # the store now equals the published snapshot: keep it
                 baseline = cleanup.enter_context(saved_lines(store))
                 delta_link = None
-            previous, previous_level = self._published_chunks(store, tenant, job.name, version, query)
+            previous = self._published(store, tenant, job.name, version, query)
             with store.transaction():
                 if delta_link is None:
                     store.clear()
@@ -169,7 +170,7 @@ class RoundRunner:
                         job.name,
                         version=version,
                         previous=previous,
-                        previous_level=previous_level,
+                        touched=None if done.full else done.touched,
                         query=query,
                     )
             if done.changes or done.full:  # a full round says so even when it received nothing
@@ -180,19 +181,20 @@ class RoundRunner:
     def _collection_url(self, job: JobSettings) -> str:
         return self._graph.collection_url(job.resource, select=job.select, expand=job.expand, delta=job.delta)
 
-    def _published_chunks(
+    def _published(
         self, store: SnapshotStore, tenant: str, job: str, version: str | None, query: str
-    ) -> tuple[list[str] | None, int | None]:
-        """The block IDs and chunking level of the published ``version``, if known, for :func:`publish`."""
+    ) -> Published | None:
+        """What this host knows of the published ``version``'s chunks, for :func:`publish`."""
         if version is None:
-            return None, None
+            return None
         tag = store.tag
         if tag is not None and tag.version == version and tag.query == query:
-            return [chunk.block_id for chunk in store.chunks()], tag.level
+            chunks = store.chunks()
+            return Published([chunk.block_id for chunk in chunks], chunks, tag.level)
         blocks = self._sink.snapshot_blocks(tenant, job)  # a full round: which chunks need no upload
-        if blocks is None or blocks.etag != version:
-            return None, None
-        return [block for block, _ in blocks.blocks], None
+        if blocks is None or blocks.version != version or not blocks.complete:
+            return None
+        return Published([block for block, _ in blocks.blocks], None, None)
 
     def _fetch(
         self,
@@ -211,6 +213,7 @@ class RoundRunner:
                 _check_record(record, job.resource)
                 changes.write(encode(_change(record)))
             store.apply(page.objects, defaults=_new_object_defaults(job))
+            done.touched.update(record["id"] for record in page.objects)
             done.pages += 1
             done.changes += len(page.objects)
             if progress:

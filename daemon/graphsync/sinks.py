@@ -22,6 +22,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +45,32 @@ def sink_from_settings(settings: Settings) -> Sink:
     return BlobSink(BlobStore.from_settings(settings.storage, container=settings.output.container))
 
 
+@dataclass(frozen=True)
+class SnapshotBlocks:
+    """A snapshot's committed blocks, and how to read a byte range of exactly that version."""
+
+    listed: BlockList
+    store: BlobStore
+    name: str
+
+    @property
+    def version(self) -> str | None:
+        return self.listed.etag
+
+    @property
+    def blocks(self) -> list[tuple[str, int]]:
+        return self.listed.blocks
+
+    @property
+    def complete(self) -> bool:
+        """Whether the blocks are the whole snapshot, of a known version (see :class:`BlockList`)."""
+        return self.listed.complete
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert self.listed.etag is not None, "read only the blocks of a known version"
+        return self.store.read_range(self.name, offset, length, if_match=self.listed.etag)
+
+
 class Sink(Protocol):
     """What a job run needs from its output, whichever the medium."""
 
@@ -55,12 +82,14 @@ class Sink(Protocol):
     def read_state(self, tenant: str, job: str) -> tuple[dict[str, Any] | None, str | None]: ...
     def write_state(self, tenant: str, job: str, state: dict[str, Any], *, if_match: str | None) -> str: ...
     def snapshot_version(self, tenant: str, job: str) -> str | None: ...
-    def snapshot_blocks(self, tenant: str, job: str) -> BlockList | None:
+    def snapshot_blocks(self, tenant: str, job: str) -> SnapshotBlocks | None:
         """The snapshot's blocks, where the medium keeps them (a container); ``None`` where it does not."""
         ...
 
-    def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]: ...
-    def read_snapshot_range(self, tenant: str, job: str, offset: int, length: int, *, version: str) -> bytes: ...
+    def snapshot_lines(self, tenant: str, job: str, *, version: str) -> Iterator[bytes]:
+        """The whole snapshot, only if it is still ``version`` (else :class:`WriteConflict`)."""
+        ...
+
     def write_snapshot(
         self,
         tenant: str,
@@ -127,24 +156,23 @@ class DirectorySink:
 
     def snapshot_version(self, tenant: str, job: str) -> str | None:
         try:
-            stat = (self._dir(tenant, job) / SNAPSHOT).stat()
+            return _version((self._dir(tenant, job) / SNAPSHOT).stat())
         except FileNotFoundError:
             return None
-        return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"  # a rename always gives a new inode
 
-    def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]:
-        with open(self._dir(tenant, job) / SNAPSHOT, "rb") as file:
+    def snapshot_lines(self, tenant: str, job: str, *, version: str) -> Iterator[bytes]:
+        path = self._dir(tenant, job) / SNAPSHOT
+        try:
+            file = open(path, "rb")  # noqa: SIM115 - closed below; the version is checked on this very file
+        except FileNotFoundError as exc:
+            raise WriteConflict(f"{path} was removed during this run") from exc
+        with file:
+            if _version(os.fstat(file.fileno())) != version:
+                raise WriteConflict(f"{path} was replaced by another process during this run")
             yield from file
 
-    def snapshot_blocks(self, tenant: str, job: str) -> BlockList | None:
+    def snapshot_blocks(self, tenant: str, job: str) -> SnapshotBlocks | None:
         return None  # a local file has no blocks: reading it whole is cheap
-
-    def read_snapshot_range(self, tenant: str, job: str, offset: int, length: int, *, version: str) -> bytes:
-        with open(self._dir(tenant, job) / SNAPSHOT, "rb") as file:
-            if self.snapshot_version(tenant, job) != version:
-                raise WriteConflict(f"{self._dir(tenant, job) / SNAPSHOT} changed while it was being read")
-            file.seek(offset)
-            return file.read(length)
 
     def write_snapshot(
         self,
@@ -179,6 +207,10 @@ class DirectorySink:
 
     def write_changes(self, tenant: str, job: str, name: str, lines: Iterable[bytes]) -> None:
         _atomic_write(self._dir(tenant, job) / CHANGES / name, lines)
+
+
+def _version(stat: os.stat_result) -> str:
+    return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"  # a rename always gives a new inode
 
 
 def _etag(data: bytes) -> str:
@@ -247,20 +279,21 @@ class BlobSink:
     def snapshot_version(self, tenant: str, job: str) -> str | None:
         return self._store.etag(f"{tenant}/{job}/{SNAPSHOT}")
 
-    def snapshot_lines(self, tenant: str, job: str) -> Iterator[bytes]:
+    def snapshot_lines(self, tenant: str, job: str, *, version: str) -> Iterator[bytes]:
         pending = b""
-        for chunk in self._store.read_chunks(f"{tenant}/{job}/{SNAPSHOT}"):
+        for chunk in self._store.read_chunks(f"{tenant}/{job}/{SNAPSHOT}", if_match=version):
             *complete, pending = (pending + chunk).split(b"\n")
             for line in complete:
                 yield line + b"\n"
         if pending:
             yield pending
 
-    def snapshot_blocks(self, tenant: str, job: str) -> BlockList | None:
-        return self._store.block_list(f"{tenant}/{job}/{SNAPSHOT}")
-
-    def read_snapshot_range(self, tenant: str, job: str, offset: int, length: int, *, version: str) -> bytes:
-        return self._store.read_range(f"{tenant}/{job}/{SNAPSHOT}", offset, length, if_match=version)
+    def snapshot_blocks(self, tenant: str, job: str) -> SnapshotBlocks | None:
+        name = f"{tenant}/{job}/{SNAPSHOT}"
+        listed = self._store.block_list(name)
+        if listed is None:
+            return None
+        return SnapshotBlocks(listed, self._store, name)
 
     def write_snapshot(
         self,

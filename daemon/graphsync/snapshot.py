@@ -176,17 +176,24 @@ class SnapshotStore:
         return int(count)
 
     def entries(self, first_id: str | None = None, last_id: str | None = None) -> Iterator[tuple[str, bytes]]:
-        """``(id, line)`` of the snapshot, sorted by id, all of it or the ids in ``[first_id, last_id]``.
+        """``(id, line)`` of the snapshot, sorted by id: all of it, or the ids in ``[first_id, last_id]`` (either
+        end may be open).
 
         SQLite compares TEXT bytewise, and UTF-8 byte order is code-point order: the same order as Python's.
         """
+        bounds = [("id >= ?", first_id), ("id <= ?", last_id)]
+        yield from self._entries([(test, value) for test, value in bounds if value is not None])
+
+    def entries_after(self, after_id: str | None) -> Iterator[tuple[str, bytes]]:
+        """``(id, line)`` of the objects after ``after_id`` (all of them for ``None``), sorted by id."""
+        yield from self._entries([] if after_id is None else [("id > ?", after_id)])
+
+    def _entries(self, bounds: list[tuple[str, str]]) -> Iterator[tuple[str, bytes]]:
+        where = f"WHERE {' AND '.join(test for test, _ in bounds)}" if bounds else ""
+        rows = self._db.execute(
+            f"SELECT id, body, has_members FROM objects {where} ORDER BY id", [value for _, value in bounds]
+        )
         members = self._db.cursor()
-        if first_id is None or last_id is None:
-            rows = self._db.execute("SELECT id, body, has_members FROM objects ORDER BY id")
-        else:
-            rows = self._db.execute(
-                "SELECT id, body, has_members FROM objects WHERE id BETWEEN ? AND ? ORDER BY id", (first_id, last_id)
-            )
         for object_id, body, has_members in rows:
             if not has_members:
                 yield object_id, body.encode() + b"\n"

@@ -52,10 +52,21 @@ NOT_MODIFIED: Final = NotModified()
 
 @dataclass(frozen=True)
 class BlockList:
-    """A block blob's committed blocks, ``(id, size)`` in order, and the ETag of that version."""
+    """A block blob's committed blocks, ``(id, size)`` in order, with the ETag and size of the blob they describe.
 
-    etag: str
+    ``etag`` is ``None`` when the response had none: Azure sends it with Get Block List only if the blob has
+    committed blocks. A blob written by one Put Blob (``upload_blob``, azcopy, a restore) has content but no
+    committed blocks, so the blocks describe the blob only when their sizes add up to ``content_length``.
+    """
+
+    etag: str | None
+    content_length: int
     blocks: list[tuple[str, int]]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the blocks are the whole blob, with the version they belong to."""
+        return self.etag is not None and sum(size for _, size in self.blocks) == self.content_length
 
 
 @dataclass(frozen=True)
@@ -178,11 +189,19 @@ class BlobStore:
         verb = {"read": "reading", "write": "writing", "lease": "leasing"}[operation]
         return StorageError.from_azure(f"{verb} {self._path(name)}", exc)
 
-    def read_chunks(self, name: str) -> Iterator[bytes]:
-        """Stream a (possibly large) blob; nothing when it does not exist."""
+    def read_chunks(self, name: str, *, if_match: str | None = None) -> Iterator[bytes]:
+        """Stream a (possibly large) blob; nothing when it does not exist. With ``if_match``, only that version:
+        a blob replaced before or while it is read raises :class:`WriteConflict`."""
+        conditions: dict[str, Any] = (
+            {"etag": if_match, "match_condition": MatchConditions.IfNotModified} if if_match else {}
+        )
         try:
-            yield from self._container.download_blob(name).chunks()
-        except ResourceNotFoundError:
+            yield from self._container.download_blob(name, **conditions).chunks()
+        except ResourceModifiedError as exc:
+            raise WriteConflict(f"{self._path(name)} changed while it was being read") from exc
+        except ResourceNotFoundError as exc:
+            if if_match:
+                raise WriteConflict(f"{self._path(name)} was deleted while it was being read") from exc
             return
         except AzureError as exc:
             raise StorageError.from_azure(f"reading {self._path(name)}", exc) from exc
@@ -255,25 +274,27 @@ class BlobStore:
             blob.stage_block(block_id, data)
 
     def block_list(self, name: str) -> BlockList | None:
-        """The committed blocks of ``name`` with the ETag of the version they belong to; ``None`` if absent.
+        """The committed blocks of ``name``; ``None`` if absent.
 
-        The ETag comes from the Get Block List response itself, so blocks and version always match.
+        The ETag and size come from the Get Block List response itself, so they describe the same version.
         """
-        headers: dict[str, str] = {}
-
-        def keep_etag(response: PipelineResponse[Any, Any]) -> None:
-            headers["etag"] = response.http_response.headers.get("ETag", "")
+        responses: list[PipelineResponse[Any, Any]] = []
 
         try:
             committed, _ = self._container.get_blob_client(name).get_block_list(
-                "committed", raw_response_hook=keep_etag
+                "committed", raw_response_hook=responses.append
             )
         except ResourceNotFoundError:
             return None
         except AzureError as exc:
             raise self._failure("read", name, exc) from exc
         STORAGE_OPERATIONS.labels("read", "ok").inc()
-        return BlockList(etag=headers["etag"], blocks=[(block.id, block.size) for block in committed])
+        headers = responses[-1].http_response.headers  # case-insensitive
+        return BlockList(
+            etag=headers.get("ETag") or None,
+            content_length=int(headers.get("x-ms-blob-content-length") or 0),
+            blocks=[(block.id, block.size) for block in committed],
+        )
 
     def read_range(self, name: str, offset: int, length: int, *, if_match: str) -> bytes:
         """``length`` bytes of ``name`` from ``offset``, only from the version ``if_match`` (else WriteConflict)."""
