@@ -14,12 +14,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
-from azure.storage.blob import BlobLeaseClient, BlobServiceClient
+from azure.storage.blob import BlobBlock, BlobClient, BlobLeaseClient, BlobServiceClient
 
 from graphsync.chunking import chunk_lines
 from tests.conftest import REPO_ROOT
@@ -412,4 +413,70 @@ def test_a_lost_lock_before_commit_publishes_nothing_and_the_next_run_is_exact(
     assert exports.published("users") == after_b, "A's commit must not land over B's snapshot"
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
     a.sync()  # A's store rolled back; it is stale now and catches up from B's chunks
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+
+
+# -- snapshots this version did not write -------------------------------------------------------------------------
+
+
+def _snapshot_client(azurite: Azurite, exports: Exports, job: str) -> BlobClient:
+    return BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
+        exports.name, f"{TENANT}/{job}/snapshot.jsonl"
+    )
+
+
+def test_a_snapshot_rewritten_whole_by_put_blob_is_read_whole_and_never_taken_for_empty(
+    hosts: Hosts, fake_graph: FakeGraph, exports: Exports, azurite: Azurite
+) -> None:
+    """An operator restores the file with one Put Blob (azcopy, the portal): content, but no committed blocks."""
+    populate(fake_graph, TENANT, users=600, groups=0, seed=3)
+    (replica,) = hosts(USERS_JOB)
+    replica.sync()
+    data, _, _ = exports.published("users")
+    blob = _snapshot_client(azurite, exports, "users")
+    blob.upload_blob(data, overwrite=True)
+    assert blob.get_block_list("committed")[0] == []
+    fake_graph.update(TENANT, "users", sorted(fake_graph.objects(TENANT, "users"))[0], jobTitle="Restored")
+    replica.sync()
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["blocks_of_whole_lines", "blocks_cutting_lines"])
+def test_a_snapshot_written_by_the_previous_version_migrates_exactly(
+    hosts: Hosts, fake_graph: FakeGraph, relay: StorageRelay, exports: Exports, azurite: Azurite, aligned: bool
+) -> None:
+    """The previous version committed ~4 MiB blocks of whole lines with random IDs; anything else may cut lines."""
+    populate(fake_graph, TENANT, users=1500, groups=0, seed=4)
+    (replica,) = hosts(USERS_JOB)
+    replica.sync()
+    data, _, _ = exports.published("users")
+    if aligned:
+        lines = data.splitlines(keepends=True)
+        parts = [b"".join(lines[i : i + 400]) for i in range(0, len(lines), 400)]
+    else:
+        parts = [data[i : i + 50_000] for i in range(0, len(data), 50_000)]
+    blob = _snapshot_client(azurite, exports, "users")
+    block_ids = [uuid.uuid4().hex for _ in parts]
+    for block, part in zip(block_ids, parts, strict=True):
+        blob.stage_block(block, part)
+    blob.commit_block_list([BlobBlock(block) for block in block_ids])
+    mutate(fake_graph, TENANT, random.Random(107), changes=20)
+    replica.sync()
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+    mutate(fake_graph, TENANT, random.Random(108), changes=5)
+    relay.reset()
+    replica.sync()
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+    assert not exports.snapshot_requests(relay.records(), "users", "GET"), "warm again once it published"
+
+
+def test_an_empty_snapshot_passes_between_replicas(hosts: Hosts, fake_graph: FakeGraph, exports: Exports) -> None:
+    a, b = hosts(USERS_JOB, names=("a", "b"))
+    a.sync()
+    assert exports.published("users")[0] == b""
+    b.sync()
+    fake_graph.add(TENANT, "users", {"id": "ü-1", "displayName": "Ünal"})  # a non-ASCII id, sorted as Python does
+    b.sync()
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+    a.sync()
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")

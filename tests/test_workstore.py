@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from graphsync.chunking import chunk_lines
 from graphsync.config.models import default_work_directory
 from graphsync.snapshot import SnapshotStore, StoreTag
-from graphsync.workstore import WorkStores
+from graphsync.workstore import THROWAWAY_PREFIX, WorkStores
 
 TENANT, JOB = "contoso.onmicrosoft.com", "users"
 
@@ -41,13 +42,28 @@ def test_a_second_process_on_the_host_gets_a_throwaway_store_not_the_one_in_use(
         assert again.path == stores.path(TENANT, JOB) and again.count() == 500
 
 
-def test_a_store_tagged_with_the_published_version_is_warm_and_others_are_not(tmp_path: Path) -> None:
+def test_a_store_tagged_with_the_published_version_and_query_is_warm_and_others_are_not(tmp_path: Path) -> None:
     stores = WorkStores(tmp_path)
-    assert not stores.is_warm(TENANT, JOB, '"v1"')
+    assert not stores.is_warm(TENANT, JOB, '"v1"', "q")
     with stores.open(TENANT, JOB) as store:
         _fill(store)
-    assert stores.is_warm(TENANT, JOB, '"v1"')
-    assert not stores.is_warm(TENANT, JOB, '"v2"') and not stores.is_warm(TENANT, JOB, None)
+    assert stores.is_warm(TENANT, JOB, '"v1"', "q")
+    assert not stores.is_warm(TENANT, JOB, '"v2"', "q") and not stores.is_warm(TENANT, JOB, None, "q")
+    assert not stores.is_warm(TENANT, JOB, '"v1"', "another select"), "a changed select rebuilds the store"
+
+
+def test_throwaway_stores_left_by_a_killed_process_are_swept_after_a_day(tmp_path: Path) -> None:
+    stores = WorkStores(tmp_path)
+    tenant_directory = tmp_path / TENANT
+    old, recent = tenant_directory / f"{THROWAWAY_PREFIX}old", tenant_directory / f"{THROWAWAY_PREFIX}recent"
+    for leftover in (old, recent):
+        leftover.mkdir(parents=True)
+        (leftover / "store.sqlite").write_bytes(b"x" * 100)
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    with stores.open(TENANT, JOB):
+        pass
+    assert not old.exists() and recent.exists(), "only what no live run can still use goes"
 
 
 def test_a_truncated_store_opens_empty_and_untagged(tmp_path: Path) -> None:

@@ -70,6 +70,12 @@ def saved_query(job: JobSettings) -> dict[str, Any]:
     return query
 
 
+def store_query(sink: Sink, job: JobSettings) -> str:
+    """What a working store's tag says it answers: the job's query, and the output too, since two outputs may
+    hold blobs with equal ETags."""
+    return json.dumps({"output": sink.location(), **saved_query(job)}, sort_keys=True)
+
+
 def _new_object_defaults(job: JobSettings) -> dict[str, Any]:
     """What every object of the job carries even when Graph's record says nothing (see SnapshotStore.apply)."""
     return {MANAGER: None} if MANAGER in (job.expand or ()) else {}
@@ -105,8 +111,7 @@ class RoundRunner:
         if delta_link and version is None:
             log.warning("snapshot of %s/%s is missing; doing a full sync", tenant, job.name)
             delta_link = None
-        # The tag names the output too: two outputs may hold blobs with equal ETags.
-        query = json.dumps({"output": self._sink.location(), **saved_query(job)}, sort_keys=True)
+        query = store_query(self._sink, job)
         with (
             self._stores.open(tenant, job.name) as store,
             tempfile.TemporaryFile(dir=store.path.parent) as changes,
@@ -173,6 +178,7 @@ class RoundRunner:
                         touched=None if done.full else done.touched,
                         query=query,
                     )
+                    _log_publication(tenant, job.name, done.publication)
             if done.changes or done.full:  # a full round says so even when it received nothing
                 changes.seek(0)
                 self._sink.write_changes(tenant, job.name, change_file(done.full), _lines(changes))
@@ -223,6 +229,23 @@ class RoundRunner:
             if interrupted():
                 raise RunInterrupted("stopped between pages")
         return None
+
+
+def _log_publication(tenant: str, job: str, publication: Publication) -> None:
+    extra = {"tenant": tenant, "job": job}
+    if not publication.changed:
+        log.info("snapshot of %s/%s unchanged: nothing published", tenant, job, extra=extra)
+        return
+    log.info(
+        "snapshot of %s/%s published: %d chunks, %d bytes; %d chunks (%d bytes) uploaded",
+        tenant,
+        job,
+        publication.chunks,
+        publication.size,
+        publication.chunks_uploaded,
+        publication.bytes_uploaded,
+        extra=extra,
+    )
 
 
 def _check_record(record: Any, resource: str) -> None:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from graphsync.jobs import lock_blob
+from graphsync.rounds import store_query
 from graphsync.schedule import trigger
 from graphsync.storage import StorageError
 from graphsync.timestamps import epoch
@@ -62,7 +63,9 @@ def fleet_status(
                     "objects": state.get("objects"),
                     "snapshot_bytes": snapshot.get("bytes"),
                     "snapshot_chunks": snapshot.get("chunks"),
-                    "warm_store_here": stores.is_warm(tenant, job.name, snapshot.get("version")),
+                    "warm_store_here": stores.is_warm(
+                        tenant, job.name, snapshot.get("version"), store_query(sink, job)
+                    ),
                     "next_due": next_due.isoformat() if next_due else None,
                     "lock_holder": holder,
                     "warnings": warnings,

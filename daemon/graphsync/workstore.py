@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 STORE = "store.sqlite"
 LOCK = "store.lock"
+THROWAWAY_PREFIX = "graphsync-throwaway-"
+THROWAWAY_MAX_AGE_SECONDS = 24 * 3600
 
 
 class WorkStores:
@@ -40,17 +44,18 @@ class WorkStores:
     def path(self, tenant: str, job: str) -> Path:
         return self.directory / tenant / job / STORE
 
-    def is_warm(self, tenant: str, job: str, version: str | None) -> bool:
-        """Whether this host holds a store tagged with the published ``version`` (for ``status``; read-only)."""
+    def is_warm(self, tenant: str, job: str, version: str | None, query: str) -> bool:
+        """Whether this host holds a store tagged with the published ``version`` and the job's ``query``, which
+        the next run would use as it is (for ``status``; read-only)."""
         path = self.path(tenant, job)
         if version is None or not path.exists():
             return False
         try:
             with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-                row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+                meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('version', 'query')").fetchall())
         except sqlite3.Error:
             return False
-        return row is not None and row[0] == version
+        return meta == {"version": version, "query": query}
 
     @contextlib.contextmanager
     def open(self, tenant: str, job: str) -> Iterator[SnapshotStore]:
@@ -71,6 +76,7 @@ class WorkStores:
                 with _throwaway(directory) as store:
                     yield store
                 return
+            _sweep_throwaways(directory.parent)
             store = _open_checked(self.path(tenant, job), tenant, job)
             try:
                 yield store
@@ -103,9 +109,18 @@ def _open_checked(path: Path, tenant: str, job: str) -> SnapshotStore:
     return SnapshotStore(path)
 
 
+def _sweep_throwaways(tenant_directory: Path) -> None:
+    """Remove throwaway stores a killed process left behind (SIGKILL skips their cleanup). A day old at least:
+    no run lasts that long, so a live one is never touched."""
+    for leftover in tenant_directory.glob(f"{THROWAWAY_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if time.time() - leftover.stat().st_mtime > THROWAWAY_MAX_AGE_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _throwaway(directory: Path) -> Iterator[SnapshotStore]:
-    with tempfile.TemporaryDirectory(prefix="graphsync-", dir=directory.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=THROWAWAY_PREFIX, dir=directory.parent) as scratch:
         store = SnapshotStore(Path(scratch) / STORE)
         try:
             yield store
