@@ -29,6 +29,7 @@ from graphsync.config.models import (
     JobSettings,
     MetricsSettings,
     OutputSettings,
+    RunSettings,
     Settings,
     StorageSettings,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ManagedIdentityCredential",
     "MetricsSettings",
     "OutputSettings",
+    "RunSettings",
     "SecretCredential",
     "Settings",
     "StorageSettings",
