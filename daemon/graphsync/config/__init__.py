@@ -23,6 +23,7 @@ from graphsync.config.errors import ConfigError
 from graphsync.config.loading import DEFAULT_CONFIG_PATH, find_config_file, load_settings
 from graphsync.config.models import (
     DEFAULT_OUTPUT_DIRECTORY,
+    MAX_CONCURRENCY,
     CacheSettings,
     GraphSettings,
     IdentitySettings,
@@ -37,6 +38,7 @@ from graphsync.config.models import (
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OUTPUT_DIRECTORY",
+    "MAX_CONCURRENCY",
     "CacheSettings",
     "CertificateCredential",
     "ConfigError",
