@@ -128,6 +128,17 @@ class JobRunner:
         except StorageError:
             return None
 
+    def _named(self, state: dict[str, Any]) -> bool:
+        """Whether the lock blob's metadata names this replica: the last run recorded is this replica's success.
+
+        A run that stopped without recording anything (a shutdown) may have renamed it since; a replica finding
+        the job busy then reads that name until this run ends.
+        """
+        if state.get("replica") != self.replica or not state.get("last_success"):
+            return False
+        failed = state.get("last_failure")
+        return failed is None or epoch(failed) <= epoch(state["last_success"])
+
     def _lock(self, job: JobSettings, tenant: str, wait: bool, stop: threading.Event) -> BlobLease | None:
         name = lock_blob(tenant, job.name)
         lease = self._locks.try_lease(name, LOCK_SECONDS)
@@ -151,9 +162,11 @@ class JobRunner:
         if due_after is not None and (served := _served(job, tenant, state, due_after)) is not None:
             return self._finish(served)
         state = state or {}
-        # Named only now that it runs: a check that skips costs no metadata write (a replica finding the lease held
-        # meanwhile reads the last runner's name, for the moment the check takes).
-        lease.announce(self.replica)
+        # Named only now that it runs, and only when the lock blob does not name this replica already (it does when
+        # the last run recorded is this replica's success): a check that skips, and the usual run of a pair by its
+        # last runner, cost no metadata write.
+        if not self._named(state):
+            lease.announce(self.replica)
 
         started = self._clock()
         result = RunResult(tenant, job.name, "ok", run_id=uuid.uuid4().hex[:12], runner=self.replica)
