@@ -13,7 +13,8 @@ Against the local fakes with a per-request latency (Graph ``--graph-latency``, d
   relay of its own, so its storage calls are counted exactly. Reported per replica: runs, storage calls, CPU
   seconds (``/proc``), peak RSS (``VmHWM``) and the most threads seen; for the fleet: runs per replica max/mean,
   each slot's drain time (slot start to the last run's end, from the logs), storage calls and CPU per run. Runs
-  in the measured slots find nothing new (the directory does not change), which is the fixed cost of a run.
+  in the measured slots find nothing new (the directory does not change), which is the fixed cost of a run. The
+  output is a blob container (``--fleet-output``), so state.json and snapshot calls are storage calls too.
 
 Run from the repository root: ``.venv/bin/python bench/fleet.py``. Needs the test extras and Azurite, like the tests.
 """
@@ -144,6 +145,7 @@ class ReplicaResult:
 @dataclass
 class FleetResult:
     tenants: int
+    output: str
     every: int
     slots: list[int]
     replicas: list[ReplicaResult]
@@ -173,10 +175,8 @@ class Bench:
         self.env |= {"REQUESTS_CA_BUNDLE": str(ca_bundle), "PYTHONUNBUFFERED": "1"}
         self.env.pop("STATE_DIRECTORY", None)
 
-    def config(
-        self, tenants: list[str], label: str, *, every: str = "1h", connection_string: str | None = None
-    ) -> Path:
-        """A config on a fresh token-cache container and output directory."""
+    def config(self, tenants: list[str], label: str, *, every: str = "1h", blob_output: bool = False) -> Path:
+        """A config on a fresh token-cache container, and a fresh output directory (or container)."""
         from azure.storage.blob import BlobServiceClient
 
         from tests.conftest import dumps_toml
@@ -196,12 +196,11 @@ class Bench:
                         "authority_host": self.entra.authority_host,
                         "client_secret": CLIENT_SECRET,
                     },
-                    "storage": {
-                        "connection_string": connection_string or self.azurite.connection_string,
-                        "container": container,
-                    },
+                    "storage": {"connection_string": self.azurite.connection_string, "container": container},
                     "graph": {"endpoint": self.graph.base_url},
-                    "output": {"directory": str(self.workdir / f"{label}-out")},
+                    "output": {"container": f"{container}-out"}
+                    if blob_output
+                    else {"directory": str(self.workdir / f"{label}-out")},
                     "jobs": [{"name": "users", "resource": "users", "delta": True, "select": SELECT, "every": every}],
                 }
             )
@@ -241,7 +240,7 @@ class Bench:
     def fleet(self, tenants: list[str]) -> FleetResult:
         every = self.args.every
         relays = [CountingRelay(("127.0.0.1", self.azurite.port)) for _ in range(self.args.replicas)]
-        base = self.config(tenants, "fleet", every=f"{every}s")
+        base = self.config(tenants, "fleet", every=f"{every}s", blob_output=self.args.fleet_output == "container")
         processes: list[tuple[subprocess.Popen[bytes], Path, ReplicaResult]] = []
         try:
             for index, relay in enumerate(relays):
@@ -298,7 +297,7 @@ class Bench:
         for slot in slots:
             ends = [when for _, _, r in processes for when in r.finishes if slot <= when < slot + every]
             drains.append(max(ends) - slot if ends else float("nan"))
-        return FleetResult(len(tenants), every, slots, [r for _, _, r in processes], drains)
+        return FleetResult(len(tenants), self.args.fleet_output, every, slots, [r for _, _, r in processes], drains)
 
 
 def _status(pid: int, key: str) -> int:
@@ -377,7 +376,7 @@ def report(syncs: list[SyncResult], fleet: FleetResult | None, context: dict[str
         return
     table = Table(
         title=f"graphsync run: {len(fleet.replicas)} replicas, {fleet.tenants} tenants, every {fleet.every} s, "
-        f"{len(fleet.slots)} slots measured",
+        f"{len(fleet.slots)} slots measured, output to a {fleet.output}",
         box=box.MARKDOWN,
         title_justify="left",
     )
@@ -433,7 +432,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fleet-tenants", type=int, default=200)
     parser.add_argument("--every", type=int, default=30, help="the fleet job's interval in seconds")
     parser.add_argument("--slots", type=int, default=4, help="slots measured after the first")
+    parser.add_argument(
+        "--fleet-output",
+        choices=["container", "directory"],
+        default="container",
+        help="the fleet's output: a blob container (default; its calls are counted too) or a shared directory",
+    )
     parser.add_argument("--skip-serial", action="store_true", help="do not run sync --parallel 1")
+    parser.add_argument("--skip-sync", action="store_true", help="measure the fleet only")
     parser.add_argument("--timeout", type=float, default=900.0)
     add_json_option(parser)
     return parser.parse_args(argv)
@@ -466,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed, tenant in enumerate(names):
                 populate(graph, tenant, USERS_PER_TENANT, 0, seed=seed)
             bench = Bench(args, workdir, ca_bundle, azurite, entra, graph)
-            for size in args.sizes:
+            for size in [] if args.skip_sync else args.sizes:
                 for parallel in (None,) if args.skip_serial else (None, 1):
                     print(f"sync over {size} tenants, parallel {parallel or 'default'} ...", file=sys.stderr)
                     syncs.append(bench.sync(names[:size], parallel))

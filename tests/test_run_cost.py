@@ -6,6 +6,7 @@ job's output in a blob container, so that the README's statement of a run's cost
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
@@ -16,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 from azure.storage.blob import BlobLeaseClient, ContainerClient
+from prometheus_client import REGISTRY
 
 from graphsync.config import JobSettings, load_settings
 from graphsync.graph import GraphClient
@@ -119,10 +121,19 @@ def test_a_replica_names_itself_on_the_lock_again_after_another_replica_ran_the_
     assert naming not in fleet.run("a")[1]
 
 
-def test_a_served_slot_costs_three_calls_under_the_lease_and_one_with_peek(fleet: Fleet) -> None:
+def runs_counted(result: str) -> float:
+    labels = {"tenant": TENANT, "job": "users", "result": result}
+    return REGISTRY.get_sample_value("graphsync_job_runs_total", labels) or 0.0
+
+
+def test_a_served_slot_costs_three_calls_under_the_lease_and_one_with_peek(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     ran, _ = fleet.run()
     assert ran.status == "ok"
     slot = time.time() - 60
+    counted = runs_counted("skipped")
 
     skipped, calls = fleet.run(due_after=slot)
     assert (skipped.status, skipped.runner) == ("skipped", "a")
@@ -136,10 +147,15 @@ def test_a_served_slot_costs_three_calls_under_the_lease_and_one_with_peek(fleet
     peeked, calls = fleet.run(due_after=slot, peek=True)
     assert (peeked.status, peeked.runner) == ("skipped", "a")
     assert calls == ["GET contoso.onmicrosoft.com/users/state.json"]
+    assert runs_counted("skipped") == counted + 2
+    said = [r for r in caplog.records if " skipped: already ran at " in r.getMessage()]
+    assert len(said) == 2 and all(r.levelname == "INFO" and r.getMessage().endswith(" on a") for r in said)
 
 
-def test_a_busy_job_costs_two_calls_and_names_the_holder(fleet: Fleet) -> None:
+def test_a_busy_job_costs_two_calls_and_names_the_holder(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     assert fleet.run()[0].status == "ok"
+    counted = runs_counted("busy")
     lock = fleet.container.get_blob_client(lock_blob(TENANT, "users"))
     lease = BlobLeaseClient(lock)
     lease.acquire(lease_duration=15)
@@ -154,3 +170,6 @@ def test_a_busy_job_costs_two_calls_and_names_the_holder(fleet: Fleet) -> None:
         "PUT locks/contoso.onmicrosoft.com/users.lock?comp=lease acquire",
         "HEAD locks/contoso.onmicrosoft.com/users.lock",
     ]
+    assert runs_counted("busy") == counted + 1
+    [said] = [r for r in caplog.records if " busy: " in r.getMessage()]
+    assert said.levelname == "INFO" and said.getMessage().endswith("running on another replica (replica-b)")
