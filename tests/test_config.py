@@ -200,6 +200,7 @@ def test_example_documents_every_key() -> None:
         config.GraphSettings,
         config.OutputSettings,
         config.MetricsSettings,
+        config.RunSettings,
         config.JobSettings,
     ]
     for model in models:
@@ -862,3 +863,21 @@ def test_bad_job_kind_combinations_name_the_key(tmp_path: Path, lines: str, key:
 
     origin = "not set" if key == "cursor" and "cursor =" not in lines else f"from {path}"
     assert f"jobs[0].{key} ({origin}): " in message and expected in message, message
+
+
+def test_run_bounds_default_to_8_runs_and_2_per_tenant(tmp_path: Path) -> None:
+    write_secret(tmp_path)
+
+    settings = load_settings(write(tmp_path, MINIMAL))
+
+    assert (settings.run.concurrency, settings.run.per_tenant) == (8, 2)
+
+
+def test_run_bounds_must_be_whole_numbers_from_1_to_64(tmp_path: Path) -> None:
+    write_secret(tmp_path)
+    path = write(tmp_path, MINIMAL + "[run]\nconcurrency = 0\nper_tenant = 65\n")
+
+    message = config_error(path)
+
+    assert f"run.concurrency (from {path}): Input should be greater than or equal to 1" in message
+    assert f"run.per_tenant (from {path}): Input should be less than or equal to 64" in message

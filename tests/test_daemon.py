@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from graphsync.config import JobSettings
+from graphsync.schedule import head_start, slot_jitter
 from graphsync.timestamps import epoch
 from tests.conftest import REPO_ROOT
 from tests.fakes.graph import FakeGraph, mutate, populate
@@ -340,3 +342,123 @@ def test_metrics_and_health_endpoints_follow_a_running_daemon(
     )
     assert _sample(later, "graphsync_objects_synced_total") >= 205
     assert _get(base + "/nothing")[0] == 404
+
+
+# -- issue 9: work spreads over the fleet, and the last runner keeps its pairs -------------------------------
+
+
+def _starts(replica: Replica) -> list[tuple[str, str, float]]:
+    """(tenant, job, time) of each run the replica started."""
+    return [
+        (record["tenant"], record["job"], _log_time(record["time"]))
+        for record in replica.records()
+        if record["message"].startswith("run ") and record["message"].endswith(" started")
+    ]
+
+
+@pytest.mark.slow
+def test_three_replicas_share_120_tenants_evenly_and_run_every_pair_once_per_slot(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, replicas, tmp_path: Path
+) -> None:
+    every = 15
+    names = [f"tenant{index:03d}.onmicrosoft.com" for index in range(120)]
+    for seed, tenant in enumerate(names):
+        populate(fake_graph, tenant, users=20, groups=0, seed=seed)
+    fake_graph.latency_seconds = 0.05
+    config = graphsync_config(
+        tenants=names,
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(tmp_path / "out")},
+            "jobs": [
+                {"name": "users", "resource": "users", "delta": True, "select": USERS_SELECT, "every": f"{every}s"}
+            ],
+        },
+    )
+    fleet = [replicas(config) for _ in range(3)]
+    started = time.time()
+    time.sleep(6 * every)
+    for replica in fleet:
+        code, took = replica.stop()
+        assert code == 0 and took < 10
+    ended = time.time()
+
+    starts = [_starts(replica) for replica in fleet]
+    slots: dict[str, list[int]] = defaultdict(list)
+    for tenant, _, when in itertools.chain(*starts):
+        slots[tenant].append(int(when // every))
+    full = range(int(started // every) + 2, int(ended // every))  # slots the whole fleet was up for, after the first
+    for tenant in names:
+        assert len(slots[tenant]) == len(set(slots[tenant])), f"{tenant} ran twice in one slot: {sorted(slots[tenant])}"
+        assert set(full) <= set(slots[tenant]), f"{tenant} missed a slot: {sorted(slots[tenant])} of {list(full)}"
+    runs = [len(replica_starts) for replica_starts in starts]
+    assert max(runs) / (sum(runs) / len(runs)) <= 1.3, f"runs per replica: {runs}"
+
+
+def test_the_last_runner_keeps_its_pair_and_a_killed_replicas_pair_moves_after_the_head_start_once(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, replicas, tmp_path: Path
+) -> None:
+    every = 5
+    names = TENANTS
+    for seed, tenant in enumerate(names):
+        populate(fake_graph, tenant, users=20, groups=0, seed=seed)
+    job = {"name": "users", "resource": "users", "delta": True, "select": USERS_SELECT, "every": f"{every}s"}
+    config = graphsync_config(
+        tenants=names,
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(tmp_path / "out")},
+            "jobs": [job],
+        },
+    )
+    a, b = replicas(config), replicas(config)
+    names_of = {a: f"{socket.gethostname()}-{a.process.pid}", b: f"{socket.gethostname()}-{b.process.pid}"}
+
+    def runner_by_slot() -> dict[tuple[str, int], list[Replica]]:
+        ran: dict[tuple[str, int], list[Replica]] = defaultdict(list)
+        for replica in (a, b):
+            for tenant, _, when in _starts(replica):
+                ran[tenant, int(when // every)].append(replica)
+        return ran
+
+    # Settle: two replicas, two pairs; the share rule moves one pair to whichever replica has none, then
+    # affinity keeps each pair where it is.
+    def settled_slot() -> int | None:
+        slot = int(time.time() // every) - 1
+        ran = runner_by_slot()
+        owners = [ran[tenant, slot] for tenant in names]
+        return slot if all(len(owner) == 1 for owner in owners) and {o[0] for o in owners} == {a, b} else None
+
+    _wait_for(lambda: settled_slot() is not None, 15 * every, "one pair on each replica")
+    first_settled = settled_slot()
+    assert first_settled is not None
+    time.sleep(3 * every)
+    ran = runner_by_slot()
+    owners = {tenant: ran[tenant, first_settled] for tenant in names}
+    for tenant in names:
+        for slot in range(first_settled + 1, first_settled + 4):
+            assert ran[tenant, slot] == owners[tenant], f"{tenant}: the last runner should keep it, slot {slot}"
+    skips = [r["message"] for r in b.records() if " skipped: already ran at " in r["message"]]
+    assert any(names_of[a] in message for message in skips), "the other replica skips, naming who ran"
+
+    # Kill a (no lease held: mid-slot, after its run), then b takes its pair after the head start, once a slot.
+    _wait_for(lambda: time.time() % every > 2.5, every, "the middle of a slot")
+    [[dead_pair]] = [[tenant for tenant in names if owners[tenant] == [a]]]
+    a.process.kill()
+    a.process.wait()
+    killed_slot = int(time.time() // every)
+    time.sleep(3 * every)
+    ran = runner_by_slot()
+    after = [killed_slot + 1, killed_slot + 2]
+    for slot in after:
+        assert ran[dead_pair, slot] == [b], f"slot {slot}: {ran[dead_pair, slot]}"
+    taken = [when for tenant, _, when in _starts(b) if tenant == dead_pair and int(when // every) == after[0]]
+    slot_begin = after[0] * every
+    delay = taken[0] - slot_begin - slot_jitter(_job_settings(job), f"{dead_pair}/users", slot_begin)
+    assert head_start(_job_settings(job)) <= delay < every - 1, f"taken over {delay:.2f} s after its due time"
+    code, took = b.stop()
+    assert code == 0 and took < 10
+
+
+def _job_settings(job: dict[str, Any]) -> JobSettings:
+    return JobSettings(**job)

@@ -454,6 +454,58 @@ def test_faults_can_target_one_tenant(graph: FakeGraph, fake_entra: FakeEntra) -
     assert fabrikam.get("/v1.0/users").status_code == 200
 
 
+def test_latency_delays_every_request_and_concurrency_is_recorded_per_tenant(
+    graph: FakeGraph, fake_entra: FakeEntra
+) -> None:
+    contoso = Client(graph, get_token(fake_entra, CONTOSO))
+    fabrikam = Client(graph, get_token(fake_entra, FABRIKAM))
+    graph.latency_seconds = 0.3
+    started = time.monotonic()
+    calls = [threading.Thread(target=contoso.get, args=("/v1.0/users",)) for _ in range(3)]
+    calls.append(threading.Thread(target=fabrikam.get, args=("/v1.0/users",)))
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join()
+    assert 0.3 <= time.monotonic() - started < 0.9, "answered together, each after the latency"
+    assert graph.max_concurrent_requests(CONTOSO) == 3
+    assert graph.max_concurrent_requests(FABRIKAM) == 1
+    assert graph.max_concurrent_requests() == 4
+    graph.reset_records()
+    assert graph.max_concurrent_requests() == 0
+
+
+def test_a_storm_answers_429_for_that_tenant_until_it_passes(graph: FakeGraph, fake_entra: FakeEntra) -> None:
+    contoso = Client(graph, get_token(fake_entra, CONTOSO))
+    fabrikam = Client(graph, get_token(fake_entra, FABRIKAM))
+    graph.throttle_for(FABRIKAM, 0.5, retry_after="60")
+    for _ in range(3):
+        response = fabrikam.get("/v1.0/users")
+        assert (response.status_code, response.headers["Retry-After"]) == (429, "60")
+    assert contoso.get("/v1.0/users").status_code == 200
+    time.sleep(0.5)
+    assert fabrikam.get("/v1.0/users").status_code == 200
+
+
+def test_a_hang_holds_that_tenant_only_and_ends_when_the_fake_stops(graph: FakeGraph, fake_entra: FakeEntra) -> None:
+    contoso = Client(graph, get_token(fake_entra, CONTOSO))
+    fabrikam = Client(graph, get_token(fake_entra, FABRIKAM))
+    graph.hang(FABRIKAM, 0.6)
+    started = time.monotonic()
+    assert contoso.get("/v1.0/users").status_code == 200
+    assert time.monotonic() - started < 0.5
+    assert fabrikam.get("/v1.0/users").status_code == 200
+    assert time.monotonic() - started >= 0.6
+    graph.hang(FABRIKAM, 60)
+    stuck = threading.Thread(target=lambda: fabrikam.get("/v1.0/users"))
+    stuck.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    graph.stop()
+    stuck.join(timeout=10)
+    assert time.monotonic() - started < 5, "stop() must not wait out a hang"
+
+
 def test_tokens_entra_did_not_issue_or_revoked_get_401(graph: FakeGraph, client: Client, fake_entra: FakeEntra) -> None:
     assert client.get("/v1.0/users").status_code == 200
     fake_entra.revoke(client.token)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from graphsync.config import JobSettings
-from graphsync.schedule import crontab_trigger, first_run, slot_start, trigger
+from graphsync.schedule import crontab_trigger, first_run, head_start, jitter, slot_jitter, slot_start, trigger
 
 
 def _job(**schedule: str) -> JobSettings:
@@ -58,3 +58,22 @@ def test_interval_slots_of_days_and_odd_minutes_match_the_trigger():
         now = 1_800_000_123.4
         fire = trigger(job).get_next_fire_time(None, datetime.fromtimestamp(now, UTC)).timestamp()
         assert slot_start(job, now) == fire - job.interval_seconds, every
+
+
+def test_a_pairs_jitter_is_the_same_on_every_replica_and_spreads_pairs_over_the_window():
+    job = _job(every="15m")
+    slot = slot_start(job, 1_800_000_123.4)
+    spread = [slot_jitter(job, f"tenant{index}/users", slot) for index in range(200)]
+    assert spread == [slot_jitter(job, f"tenant{index}/users", slot) for index in range(200)]
+    assert all(0 <= value < jitter(job) for value in spread)
+    assert max(spread) - min(spread) > 0.8 * jitter(job)
+    assert slot_jitter(job, "tenant0/users", slot + 900) != spread[0], "a new draw each slot"
+
+
+def test_the_head_start_is_a_fifth_of_the_interval_at_most_a_minute():
+    assert head_start(_job(every="30s")) == 6
+    assert head_start(_job(every="15m")) == 60
+    assert head_start(_job(cron="*/5 * * * *")) == 10
+    for every in ("5s", "30s", "15m", "1d"):
+        job = _job(every=every)
+        assert jitter(job) + head_start(job) * 1.5 < job.interval_seconds, "a try stays inside its slot"

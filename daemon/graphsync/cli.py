@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 
 from graphsync import __version__
-from graphsync.config import ConfigError, JobSettings, Settings, find_config_file, load_settings
+from graphsync.config import MAX_CONCURRENCY, ConfigError, JobSettings, Settings, find_config_file, load_settings
 from graphsync.console import SyncProgress, print_status, print_summary
 from graphsync.graph import GraphClient
 from graphsync.health import HealthServer
 from graphsync.identity import TokenError
-from graphsync.jobs import JobRunner
+from graphsync.jobs import JobRunner, RunResult
 from graphsync.logs import configure_logging
+from graphsync.pool import STOP_GRACE_SECONDS, RunPool, Try, exit_now
 from graphsync.preflight import run_checks, setup_warnings
 from graphsync.scheduler import Daemon
 from graphsync.sinks import sink_from_settings
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="wait for a run on another replica to finish instead of exiting with status 3",
     )
+    sync.add_argument(
+        "--parallel",
+        type=_parallel,
+        metavar="N",
+        help="(tenant, job) runs at once (default: [run] concurrency; 1 runs them one after the other)",
+    )
 
     status = commands.add_parser("status", parents=[common], help="token cache and job state, fleet-wide")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -93,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _parallel(text: str) -> int:
+    """``--parallel``: a whole number within the bounds of ``[run] concurrency``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_CONCURRENCY}, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,20 +212,43 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    results = []
+    results: dict[tuple[str, str], RunResult] = {}
     terminal = sys.stdout.isatty()
-    with SyncProgress(enabled=terminal) as progress:
+    with SyncProgress(enabled=terminal, total=len(pairs)) as progress:
+
+        def run(attempt: Try) -> None:
+            progress.begin(attempt.tenant, attempt.job.name)
+            result = runner.run(attempt.job, attempt.tenant, wait=args.wait, stop=stop, progress=progress.update)
+            results[attempt.pair] = result
+            progress.end(attempt.tenant, attempt.job.name, result.status)
+
+        pool = RunPool(
+            run,
+            concurrency=args.parallel or settings.run.concurrency,
+            per_tenant=settings.run.per_tenant,
+            stop=stop,
+            name="sync",
+        )
         for job, tenant in pairs:
-            if stop.is_set():
-                break
-            progress.begin(tenant, job.name)
-            result = runner.run(job, tenant, wait=args.wait, stop=stop, progress=progress.update)
-            progress.end(tenant, job.name, result.status)
-            results.append(result)
-    print_summary(results, terminal=terminal)
-    if any(r.status in ("failed", "stopped") for r in results) or len(results) < len(pairs):
-        return EXIT_FAILED
-    return EXIT_BUSY if any(r.status == "busy" for r in results) else EXIT_OK
+            pool.put(Try(job, tenant))
+        pool.close()
+        pool.start()
+        while not pool.join(timeout=0.2) and not stop.is_set():
+            pass
+        finished = pool.join(timeout=STOP_GRACE_SECONDS)  # after a stop, runs end at their next page
+        stuck = pool.running()
+    for tenant, job_name in stuck:
+        message = "still inside a Graph or storage call when the process stopped; it published nothing"
+        results[tenant, job_name] = RunResult(tenant, job_name, "stopped", message=message)
+    order = {(tenant, job.name): index for index, (job, tenant) in enumerate(pairs)}
+    print_summary(sorted(results.values(), key=lambda r: order[r.tenant, r.job]), terminal=terminal)
+    if any(r.status in ("failed", "stopped") for r in results.values()) or len(results) < len(pairs):
+        code = EXIT_FAILED
+    else:
+        code = EXIT_BUSY if any(r.status == "busy" for r in results.values()) else EXIT_OK
+    if not finished:
+        exit_now(code)
+    return code
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

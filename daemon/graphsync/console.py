@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from graphsync.jobs import RunResult
@@ -13,9 +14,14 @@ from graphsync.timestamps import display_utc
 
 
 class SyncProgress:
-    """One progress line per (tenant, job): pages and records so far. Silent when not on a terminal."""
+    """On a terminal: a line per run in flight (pages and records so far), one line for the whole invocation (runs
+    done and in flight), and each finished run printed above them, where it stays. Silent off a terminal.
 
-    def __init__(self, *, enabled: bool) -> None:
+    Runs report from their worker threads, hence the lock around the task table.
+    """
+
+    def __init__(self, *, enabled: bool, total: int) -> None:
+        self._enabled = enabled
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -25,7 +31,12 @@ class SyncProgress:
             disable=not enabled,
             transient=False,
         )
-        self._tasks: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self._tasks: dict[tuple[str, str], TaskID] = {}
+        self._details: dict[tuple[str, str], str] = {}  # what each run's line says now
+        self._total = total
+        self._done = 0
+        self._overall = self._progress.add_task("graphsync sync", total=total, detail=self._count())
 
     def __enter__(self) -> SyncProgress:
         self._progress.start()
@@ -34,19 +45,28 @@ class SyncProgress:
     def __exit__(self, *exc_info: object) -> None:
         self._progress.stop()
 
+    def _count(self) -> str:
+        return f"{self._done} of {self._total} runs done, {len(self._tasks)} in flight"
+
     def begin(self, tenant: str, job: str) -> None:
-        self._tasks[tenant, job] = self._progress.add_task(f"{tenant} / {job}", total=None, detail="starting")
+        with self._lock:
+            self._details[tenant, job] = "starting"
+            self._tasks[tenant, job] = self._progress.add_task(f"{tenant} / {job}", total=None, detail="starting")
+            self._progress.update(self._overall, detail=self._count())
 
     def update(self, tenant: str, job: str, pages: int, records: int) -> None:
-        self._progress.update(self._tasks[tenant, job], detail=f"{pages} pages, {records} records")
+        with self._lock:
+            self._details[tenant, job] = f"{pages} pages, {records} records"
+            self._progress.update(self._tasks[tenant, job], detail=self._details[tenant, job])
 
     def end(self, tenant: str, job: str, status: str) -> None:
-        self._progress.update(
-            self._tasks[tenant, job],
-            total=1,
-            completed=1,
-            detail=self._progress.tasks[-1].fields["detail"] + f" — {status}",
-        )
+        with self._lock:
+            self._progress.remove_task(self._tasks.pop((tenant, job)))
+            detail = self._details.pop((tenant, job))
+            self._done += 1
+            self._progress.update(self._overall, completed=self._done, detail=self._count())
+            if self._enabled:
+                self._progress.console.print(f"{tenant} / {job}: {detail} — {status}", markup=False, highlight=False)
 
 
 def print_summary(results: list[RunResult], *, terminal: bool) -> None:

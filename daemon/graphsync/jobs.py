@@ -64,6 +64,8 @@ class RunResult:
     full: bool = False
     resync: bool = False
     message: str = ""
+    runner: str | None = None
+    """The replica that ran the job (this one), holds its lease (busy) or served the slot (skipped), where known."""
 
 
 class JobRunner:
@@ -93,28 +95,55 @@ class JobRunner:
         wait: bool = False,
         stop: threading.Event | None = None,
         progress: Progress | None = None,
+        peek: bool = False,
     ) -> RunResult:
         """Run ``job`` for ``tenant`` unless another replica is running it (``busy``, or wait with ``wait``) or it
-        already succeeded after ``due_after`` (``skipped``)."""
+        already succeeded after ``due_after`` (``skipped``).
+
+        ``peek``: the caller expects another replica to have served the slot already (it ran the job last), so
+        state.json is read first, without the lease: a served slot is then skipped for one storage call instead of
+        taking, checking and releasing the lease.
+        """
         stop = stop or threading.Event()
+        if peek and due_after is not None:
+            try:
+                state, _ = self._sink.read_state(tenant, job.name)
+            except StorageError:
+                state = None  # the locked path reads it again and reports what is wrong
+            if (served := _served(job, tenant, state, due_after)) is not None:
+                return self._finish(served)
         try:
             lease = self._lock(job, tenant, wait, stop)
         except StorageError as exc:
             return self._finish(RunResult(tenant, job.name, "failed", message=f"cannot take the job lock: {exc}"))
         if lease is None:
             if stop.is_set():
-                return RunResult(tenant, job.name, "stopped", message="stopped while waiting for the job lock")
+                return self._finish(
+                    RunResult(tenant, job.name, "stopped", message="stopped while waiting for the job lock")
+                )
             holder = self._holder(job, tenant)
-            return RunResult(tenant, job.name, "busy", message=f"running on another replica ({holder})")
+            message = f"running on another replica ({holder or 'unknown'})"
+            return self._finish(RunResult(tenant, job.name, "busy", message=message, runner=holder))
         with lease:  # renewed in the background; a lost lease stops the run before it publishes
-            lease.announce(self.replica)
-            return self._run_locked(job, tenant, due_after, lambda: stop.is_set() or lease.lost, progress)
+            return self._run_locked(job, tenant, due_after, lease, lambda: stop.is_set() or lease.lost, progress)
 
-    def _holder(self, job: JobSettings, tenant: str) -> str:
+    def _holder(self, job: JobSettings, tenant: str) -> str | None:
+        """Who holds the job's lease, as its lock blob's metadata names it; ``None`` when that cannot be read."""
         try:
-            return self._locks.lease_holder(lock_blob(tenant, job.name)) or "unknown"
+            return self._locks.lease_holder(lock_blob(tenant, job.name))
         except StorageError:
-            return "unknown"
+            return None
+
+    def _named(self, state: dict[str, Any]) -> bool:
+        """Whether the lock blob's metadata names this replica: the last run recorded is this replica's success.
+
+        A run that stopped without recording anything (a shutdown) may have renamed it since; a replica finding
+        the job busy then reads that name until this run ends.
+        """
+        if state.get("replica") != self.replica or not state.get("last_success"):
+            return False
+        failed = state.get("last_failure")
+        return failed is None or epoch(failed) <= epoch(state["last_success"])
 
     def _lock(self, job: JobSettings, tenant: str, wait: bool, stop: threading.Event) -> BlobLease | None:
         name = lock_blob(tenant, job.name)
@@ -128,20 +157,25 @@ class JobRunner:
         job: JobSettings,
         tenant: str,
         due_after: float | None,
+        lease: BlobLease,
         interrupted: Callable[[], bool],
         progress: Progress | None,
     ) -> RunResult:
         try:
             state, etag = self._sink.read_state(tenant, job.name)
         except StorageError as exc:
-            return self._finish(RunResult(tenant, job.name, "failed", message=str(exc)))
+            return self._finish(RunResult(tenant, job.name, "failed", message=str(exc), runner=self.replica))
+        if due_after is not None and (served := _served(job, tenant, state, due_after)) is not None:
+            return self._finish(served)
         state = state or {}
-        last_started = state.get("last_success_started")
-        if due_after is not None and last_started and epoch(last_started) >= due_after:
-            return RunResult(tenant, job.name, "skipped", message=f"already ran at {last_started}")
+        # Named only now that it runs, and only when the lock blob does not name this replica already (it does when
+        # the last run recorded is this replica's success): a check that skips, and the usual run of a pair by its
+        # last runner, cost no metadata write.
+        if not self._named(state):
+            lease.announce(self.replica)
 
         started = self._clock()
-        result = RunResult(tenant, job.name, "ok", run_id=uuid.uuid4().hex[:12])
+        result = RunResult(tenant, job.name, "ok", run_id=uuid.uuid4().hex[:12], runner=self.replica)
         log.info(
             "run %s of job %s for tenant %s started",
             result.run_id,
@@ -288,6 +322,16 @@ def _reconcile_state(done: Round, started: float) -> dict[str, Any]:
     if done.drift is not None:
         state["reconciliation"] = {"at": iso_utc(started), **done.drift.as_state()}
     return state
+
+
+def _served(job: JobSettings, tenant: str, state: dict[str, Any] | None, due_after: float) -> RunResult | None:
+    """``skipped`` when ``state`` records a success that started at or after ``due_after``, naming who ran it."""
+    last_started = (state or {}).get("last_success_started")
+    if not last_started or epoch(last_started) < due_after:
+        return None
+    runner = (state or {}).get("replica")
+    where = f" on {runner}" if runner else ""
+    return RunResult(tenant, job.name, "skipped", message=f"already ran at {last_started}{where}", runner=runner)
 
 
 def _snapshot_state(done: Round) -> dict[str, Any]:

@@ -9,6 +9,7 @@ already served (see :func:`slot_start`) and skip.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
@@ -22,6 +23,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 CRON_JITTER_SECONDS = 20.0
+# A try in a slot waits at most jitter (10 % of the interval) + head start (20 %) + load delay (10 %, see
+# graphsync.affinity): well inside the slot, which a try must not leave to serve it.
+HEAD_START_SHARE = 0.2
+HEAD_START_MAX_SECONDS = 60.0
+CRON_HEAD_START_SECONDS = 10.0  # cron slots are minutes: 20 s jitter + 10 s + load stays within one
 
 _INTERVAL = re.compile(r"([0-9]+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -122,11 +128,32 @@ def jitter(job: Schedule) -> float:
     return min(job.interval_seconds * 0.1, 30.0) if job.interval_seconds else CRON_JITTER_SECONDS
 
 
+def slot_jitter(job: Schedule, pair: str, slot: float) -> float:
+    """The jitter of ``pair`` (``tenant/job``) in the slot starting at ``slot``: between 0 and :func:`jitter`.
+
+    A hash, not a random draw, so every replica waits the same for the same pair: the pairs still spread over the
+    jitter window, while which replica tries first is left to affinity and load alone (see graphsync.affinity).
+    """
+    digest = hashlib.blake2b(f"{pair}@{slot:.0f}".encode(), digest_size=8).digest()
+    return jitter(job) * int.from_bytes(digest, "big") / 2**64
+
+
+def head_start(job: Schedule) -> float:
+    """How much later than the pair's last runner the other replicas try it: 20 % of the interval, at most 60 s.
+
+    Long enough for the last runner, whose working store is warm, to serve the slot (the others then skip for
+    one state read); short enough that a dead replica delays its pairs by a fraction of a slot.
+    """
+    if not job.interval_seconds:
+        return CRON_HEAD_START_SECONDS
+    return min(job.interval_seconds * HEAD_START_SHARE, HEAD_START_MAX_SECONDS)
+
+
 def trigger(job: Schedule) -> BaseTrigger:
     """The fleet-wide slots of a job, without jitter.
 
     APScheduler 3 computes an interval's next fire time from the previous *jittered* one, so trigger jitter
-    accumulates and replicas drift apart; the scheduler applies the jitter inside the run instead.
+    accumulates and replicas drift apart; the scheduler delays each try by :func:`slot_jitter` instead.
     """
     if job.interval_seconds:
         return IntervalTrigger(seconds=job.interval_seconds, start_date=EPOCH, timezone=UTC)

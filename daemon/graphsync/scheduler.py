@@ -1,14 +1,14 @@
-"""The long-running daemon: one APScheduler job per (job, tenant), a heartbeat, and a clean stop on a signal.
+"""The long-running daemon: the (job, tenant) slots, the pool that runs them, a heartbeat, a clean stop on a signal.
 
-The slots themselves (fleet-wide, aligned to an epoch, with the jitter applied inside each run) are defined in
-:mod:`graphsync.schedule`; this module runs them.
+APScheduler only keeps time: at each slot (fleet-wide, aligned to an epoch; :mod:`graphsync.schedule`) it hands the
+pair to the bounded pool of :mod:`graphsync.pool` as a try that comes due after the pair's jitter, plus a head
+start when another replica ran it last, plus a little per run in flight (:mod:`graphsync.affinity`). Waiting costs
+no worker: a worker takes a try only when it is due, so the jitter never holds back other pairs.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import random
 import signal
 import threading
 import time
@@ -21,7 +21,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from graphsync.schedule import first_run, jitter, slot_start, trigger
+from graphsync.affinity import Affinity
+from graphsync.pool import STOP_GRACE_SECONDS, RunPool, Try, exit_now
+from graphsync.schedule import first_run, slot_jitter, slot_start, trigger
 from graphsync.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
-STOP_GRACE_SECONDS = 8.0  # systemd and Kubernetes give 10 s or more before SIGKILL; keep a margin
 
 
 class Daemon:
@@ -50,8 +51,15 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._clock = clock
         self._stop = threading.Event()
-        self._active = 0
-        self._active_lock = threading.Lock()
+        self._affinity = Affinity(runner.replica)
+        self._pool = RunPool(
+            self._run,
+            concurrency=settings.run.concurrency,
+            per_tenant=settings.run.per_tenant,
+            stop=self._stop,
+            delay=self._affinity.delay,
+            clock=clock,
+        )
         self._last_beat = clock()
         self._beat_seconds = min(HEARTBEAT_SECONDS, self._notifier.watchdog_interval or HEARTBEAT_SECONDS)
         pairs = [(job, tenant) for job in settings.jobs for tenant in settings.job_tenants(job)]
@@ -59,18 +67,18 @@ class Daemon:
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={
-                "default": ThreadPoolExecutor(max_workers=max(1, min(8, len(pairs)))),
-                "heartbeat": ThreadPoolExecutor(max_workers=1),  # never queued behind a long run
+                "default": ThreadPoolExecutor(max_workers=1),  # only hands tries to the pool
+                "heartbeat": ThreadPoolExecutor(max_workers=1),
             },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         for job, tenant in pairs:
             name = f"{tenant}/{job.name}"
-            self._scheduler.add_job(self._run, trigger(job), args=(job, tenant), id=name, name=name)
+            self._scheduler.add_job(self._due, trigger(job), args=(job, tenant), id=name, name=name)
             if (first := first_run(job, clock())) is not None:
                 # A separate one-off job: overriding the interval job's first fire time would shift all its slots.
                 self._scheduler.add_job(
-                    self._run,
+                    self._due,
                     DateTrigger(datetime.fromtimestamp(first, UTC)),
                     args=(job, tenant),
                     id=f"{name} (first run)",
@@ -96,6 +104,7 @@ class Daemon:
             signal.signal(signum, self.request_stop)
         if self._health:
             self._health.start()
+        self._pool.start()
         self._scheduler.start()
         self._notifier.ready()
         self._beat()
@@ -103,7 +112,13 @@ class Daemon:
         self._scheduler.add_job(
             self._beat, IntervalTrigger(seconds=self._beat_seconds), id="heartbeat", executor="heartbeat"
         )
-        log.info("scheduler running %d (job, tenant) pair(s) as %s", self._pairs, self._runner.replica)
+        log.info(
+            "scheduler running %d (job, tenant) pair(s) as %s, %d at once (%d per tenant)",
+            self._pairs,
+            self._runner.replica,
+            self._settings.run.concurrency,
+            self._settings.run.per_tenant,
+        )
         self._stop.wait()
         return self._shutdown()
 
@@ -111,17 +126,14 @@ class Daemon:
         self._notifier.stopping()
         log.info("stopping: waiting up to %.0f s for running jobs to reach a page boundary", STOP_GRACE_SECONDS)
         self._scheduler.shutdown(wait=False)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while self._active and time.monotonic() < deadline:
-            time.sleep(0.1)
+        self._pool.wake()
+        finished = self._pool.join(STOP_GRACE_SECONDS)
         if self._health:
             self._health.stop()
-        if self._active:
-            # A worker is stuck inside one HTTP call. Nothing half-written is visible (files are replaced
-            # atomically and the cursor is saved last), so leaving now loses nothing.
-            log.warning("%d job run(s) still busy after %.0f s; exiting without them", self._active, STOP_GRACE_SECONDS)
-            logging.shutdown()
-            os._exit(0)
+        if not finished:
+            stuck = ", ".join(f"{tenant}/{job}" for tenant, job in self._pool.running())
+            log.warning("run(s) of %s still busy after %.0f s; exiting without them", stuck, STOP_GRACE_SECONDS)
+            exit_now(0)
         log.info("stopped")
         return 0
 
@@ -130,19 +142,18 @@ class Daemon:
         self._last_beat = self._clock()
         self._notifier.watchdog()
 
-    def _run(self, job: JobSettings, tenant: str) -> None:
-        if self._stop.wait(random.uniform(0, jitter(job))):
+    def _due(self, job: JobSettings, tenant: str) -> None:
+        """A slot of the pair began (or its first run after start is due): hand the pool a try of it."""
+        now = self._clock()
+        slot = slot_start(job, now)
+        not_before = max(now, slot + slot_jitter(job, f"{tenant}/{job.name}", slot))
+        self._pool.put(Try(job, tenant, not_before))
+
+    def _run(self, attempt: Try) -> None:
+        job, tenant = attempt.job, attempt.tenant
+        if self._stop.is_set():  # a stop that came just now
             return
-        with self._active_lock:
-            self._active += 1
-        try:
-            if self._stop.is_set():  # a stop that came just now: shutdown may not have seen this run as active
-                return
-            self._runner.run(job, tenant, due_after=slot_start(job, self._clock()), stop=self._stop)
-        except Exception:  # a run must never take the scheduler's worker down with it
-            log.exception(
-                "run of %s/%s failed unexpectedly", tenant, job.name, extra={"tenant": tenant, "job": job.name}
-            )
-        finally:
-            with self._active_lock:
-                self._active -= 1
+        # Not first: the pair's last runner has probably served the slot already, so look before leasing.
+        peek = not self._affinity.first(job.name, tenant)
+        result = self._runner.run(job, tenant, due_after=slot_start(job, self._clock()), stop=self._stop, peek=peek)
+        self._affinity.learn(job.name, tenant, result.runner)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -93,6 +94,7 @@ MEMBER_TYPE = "#microsoft.graph.user"
 _MEMBER_RESOURCES = frozenset({"groups"})
 _LINK_OF = {"groups": "members", "users": "manager"}  # the relationship a delta round can track
 _DELTA_SEGMENTS = frozenset({"delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()"})
+_ALL = "*"  # the key under which requests of every tenant are counted together
 _MAX_ROUNDS = 1000  # rounds kept for their skiptokens; the oldest are forgotten first
 # The logs Graph serves only by time: the timestamp each one filters and orders on.
 LOG_TIMES = {
@@ -291,6 +293,13 @@ class FakeGraph(LoopbackHttpsServer):
         )
         self._reports_limit: tuple[int, float] | None = None
         self._report_times: dict[str, collections.deque[float]] = {}
+        self._latency_seconds = 0.0
+        self._storms: dict[str, tuple[float, str]] = {}  # tenant key -> (until, Retry-After)
+        self._hangs: dict[str, float] = {}  # tenant key -> until
+        self._stopping = threading.Event()  # ends every hang, so stop() does not wait for one
+        # Requests being answered now and the most ever, by tenant key and for all tenants together (_ALL).
+        self._active: collections.Counter[str] = collections.Counter()
+        self._most_active: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -548,6 +557,33 @@ class FakeGraph(LoopbackHttpsServer):
             self._reports_limit = value
             self._report_times.clear()
 
+    @property
+    def latency_seconds(self) -> float:
+        """Seconds every request waits before it is answered (faults and errors too), as a distant Graph would."""
+        with self._lock:
+            return self._latency_seconds
+
+    @latency_seconds.setter
+    def latency_seconds(self, value: float) -> None:
+        with self._lock:
+            self._latency_seconds = value
+
+    def throttle_for(self, tenant: str, seconds: float, *, retry_after: str = "60") -> None:
+        """Answer every request of ``tenant`` with 429 and ``Retry-After`` for the next ``seconds``: a storm."""
+        with self._lock:
+            self._storms[tenant_id(tenant)] = (time.time() + seconds, retry_after)
+
+    def hang(self, tenant: str, seconds: float) -> None:
+        """Hold every request of ``tenant`` that arrives in the next ``seconds`` unanswered until they have passed
+        (or the fake stops), as a Graph that accepted the connection but does not answer."""
+        with self._lock:
+            self._hangs[tenant_id(tenant)] = time.time() + seconds
+
+    def max_concurrent_requests(self, tenant: str | None = None) -> int:
+        """The most requests of ``tenant`` (of all tenants together: ``None``) answered at once so far."""
+        with self._lock:
+            return self._most_active[_ALL if tenant is None else tenant_id(tenant)]
+
     def throttle_next(
         self, count: int, *, status: int = 429, retry_after: str = "2", tenant: str | None = None
     ) -> None:
@@ -605,9 +641,15 @@ class FakeGraph(LoopbackHttpsServer):
             return list(self._requests)
 
     def reset_records(self) -> None:
-        """Forget recorded requests; the directory, tokens and pending faults are kept."""
+        """Forget recorded requests and concurrency maxima; the directory, tokens and pending faults are kept."""
         with self._lock:
             self._requests.clear()
+            self._most_active.clear()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        super().stop()
+        self._stopping.clear()
 
     # -- directory internals ---------------------------------------------------------------
 
@@ -681,10 +723,14 @@ class FakeGraph(LoopbackHttpsServer):
         tenant = self._token_tenant(token) if token else None
         request_id = str(uuid.uuid4())
         client_request_id = headers.get("client-request-id") or request_id
+        key = tenant_id(tenant) if tenant is not None else None
         try:
-            reply = self._fault(tenant, request_id, client_request_id) or self._serve(
-                method, split.path, query, headers, token, tenant
-            )
+            with self._answering(key):
+                reply = (
+                    self._storm(key, request_id, client_request_id)
+                    or self._fault(tenant, request_id, client_request_id)
+                    or self._serve(method, split.path, query, headers, token, tenant)
+                )
         except _GraphError as exc:
             reply = _Reply(exc.status, _error_body(exc.code, exc.message, request_id, client_request_id), exc.headers)
         except Exception:  # a bug in the fake must still produce an answer the test can see
@@ -712,6 +758,35 @@ class FakeGraph(LoopbackHttpsServer):
             self._requests.append(record)
         logger.debug("fake Graph: %s %s tenant=%s -> %s", method, split.path, tenant, reply.status)
         return reply
+
+    @contextlib.contextmanager
+    def _answering(self, key: str | None) -> Iterator[None]:
+        """Count the request as being answered (for :meth:`max_concurrent_requests`) while it waits and is served."""
+        counted = (_ALL,) if key is None else (key, _ALL)
+        with self._lock:
+            for name in counted:
+                self._active[name] += 1
+                self._most_active[name] = max(self._most_active[name], self._active[name])
+            latency = self._latency_seconds
+            hang_until = self._hangs.get(key, 0.0) if key is not None else 0.0
+        try:
+            if latency > 0:
+                time.sleep(latency)
+            if hang_until > time.time():
+                self._stopping.wait(hang_until - time.time())
+            yield
+        finally:
+            with self._lock:
+                for name in counted:
+                    self._active[name] -= 1
+
+    def _storm(self, key: str | None, request_id: str, client_request_id: str) -> _Reply | None:
+        with self._lock:
+            until, retry_after = self._storms.get(key, (0.0, "")) if key is not None else (0.0, "")
+        if time.time() >= until:
+            return None
+        body = _error_body("TooManyRequests", _THROTTLED_MESSAGE, request_id, client_request_id)
+        return _Reply(429, body, {"Retry-After": retry_after})
 
     def _fault(self, tenant: str | None, request_id: str, client_request_id: str) -> _Reply | None:
         key = tenant_id(tenant) if tenant is not None else None

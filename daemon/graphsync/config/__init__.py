@@ -23,12 +23,14 @@ from graphsync.config.errors import ConfigError
 from graphsync.config.loading import DEFAULT_CONFIG_PATH, find_config_file, load_settings
 from graphsync.config.models import (
     DEFAULT_OUTPUT_DIRECTORY,
+    MAX_CONCURRENCY,
     CacheSettings,
     GraphSettings,
     IdentitySettings,
     JobSettings,
     MetricsSettings,
     OutputSettings,
+    RunSettings,
     Settings,
     StorageSettings,
 )
@@ -36,6 +38,7 @@ from graphsync.config.models import (
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_OUTPUT_DIRECTORY",
+    "MAX_CONCURRENCY",
     "CacheSettings",
     "CertificateCredential",
     "ConfigError",
@@ -47,6 +50,7 @@ __all__ = [
     "ManagedIdentityCredential",
     "MetricsSettings",
     "OutputSettings",
+    "RunSettings",
     "SecretCredential",
     "Settings",
     "StorageSettings",

@@ -55,6 +55,8 @@ from graphsync.config.jobkinds import LOG_CURSORS, cursor_problem, expand_proble
 from graphsync.schedule import check_crontab, check_interval, interval_seconds
 
 DEFAULT_OUTPUT_DIRECTORY = Path("/var/lib/graphsync")
+# Runs at once in one process: each is a thread with its own Graph and storage connections.
+MAX_CONCURRENCY = 64
 
 # Settings read GRAPHSYNC_<SECTION>__<KEY> variables.
 ENV_PREFIX = "GRAPHSYNC_"
@@ -265,6 +267,19 @@ def _interval_or_off(value: str) -> str:
     return value
 
 
+class RunSettings(BaseModel):
+    """[run]: how many (tenant, job) runs one process does at once, in ``sync`` and in the daemon alike.
+
+    Graph throttles per app and tenant, so a second bound per tenant keeps one big tenant from taking every worker
+    and one tenant's jobs from throttling each other.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] = 8
+    per_tenant: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] = 2
+
+
 class JobSettings(BaseModel):
     """[[jobs]]: one Graph collection exported on a schedule.
 
@@ -363,6 +378,7 @@ class Settings(BaseSettings):
     graph: GraphSettings = Field(default_factory=GraphSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
     jobs: list[JobSettings] = []
 
     @classmethod

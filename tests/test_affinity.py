@@ -1,0 +1,48 @@
+"""Who tries a pair first in a slot: its last runner, unless nobody is known, it is over its share, or loaded."""
+
+from __future__ import annotations
+
+from graphsync.affinity import LOAD_MAX, Affinity
+from graphsync.config import JobSettings
+from graphsync.pool import Try
+from graphsync.schedule import head_start
+
+USERS = JobSettings(name="users", resource="users", every="30s")
+HEAD = head_start(USERS)
+
+
+def test_nobody_known_means_every_replica_tries_at_the_slot_start() -> None:
+    assert Affinity("a").delay(Try(USERS, "t1"), in_flight=0) == 0
+
+
+def test_the_last_runner_tries_first_and_the_others_a_head_start_later() -> None:
+    a, b = Affinity("a"), Affinity("b")
+    for replica in (a, b):
+        replica.learn("users", "t1", "a")
+        replica.learn("users", "t2", "b")
+        replica.learn("users", "t2", None)  # a try that learned nothing changes nothing
+    assert (a.delay(Try(USERS, "t1"), 0), b.delay(Try(USERS, "t1"), 0)) == (0, HEAD)
+    assert (a.delay(Try(USERS, "t2"), 0), b.delay(Try(USERS, "t2"), 0)) == (HEAD, 0)
+    assert b.last_runner("users", "t1") == "a"
+
+
+def test_a_replica_over_its_share_keeps_the_first_try_for_its_share_only() -> None:
+    # "a" started first and ran 9 of 12 pairs; "b" ran 3; "c" is new and has run nothing.
+    views = {name: Affinity(name) for name in "abc"}
+    tenants = [f"t{index:02d}" for index in range(12)]
+    for view in views.values():
+        for index, tenant in enumerate(tenants):
+            view.learn("users", tenant, "a" if index < 9 else "b")
+    a_first = {tenant for tenant in tenants if views["a"].first("users", tenant)}
+    assert len(a_first) == 6, "share of 12 pairs between a and b, as a sees it"
+    c_first = {tenant for tenant in tenants if views["c"].first("users", tenant)}
+    assert len(c_first) == 12 - 4 - 3, "c counts itself: share 4; a keeps 4 of its 9, b its 3"
+    assert not c_first & {tenant for tenant in tenants[9:]}
+
+
+def test_load_delays_every_try_but_a_saturated_last_runner_still_tries_before_the_others() -> None:
+    a, b = Affinity("a"), Affinity("b")
+    for replica in (a, b):
+        replica.learn("users", "t1", "a")
+    assert 0 < a.delay(Try(USERS, "t2"), 4) < a.delay(Try(USERS, "t2"), 8)
+    assert a.delay(Try(USERS, "t1"), 64) == HEAD * LOAD_MAX < b.delay(Try(USERS, "t1"), 0)
