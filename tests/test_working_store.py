@@ -7,6 +7,7 @@ serialization of the fake directory: compact JSON with sorted keys, one line per
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -479,4 +480,26 @@ def test_an_empty_snapshot_passes_between_replicas(hosts: Hosts, fake_graph: Fak
     b.sync()
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
     a.sync()
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+
+
+def test_a_second_process_on_the_host_never_shares_the_store_in_use(
+    hosts: Hosts, fake_graph: FakeGraph, exports: Exports
+) -> None:
+    """While one process holds a (tenant, job)'s store (here: this test, as a `run` beside a manual `sync` would),
+    another works in a throwaway store: correct output, the held store untouched."""
+    populate(fake_graph, TENANT, users=800, groups=0, seed=21)
+    (replica,) = hosts(USERS_JOB)
+    replica.sync()
+    store = replica.store("users")
+    before = store.read_bytes()
+    mutate(fake_graph, TENANT, random.Random(121), changes=10)
+    with open(store.parent / "store.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = replica.sync()
+        assert "in use by another process on this host" in result.stderr, result.stderr
+        assert store.read_bytes() == before, "the store in use was not touched"
+        assert not list(store.parent.parent.glob("graphsync-throwaway-*")), "the throwaway store is gone"
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+    replica.sync()  # the held store catches up from the published chunks
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
