@@ -8,7 +8,6 @@ count it per kind (log, ``state.json``, ``graphsync_reconcile_drift_objects``) a
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -18,8 +17,19 @@ import pytest
 
 from graphsync.timestamps import iso_utc
 from tests import test_sync
+from tests.fakes.azurite import free_port
 from tests.fakes.graph import FakeGraph, populate
-from tests.test_sync import GROUPS_JOB, TENANT, USERS_JOB, DirectoryOutput, Harness, parse_snapshot, write_config
+from tests.test_sync import (
+    GROUPS_JOB,
+    TENANT,
+    USERS_JOB,
+    DirectoryOutput,
+    Harness,
+    assert_same,
+    parse_snapshot,
+    truth,
+    write_config,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import RunGraphsync, StartGraphsync, WriteConfig
@@ -27,12 +37,6 @@ if TYPE_CHECKING:
 out_dir = test_sync.out_dir  # test_sync's fixture, bound here so that pytest finds it for this module too
 
 WEEK = 7 * 24 * 3600
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def drift_metric(port: int, job: str, kind: str) -> float | None:
@@ -157,3 +161,30 @@ def test_a_reconciliation_without_drift_uploads_nothing_and_reconcile_every_zero
         name.endswith("-full.jsonl") and name not in harness.files["never"]
         for name in harness.output.change_files("never")
     )
+
+
+def test_reconciliation_does_not_count_ordinary_changes_since_the_last_run_as_drift(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, run_graphsync: RunGraphsync, out_dir: Path
+) -> None:
+    config = write_config(graphsync_config, fake_graph, jobs=[USERS_JOB], output={"directory": str(out_dir)})
+    harness = Harness(fake_graph, run_graphsync, config, DirectoryOutput(out_dir), {"users": "users"})
+    populate(fake_graph, TENANT, users=50, groups=0, seed=5)
+    harness.sync_and_check(full=True)
+    users = list(fake_graph.objects(TENANT, "users"))
+    make_due(out_dir, "users")
+    # Ordinary changes that delta reports: nothing was missed, so nothing is drift.
+    fake_graph.update(TENANT, "users", users[3], jobTitle="Promoted")
+    fake_graph.add(TENANT, "users", {"id": "ffffffff-new", "displayName": "New hire"})
+
+    harness.sync()
+
+    state = harness.output.state("users")
+    assert state is not None
+    assert state["reconciliation"]["drift"] == dict.fromkeys(state["reconciliation"]["drift"], 0), state
+    new = {
+        name: data for name, data in harness.output.change_files("users").items() if name not in harness.files["users"]
+    }
+    assert len(new) == 2, sorted(new)
+    delta = next(data for name, data in new.items() if not name.endswith("-full.jsonl"))
+    assert {json.loads(line)["id"] for line in delta.splitlines()} == {users[3], "ffffffff-new"}, "delta's own file"
+    assert_same(parse_snapshot(harness.output.snapshot("users")), truth(fake_graph, "users"), "snapshot vs directory")

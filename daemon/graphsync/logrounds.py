@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from graphsync.graph import GraphClient, MalformedResponse
 from graphsync.rounds import Progress, RunInterrupted, saved_query
@@ -159,7 +159,7 @@ class LogRoundRunner:
                     raise RunInterrupted("stopped between pages")
             if done.written:
                 changes.seek(0)
-                self._sink.write_changes(tenant, job.name, change_file(False), _lines(changes))
+                self._sink.write_changes(tenant, job.name, change_file(False), changes)
         done.cursor = _advance(previous, seen, done.complete, oldest, newest, overlap)
         if not done.complete:
             log.info(
@@ -215,7 +215,3 @@ def _may_come_again(at: datetime, cursor: LogCursor, overlap: timedelta) -> bool
         return cursor.time is not None
     before_cursor = cursor.time is not None and at <= cursor.time
     return before_cursor or at == cursor.backlog.until or at >= cursor.backlog.top - overlap
-
-
-def _lines(file: IO[bytes]) -> Iterator[bytes]:
-    yield from file

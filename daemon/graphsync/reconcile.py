@@ -5,10 +5,12 @@ Why: delta can miss changes (Graph's docs-contrib tracker has membership removal
 ``reconcile_every`` (default 6 days, below that lifetime) puts the snapshot right, and comparing it with what was
 published says how wrong the snapshot had become: *drift*, which an operator should see, per kind.
 
-The round itself is an ordinary full round (:mod:`graphsync.rounds`): it publishes only the chunks that differ and
-writes its ``-full`` change file. What this module adds is the comparison: the working store's lines, saved just
-before the full round replaced them, against the store after it, both in id order, so memory holds two lines at a
-time whatever the directory's size.
+The run first applies the saved delta link as an ordinary delta round (published, with its change file): changes
+that delta reports are not drift, and the published snapshot is up to an interval older than the directory. The
+full round that follows is an ordinary full round too (:mod:`graphsync.rounds`): it publishes only the chunks that
+differ (nothing at all when there is no drift) and writes its ``-full`` change file. What this module adds is the
+comparison: the working store's lines, saved between the two rounds, against the store after the full round, both
+in id order, so memory holds two lines at a time whatever the directory's size.
 """
 
 from __future__ import annotations
