@@ -32,6 +32,8 @@ typecheck: setup
 bench: setup
 	$(BIN)/python bench/token_cache.py
 	$(BIN)/python bench/sync.py
+	$(BIN)/python bench/delta_round.py
+	$(BIN)/python bench/fleet.py
 
 demo: setup
 	$(BIN)/python -m tests.demo

@@ -5,7 +5,7 @@ For each size N (default 10,000 and 100,000) it runs, one after the other, again
 
 * **baseline** — a child process with a plain ``requests.Session``: GET the delta URL with a bearer token,
   ``.json()`` each page, count and discard its objects, follow ``@odata.nextLink`` until the ``@odata.deltaLink``;
-* **graphsync** — a child process running ``python -m daemon sync --config <toml>``: the real command, with the
+* **graphsync** — a child process running ``python -m graphsync sync --config <toml>``: the real command, with the
   token from the fake Entra through the shared token cache on Azurite, the job lock lease on Azurite, the SQLite
   working store, the change file and ``snapshot.jsonl`` published to a local directory.
 
@@ -517,7 +517,7 @@ def report(
     )
 
     notes = [
-        "graphsync = `python -m daemon sync --config <toml>` (one job: users, delta = true, select "
+        "graphsync = `python -m graphsync sync --config <toml>` (one job: users, delta = true, select "
         f"{','.join(SELECT)}; output directory; Azurite for the token cache and the job lock). baseline = "
         "requests.Session().get(...).json() over the same delta URL with a bearer token issued beforehand, "
         "objects counted and discarded.",

@@ -17,6 +17,7 @@ from graphsync.config import (
     load_settings,
     loading,
 )
+from graphsync.preflight import setup_warnings
 
 SECRET = "s3cr3t-VALUE-123"
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "graphsync.example.toml"
@@ -823,6 +824,21 @@ def test_job_kind_keys_get_defaults(tmp_path: Path) -> None:
     assert users.expand == ["manager"] and users.reconcile_seconds == 6 * 86400 and users.cursor is None
     assert (signins.cursor, signins.since, signins.overlap, signins.max_pages) == ("createdDateTime", "7d", "1h", 20)
     assert signins.reconcile_seconds is None
+
+
+def test_check_warns_when_reconcile_every_is_not_longer_than_every(tmp_path: Path) -> None:
+    write_secret(tmp_path)
+    path = write(
+        tmp_path,
+        MINIMAL
+        + job('resource = "users"\ndelta = true\nreconcile_every = "30m"')
+        + job('resource = "groups"\ndelta = true').replace('"j"', '"k"'),
+    )
+
+    warnings = [w for w in setup_warnings(load_settings(path, {})) if w.name != "token cache encryption"]
+
+    assert [w.name for w in warnings] == ["jobs[0].reconcile_every"]
+    assert "job j runs every 1h but reconcile_every = '30m'" in warnings[0].detail and '"0"' in warnings[0].fix
 
 
 def test_reconcile_every_zero_turns_reconciliation_off(tmp_path: Path) -> None:

@@ -661,7 +661,7 @@ def sign_ins(count: int, start: str = "2026-05-01T10:00:00", prefix: str = "s") 
 def test_sign_in_log_is_filtered_by_time_and_served_newest_first_in_pages(graph: FakeGraph, client: Client) -> None:
     graph.add_log_records(CONTOSO, "auditLogs/signIns", sign_ins(30))
     graph.page_size = 7
-    window = "createdDateTime ge 2026-05-01T10:05:00Z and createdDateTime lt 2026-05-01T10:25:00Z"
+    window = "createdDateTime ge 2026-05-01T10:05:00Z and createdDateTime le 2026-05-01T10:24:59Z"
     walk = client.walk(f"/v1.0/auditLogs/signIns?$filter={window}")
     assert [record["id"] for record in walk.records] == [f"s{n:04d}" for n in range(24, 4, -1)]
     assert [len(page) for page in walk.pages] == [7, 7, 6] and walk.delta_link is None
@@ -672,10 +672,36 @@ def test_sign_in_log_is_filtered_by_time_and_served_newest_first_in_pages(graph:
     late = client.walk("/v1.0/auditLogs/signIns?$filter=createdDateTime ge 2026-05-01T10:05:00Z").records
     assert [record["id"] for record in late][-2:] == ["late0000", "s0005"]
 
-    for bad in ("activityDateTime ge 2026-05-01T10:00:00Z", "createdDateTime ge yesterday", "startsWith(x,'a')"):
+    for bad in (
+        "activityDateTime ge 2026-05-01T10:00:00Z",
+        "createdDateTime ge yesterday",
+        "startsWith(x,'a')",
+        "createdDateTime gt 2026-05-01T10:00:00Z",  # sign-ins document eq, ge and le only
+    ):
         response = client.get(f"/v1.0/auditLogs/signIns?$filter={bad}")
         assert response.status_code == 400, bad
     assert client.get("/v1.0/auditLogs/signIns/delta").status_code != 200, "logs have no delta"
+
+
+def test_each_log_takes_only_the_filter_operators_and_order_its_page_documents(
+    graph: FakeGraph, client: Client
+) -> None:
+    records = [
+        {"id": "p1", "activityDateTime": "2026-05-01T10:00:00.1234563Z", "jobId": "j"},
+        {"id": "p2", "activityDateTime": "2026-05-01T10:00:00.1234567Z", "jobId": "j"},
+        {"id": "p3", "activityDateTime": "2026-05-01T10:00:01Z", "jobId": "j"},
+    ]
+    graph.add_log_records(CONTOSO, "auditLogs/provisioning", records)
+    provisioning = "/v1.0/auditLogs/provisioning"
+    assert client.get(f"{provisioning}?$filter=activityDateTime ge 2026-05-01T10:00:00Z").status_code == 400
+    # gt/lt only, compared to the 100-ns tick: p1 and p2 lie in the same microsecond
+    window = "activityDateTime gt 2026-05-01T10:00:00.1234562Z and activityDateTime lt 2026-05-01T10:00:00.1234567Z"
+    assert [r["id"] for r in client.walk(f"{provisioning}?$filter={window}").records] == ["p1"]
+    # no documented order: oldest first unless asked
+    assert [r["id"] for r in client.walk(provisioning).records] == ["p1", "p2", "p3"]
+    newest_first = client.walk(f"{provisioning}?$orderby=activityDateTime desc&$select=jobId").records
+    assert newest_first == [{"id": "p3", "jobId": "j"}, {"id": "p2", "jobId": "j"}, {"id": "p1", "jobId": "j"}]
+    assert client.get(f"{provisioning}?$orderby=jobId").status_code == 400
 
 
 def test_reports_limit_answers_429_with_retry_after_until_the_window_frees(graph: FakeGraph, client: Client) -> None:

@@ -113,6 +113,7 @@ def test_the_dashboard_has_a_titled_panel_with_a_query_for_each_subject() -> Non
         "graphsync_storage_operations_total",
         "graphsync_graph_throttled_retries_total",
         "graphsync_reconcile_drift_objects",
+        "graphsync_reconcile_last_timestamp_seconds",
     } <= used
 
 

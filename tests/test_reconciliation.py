@@ -8,7 +8,6 @@ count it per kind (log, ``state.json``, ``graphsync_reconcile_drift_objects``) a
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -16,10 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from graphsync.timestamps import iso_utc
+from graphsync.timestamps import epoch, iso_utc
 from tests import test_sync
+from tests.fakes.azurite import free_port
 from tests.fakes.graph import FakeGraph, populate
-from tests.test_sync import GROUPS_JOB, TENANT, USERS_JOB, DirectoryOutput, Harness, parse_snapshot, write_config
+from tests.test_sync import (
+    GROUPS_JOB,
+    TENANT,
+    USERS_JOB,
+    DirectoryOutput,
+    Harness,
+    assert_same,
+    parse_snapshot,
+    truth,
+    write_config,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import RunGraphsync, StartGraphsync, WriteConfig
@@ -29,24 +39,22 @@ out_dir = test_sync.out_dir  # test_sync's fixture, bound here so that pytest fi
 WEEK = 7 * 24 * 3600
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def drift_metric(port: int, job: str, kind: str) -> float | None:
-    """The gauge's value for (TENANT, job, kind), or None while it is not exposed (or the server not up)."""
+def gauge(port: int, name: str, **labels: str) -> float | None:
+    """A gauge's value for TENANT and ``labels``, or None while it is not exposed (or the server not up)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
         return None
-    labels = f'job="{job}",kind="{kind}",tenant="{TENANT}"'
+    selector = ",".join(f'{key}="{value}"' for key, value in sorted({**labels, "tenant": TENANT}.items()))
     for line in text.splitlines():
-        if line.startswith(f"graphsync_reconcile_drift_objects{{{labels}}} "):
+        if line.startswith(f"{name}{{{selector}}} "):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def drift_metric(port: int, job: str, kind: str) -> float | None:
+    return gauge(port, "graphsync_reconcile_drift_objects", job=job, kind=kind)
 
 
 def make_due(out_dir: Path, job: str) -> dict[str, Any]:
@@ -157,3 +165,68 @@ def test_a_reconciliation_without_drift_uploads_nothing_and_reconcile_every_zero
         name.endswith("-full.jsonl") and name not in harness.files["never"]
         for name in harness.output.change_files("never")
     )
+
+
+def test_reconciliation_does_not_count_ordinary_changes_since_the_last_run_as_drift(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, run_graphsync: RunGraphsync, out_dir: Path
+) -> None:
+    config = write_config(graphsync_config, fake_graph, jobs=[USERS_JOB], output={"directory": str(out_dir)})
+    harness = Harness(fake_graph, run_graphsync, config, DirectoryOutput(out_dir), {"users": "users"})
+    populate(fake_graph, TENANT, users=50, groups=0, seed=5)
+    harness.sync_and_check(full=True)
+    users = list(fake_graph.objects(TENANT, "users"))
+    make_due(out_dir, "users")
+    # Ordinary changes that delta reports: nothing was missed, so nothing is drift.
+    fake_graph.update(TENANT, "users", users[3], jobTitle="Promoted")
+    fake_graph.add(TENANT, "users", {"id": "ffffffff-new", "displayName": "New hire"})
+
+    harness.sync()
+
+    state = harness.output.state("users")
+    assert state is not None
+    assert state["reconciliation"]["drift"] == dict.fromkeys(state["reconciliation"]["drift"], 0), state
+    new = {
+        name: data for name, data in harness.output.change_files("users").items() if name not in harness.files["users"]
+    }
+    assert len(new) == 2, sorted(new)
+    delta = next(data for name, data in new.items() if not name.endswith("-full.jsonl"))
+    assert {json.loads(line)["id"] for line in delta.splitlines()} == {users[3], "ffffffff-new"}, "delta's own file"
+    assert_same(parse_snapshot(harness.output.snapshot("users")), truth(fake_graph, "users"), "snapshot vs directory")
+
+
+def test_a_restarted_replica_exports_the_last_success_and_reconciliation_recorded_in_state_json(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    start_graphsync: StartGraphsync,
+    out_dir: Path,
+) -> None:
+    """Alerts on a job's age and on drift must not depend on which process last succeeded or reconciled."""
+    port = free_port()
+    config = write_config(
+        graphsync_config,
+        fake_graph,
+        jobs=[{**USERS_JOB, "every": "1h"}],
+        output={"directory": str(out_dir)},
+        metrics={"port": port},
+    )
+    populate(fake_graph, TENANT, users=20, groups=0, seed=33)
+    assert run_graphsync("sync", "--config", str(config)).returncode == 0  # another process, now gone
+    path = out_dir / TENANT / "users" / "state.json"
+    state = json.loads(path.read_bytes())
+    drift = {"missing": 2, "extra": 0, "different": 1, "member_missing": 0, "member_extra": 0}
+    state["reconciliation"] = {"at": "2026-01-02T03:04:05Z", "drift": drift, "first_ids": {}}
+    path.write_text(json.dumps(state))
+    fake_graph.deny(TENANT, "users")  # this daemon's runs fail (or skip: the slot was served): no success of its own
+
+    daemon = start_graphsync("run", "--config", str(config))
+    deadline = time.monotonic() + 60
+    while gauge(port, "graphsync_reconcile_last_timestamp_seconds", job="users") is None:
+        assert daemon.poll() is None, daemon.communicate()
+        if time.monotonic() > deadline:
+            pytest.fail("the daemon did not export the recorded reconciliation within 60 s")
+        time.sleep(0.2)
+
+    assert gauge(port, "graphsync_job_last_success_timestamp_seconds", job="users") == epoch(state["last_success"])
+    assert gauge(port, "graphsync_reconcile_last_timestamp_seconds", job="users") == epoch("2026-01-02T03:04:05Z")
+    assert {kind: drift_metric(port, "users", kind) for kind in drift} == drift

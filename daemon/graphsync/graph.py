@@ -110,6 +110,7 @@ class GraphClient:
         delta: bool = False,
         top: int | None = None,
         filter_expression: str | None = None,
+        orderby: str | None = None,
     ) -> str:
         url = f"{self.base_url}/{resource}{'/delta' if delta else ''}"
         query = []
@@ -119,6 +120,8 @@ class GraphClient:
             query.append("$expand=" + ",".join(expand))
         if filter_expression:
             query.append("$filter=" + quote(filter_expression, safe=":"))
+        if orderby:
+            query.append("$orderby=" + quote(orderby))
         if top is not None:
             query.append(f"$top={top}")
         return url + ("?" + "&".join(query) if query else "")

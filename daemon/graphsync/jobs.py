@@ -11,6 +11,7 @@ the fleet runs it once per interval, not once per replica.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ from graphsync.graph import GraphClient, GraphError
 from graphsync.identity import TokenError
 from graphsync.logrounds import LogRoundRunner
 from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
-from graphsync.reconcile import LAST_FULL_ROUND, reconciliation_due, report_drift
+from graphsync.reconcile import LAST_FULL_ROUND, export_reconciliation, reconciliation_due, report_drift
 from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
@@ -110,6 +111,7 @@ class JobRunner:
                 state, _ = self._sink.read_state(tenant, job.name)
             except StorageError:
                 state = None  # the locked path reads it again and reports what is wrong
+            _export_recorded(tenant, job.name, state or {})
             if (served := _served(job, tenant, state, due_after)) is not None:
                 return self._finish(served)
         try:
@@ -165,6 +167,7 @@ class JobRunner:
             state, etag = self._sink.read_state(tenant, job.name)
         except StorageError as exc:
             return self._finish(RunResult(tenant, job.name, "failed", message=str(exc), runner=self.replica))
+        _export_recorded(tenant, job.name, state or {})
         if due_after is not None and (served := _served(job, tenant, state, due_after)) is not None:
             return self._finish(served)
         state = state or {}
@@ -263,9 +266,11 @@ class JobRunner:
         )
         result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
         result.full, result.resync = done.full, done.resync
+        fields = {"delta_link": done.delta_link} | _snapshot_state(done) | _reconcile_state(done, started)
         if done.drift is not None:
             report_drift(done.drift, tenant, job.name)
-        return {"delta_link": done.delta_link} | _snapshot_state(done) | _reconcile_state(done, started)
+            export_reconciliation(tenant, job.name, fields["reconciliation"])
+        return fields
 
     def _save_state(self, tenant: str, job: JobSettings, etag: str | None, state: dict[str, Any]) -> bool:
         try:
@@ -314,6 +319,21 @@ class JobRunner:
                 extra=extra,
             )
         return result
+
+
+def _export_recorded(tenant: str, job: str, state: dict[str, Any]) -> None:
+    """Re-export what ``state.json`` says of the whole fleet, so that alerts need no success in this process.
+
+    A restarted replica's gauges start empty: without this, the last success and the last reconciliation would
+    vanish from its ``/metrics`` until it next ran the job itself. Every try reads the state anyway (a peek, or
+    under the lock), so this costs no request.
+    """
+    last_success = state.get("last_success")
+    if isinstance(last_success, str):
+        with contextlib.suppress(ValueError):  # an unreadable time is not worth failing the run over
+            JOB_LAST_SUCCESS.labels(tenant, job).set(epoch(last_success))
+    if "reconciliation" in state:
+        export_reconciliation(tenant, job, state["reconciliation"])
 
 
 def _reconcile_state(done: Round, started: float) -> dict[str, Any]:

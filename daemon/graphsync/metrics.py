@@ -47,7 +47,8 @@ OBJECTS_SYNCED = Counter(
 )
 JOB_LAST_SUCCESS = Gauge(
     "graphsync_job_last_success_timestamp_seconds",
-    "Unix time of the last successful run of a job on this replica.",
+    "Unix time of the job's last successful run: set by a success on this replica, and from state.json (the "
+    "fleet's last success) whenever this replica takes the job's lock, so that it survives restarts.",
     ["tenant", "job"],
 )
 GRAPH_THROTTLED = Counter(
@@ -58,6 +59,13 @@ GRAPH_THROTTLED = Counter(
 RECONCILE_DRIFT = Gauge(
     "graphsync_reconcile_drift_objects",
     "Drift the last reconciliation found between a delta job's snapshot and a full round, by kind (missing, extra, "
-    "different objects; member_missing, member_extra links); corrected by that round.",
+    "different objects; member_missing, member_extra links); corrected by that round. Set by a reconciliation on "
+    "this replica, and from state.json whenever this replica takes the job's lock.",
     ["tenant", "job", "kind"],
+)
+RECONCILE_LAST = Gauge(
+    "graphsync_reconcile_last_timestamp_seconds",
+    "Unix time of the reconciliation graphsync_reconcile_drift_objects describes: alert on the replica with the "
+    "latest one, since another replica's gauge may hold an older reconciliation.",
+    ["tenant", "job"],
 )

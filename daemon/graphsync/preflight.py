@@ -81,7 +81,10 @@ class SetupWarning:
 
 
 def setup_warnings(settings: Settings) -> list[SetupWarning]:
-    """What ``graphsync check`` warns about: read from the configuration alone, so it needs no storage or token."""
+    """What ``graphsync check`` warns about: read from the configuration alone, so it needs no storage or token.
+
+    An unencrypted token cache; a delta job whose ``reconcile_every`` is not longer than its ``every`` (allowed, but
+    then no run of it is a delta round)."""
     warnings = []
     if not settings.storage.encryption_keys:
         warnings.append(
@@ -94,6 +97,18 @@ def setup_warnings(settings: Settings) -> list[SetupWarning]:
                 "storage.encryption_key_file, and restart them (README: Encrypting the token cache)",
             )
         )
+    for index, job in enumerate(settings.jobs):
+        reconcile, every = job.reconcile_seconds, job.interval_seconds
+        if reconcile is not None and every is not None and reconcile <= every:
+            warnings.append(
+                SetupWarning(
+                    f"jobs[{index}].reconcile_every",
+                    f"job {job.name} runs every {job.every} but reconcile_every = {job.reconcile_every!r} is not "
+                    "longer: every run is a full round compared with the snapshot, never a delta round",
+                    'set reconcile_every longer than every (the default "6d" suits any job run at least weekly), '
+                    'or "0" to turn reconciliation off',
+                )
+            )
     return warnings
 
 

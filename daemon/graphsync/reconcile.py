@@ -5,10 +5,12 @@ Why: delta can miss changes (Graph's docs-contrib tracker has membership removal
 ``reconcile_every`` (default 6 days, below that lifetime) puts the snapshot right, and comparing it with what was
 published says how wrong the snapshot had become: *drift*, which an operator should see, per kind.
 
-The round itself is an ordinary full round (:mod:`graphsync.rounds`): it publishes only the chunks that differ and
-writes its ``-full`` change file. What this module adds is the comparison: the working store's lines, saved just
-before the full round replaced them, against the store after it, both in id order, so memory holds two lines at a
-time whatever the directory's size.
+The run first applies the saved delta link as an ordinary delta round (published, with its change file): changes
+that delta reports are not drift, and the published snapshot is up to an interval older than the directory. The
+full round that follows is an ordinary full round too (:mod:`graphsync.rounds`): it publishes only the chunks that
+differ (nothing at all when there is no drift) and writes its ``-full`` change file. What this module adds is the
+comparison: the working store's lines, saved between the two rounds, against the store after the full round, both
+in id order, so memory holds two lines at a time whatever the directory's size.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from graphsync.metrics import RECONCILE_DRIFT
+from graphsync.metrics import RECONCILE_DRIFT, RECONCILE_LAST
 from graphsync.snapshot import MEMBERS, SnapshotStore
 from graphsync.timestamps import epoch
 
@@ -114,9 +116,7 @@ def _compare_object(drift: Drift, object_id: str, before: dict[str, Any], after:
 
 
 def report_drift(drift: Drift, tenant: str, job: str) -> None:
-    """Log the drift (a warning when there is any) and expose it as ``graphsync_reconcile_drift_objects``."""
-    for kind, count in drift.counts.items():
-        RECONCILE_DRIFT.labels(tenant, job, kind).set(count)
+    """Log the drift: a warning with the first ids when there is any."""
     extra = {"tenant": tenant, "job": job}
     if not drift.total:
         log.info("reconciliation of %s/%s: the snapshot matched a full round", tenant, job, extra=extra)
@@ -127,3 +127,20 @@ def report_drift(drift: Drift, tenant: str, job: str) -> None:
         if count
     )
     log.warning("reconciliation of %s/%s found drift, now corrected: %s", tenant, job, found, extra=extra)
+
+
+def export_reconciliation(tenant: str, job: str, recorded: Any) -> None:
+    """Expose the reconciliation ``state.json`` records (``"reconciliation"``) as ``graphsync_reconcile_*``.
+
+    Called with the state each run reads as well as after a reconciliation, so that any replica that runs the job
+    exports the fleet's last reconciliation, after a restart too; a state without one (or an unreadable one)
+    changes nothing.
+    """
+    try:
+        at = epoch(recorded["at"])
+        counts = {kind: int(recorded["drift"][kind]) for kind in DRIFT_KINDS}
+    except (KeyError, TypeError, ValueError):
+        return
+    for kind, count in counts.items():
+        RECONCILE_DRIFT.labels(tenant, job, kind).set(count)
+    RECONCILE_LAST.labels(tenant, job).set(at)

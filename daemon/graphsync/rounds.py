@@ -11,16 +11,18 @@ The order is what makes a round safe to interrupt anywhere:
 
 A failure or a kill before step 3's commit rolls the store back to the version it is tagged with; after it, the
 store equals what was published. A round that received nothing publishes nothing and writes no change file.
+
+A reconciling run (:mod:`graphsync.reconcile`) is two such rounds in a row: the delta round from the saved link,
+then a full round compared with what the delta round left.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -41,7 +43,7 @@ Progress = Callable[[str, str, int, int], None]
 
 
 class RunInterrupted(Exception):
-    """The run stopped between pages (shutdown, or the lock was lost); nothing of it was published."""
+    """The run stopped between pages (shutdown, or the lock was lost); nothing of the current round was published."""
 
 
 @dataclass
@@ -56,8 +58,8 @@ class Round:
     resync: bool = False
     refreshed: Refreshed | None = None
     publication: Publication | None = None
-    touched: set[str] = field(default_factory=set)  # ids of the records received: where the chunks may change
     drift: Drift | None = None  # set by a reconciling round: how far the published snapshot was from it
+    touched: set[str] = field(default_factory=set)  # ids of the records received: where the chunks may change
 
 
 def saved_query(job: JobSettings) -> dict[str, Any]:
@@ -81,6 +83,19 @@ def _new_object_defaults(job: JobSettings) -> dict[str, Any]:
     return {MANAGER: None} if MANAGER in (job.expand or ()) else {}
 
 
+@dataclass(frozen=True)
+class _RoundContext:
+    """What every round of one run shares."""
+
+    job: JobSettings
+    tenant: str
+    store: SnapshotStore
+    query: str  # the store tag's query: the output and the job's saved query
+    change_file: Callable[[bool], str]
+    interrupted: Callable[[], bool]
+    progress: Progress | None
+
+
 class RoundRunner:
     """Runs rounds for one output, with the working stores of this host."""
 
@@ -102,41 +117,57 @@ class RoundRunner:
     ) -> Round:
         """One round from ``state`` (the job's ``state.json``); ``change_file(full)`` names its change file.
 
-        ``reconcile``: a full round even with a delta link, compared with the published snapshot it replaces
-        (:mod:`graphsync.reconcile`).
+        ``reconcile``: a full round even with a delta link, compared with the snapshot it replaces
+        (:mod:`graphsync.reconcile`). The delta link is applied first, as an ordinary delta round of its own
+        (published, with its change file): what delta reports is not drift, so the full round is compared with
+        the snapshot delta brought up to date, not with the one published up to an interval ago.
         """
-        done = Round()
         delta_link = state.get("delta_link") if job.delta and state.get("query") == saved_query(job) else None
         version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
         if delta_link and version is None:
             log.warning("snapshot of %s/%s is missing; doing a full sync", tenant, job.name)
             delta_link = None
         query = store_query(self._sink, job)
-        with (
-            self._stores.open(tenant, job.name) as store,
-            tempfile.TemporaryFile(dir=store.path.parent) as changes,
-            contextlib.ExitStack() as cleanup,
-        ):
+        with self._stores.open(tenant, job.name) as store:
+            refreshed = None
             if delta_link and version is not None:
                 try:
-                    done.refreshed = refresh(store, self._sink, tenant, job.name, version=version, query=query)
-                    if not done.refreshed.warm:
+                    refreshed = refresh(store, self._sink, tenant, job.name, version=version, query=query)
+                    if not refreshed.warm:
                         log.info(
                             "working store of %s/%s brought up to date: %d chunks, %d bytes read",
                             tenant,
                             job.name,
-                            done.refreshed.chunks_read,
-                            done.refreshed.bytes_read,
+                            refreshed.chunks_read,
+                            refreshed.bytes_read,
                             extra={"tenant": tenant, "job": job.name},
                         )
                 except (ValueError, KeyError, TypeError, sqlite3.Error):
                     log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
                     delta_link = None
-            baseline = None
-            if reconcile and delta_link is not None:  # the store now equals the published snapshot: keep it
-                baseline = cleanup.enter_context(saved_lines(store))
-                delta_link = None
-            previous = self._published(store, tenant, job.name, version, query)
+            context = _RoundContext(job, tenant, store, query, change_file, interrupted, progress)
+            done = self._one(context, version, delta_link)
+            if reconcile and not done.full:  # caught up with delta: the store now holds what delta knows
+                caught_up = done
+                if caught_up.publication is not None:
+                    version = caught_up.publication.version
+                with saved_lines(store) as baseline:
+                    done = self._one(context, version, None, baseline=baseline)
+                done.pages += caught_up.pages
+                done.changes += caught_up.changes
+            done.refreshed = refreshed
+        return done
+
+    def _one(
+        self, context: _RoundContext, version: str | None, delta_link: str | None, baseline: IO[bytes] | None = None
+    ) -> Round:
+        """One round into the store (a delta round from ``delta_link``, else a full one), published over ``version``
+        in one store transaction, then its change file; with ``baseline`` (snapshot lines), the drift from it."""
+        job, tenant, store = context.job, context.tenant, context.store
+        interrupted, progress = context.interrupted, context.progress
+        done = Round()
+        previous = self._published(store, tenant, job.name, version, context.query)
+        with tempfile.TemporaryFile(dir=store.path.parent) as changes:
             with store.transaction():
                 if delta_link is None:
                     store.clear()
@@ -176,12 +207,12 @@ class RoundRunner:
                         version=version,
                         previous=previous,
                         touched=None if done.full else done.touched,
-                        query=query,
+                        query=context.query,
                     )
                     _log_publication(tenant, job.name, done.publication)
             if done.changes or done.full:  # a full round says so even when it received nothing
                 changes.seek(0)
-                self._sink.write_changes(tenant, job.name, change_file(done.full), _lines(changes))
+                self._sink.write_changes(tenant, job.name, context.change_file(done.full), changes)
         return done
 
     def _collection_url(self, job: JobSettings) -> str:
@@ -265,7 +296,3 @@ def _change(record: dict[str, Any]) -> dict[str, Any]:
     if "@removed" in record:
         return {"id": record["id"], "@removed": record["@removed"]}
     return record
-
-
-def _lines(file: IO[bytes]) -> Iterator[bytes]:
-    yield from file

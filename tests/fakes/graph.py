@@ -21,8 +21,12 @@ token was issued for by :class:`~tests.fakes.entra.FakeEntra`):
 * ``GET /v1.0/{resource}/{id}`` -- one object.
 * ``GET /v1.0/auditLogs/signIns?$filter=createdDateTime ge 2024-05-01T00:00:00Z and ...&$top=N``
   (likewise ``auditLogs/directoryAudits`` and ``auditLogs/provisioning`` on ``activityDateTime``)
-  -- an append-only log: no delta, filtered by its timestamp (``ge``/``gt``/``le``/``lt``),
-  newest first, paged with ``$skiptoken``, ``$top`` capped at 1,000, as Graph documents; with
+  -- an append-only log: no delta, filtered by its timestamp with the operators each log's page
+  documents (sign-ins and directory audits: ``eq``/``ge``/``le``; provisioning: ``eq``/``gt``/``lt``;
+  anything else is a 400), compared to the 100-ns tick as Graph's DateTimeOffset is, ordered by
+  ``$orderby=<timestamp> desc|asc`` (sign-ins are documented newest first without it; the other two
+  document no order, and the fake serves them oldest first), ``$select`` honoured (``id`` always
+  comes), paged with ``$skiptoken``, ``$top`` capped at 1,000, as Graph documents; with
   :attr:`FakeGraph.reports_limit` set, requests beyond that rate get 429 with ``Retry-After``,
   as the reporting APIs' much lower limits (5 requests per 10 s per app and tenant) do.
 
@@ -102,9 +106,18 @@ LOG_TIMES = {
     "auditLogs/directoryAudits": "activityDateTime",
     "auditLogs/provisioning": "activityDateTime",
 }
+# The $filter operators each log's page documents on its timestamp (Graph answers others with 400).
+_LOG_OPERATORS = {
+    "auditLogs/signIns": frozenset({"eq", "ge", "le"}),
+    "auditLogs/directoryAudits": frozenset({"eq", "ge", "le"}),
+    "auditLogs/provisioning": frozenset({"eq", "gt", "lt"}),
+}
+_NEWEST_FIRST_BY_DEFAULT = frozenset({"auditLogs/signIns"})  # the only log whose default order is documented
 _MAX_LOG_PAGE = 1000  # the largest (and default) page of the reporting APIs
-_FILTER_CLAUSE = re.compile(r"\s*(\w+)\s+(ge|gt|le|lt)\s+(\S+)\s*", re.IGNORECASE)
-_COMPARE: dict[str, Callable[[datetime, datetime], bool]] = {
+_FILTER_CLAUSE = re.compile(r"\s*(\w+)\s+(eq|ge|gt|le|lt)\s+(\S+)\s*", re.IGNORECASE)
+_GRAPH_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,7}))?(Z|[+-]\d\d:\d\d)", re.IGNORECASE)
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    "eq": lambda a, b: a == b,
     "ge": lambda a, b: a >= b,
     "gt": lambda a, b: a > b,
     "le": lambda a, b: a <= b,
@@ -861,16 +874,22 @@ class FakeGraph(LoopbackHttpsServer):
             round_id = str(state["l"])
         else:
             time_property = LOG_TIMES[resource]
-            bounds = _time_filter(query.get("$filter"), time_property)
+            bounds = _time_filter(query.get("$filter"), time_property, _LOG_OPERATORS[resource])
+            newest_first = _log_order(query.get("$orderby"), time_property, resource in _NEWEST_FIRST_BY_DEFAULT)
+            select = _parse_select(query.get("$select"))
             top = query.get("$top")
             page_size = min(_positive_int(top, "$top"), _MAX_LOG_PAGE) if top else min(self.page_size, _MAX_LOG_PAGE)
             with self._lock:
-                records = [
-                    dict(record)
+                timed = [
+                    (_log_time(record, time_property), dict(record))
                     for record in self._logs.get((tkey, resource), {}).values()
-                    if all(_COMPARE[op](_log_time(record, time_property), bound) for op, bound in bounds)
                 ]
-            records.sort(key=lambda record: (_log_time(record, time_property), record["id"]), reverse=True)
+            timed = [(at, record) for at, record in timed if all(_COMPARE[op](at, bound) for op, bound in bounds)]
+            timed.sort(key=lambda item: (item[0], item[1]["id"]), reverse=newest_first)
+            records = [
+                {key: value for key, value in record.items() if select is None or key in select or key == "id"}
+                for _, record in timed
+            ]
             round_id, page, log_round = secrets.token_urlsafe(12), 0, (tkey, resource, records, page_size)
             with self._lock:
                 self._log_rounds[round_id] = log_round
@@ -1221,28 +1240,48 @@ def _links(resource: str, query: Mapping[str, str]) -> frozenset[str]:
     return frozenset({link}) if link is not None and link in asked else frozenset()
 
 
-def _log_time(record: Mapping[str, Any], time_property: str) -> datetime:
+def _ticks(value: str) -> int | None:
+    """100-ns ticks since the epoch of a Graph DateTimeOffset (at most 7 fractional digits), or None."""
+    match = _GRAPH_TIME.fullmatch(value)
+    if match is None:
+        return None
+    zone = "+00:00" if match[3].upper() == "Z" else match[3]
+    seconds = int(datetime.fromisoformat(match[1] + zone).timestamp())
+    return seconds * 10_000_000 + int((match[2] or "").ljust(7, "0"))
+
+
+def _log_time(record: Mapping[str, Any], time_property: str) -> int:
+    """A log record's timestamp as Graph compares it: to the 100-ns tick."""
     value = record.get(time_property)
-    if not isinstance(value, str):
-        raise ValueError(f"a log record needs {time_property} as an ISO-8601 string")
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    ticks = _ticks(value) if isinstance(value, str) else None
+    if ticks is None:
+        raise ValueError(f"a log record needs {time_property} as an ISO-8601 string with a zone")
+    return ticks
 
 
-def _time_filter(value: str | None, time_property: str) -> list[tuple[str, datetime]]:
-    """``$filter`` clauses ``<time_property> ge|gt|le|lt <time>`` joined by ``and``; anything else is a 400."""
-    bounds: list[tuple[str, datetime]] = []
+def _time_filter(value: str | None, time_property: str, operators: frozenset[str]) -> list[tuple[str, int]]:
+    """``$filter`` clauses ``<time_property> <operator> <time>`` joined by ``and``, with the log's documented
+    operators; anything else is a 400."""
+    bounds: list[tuple[str, int]] = []
     for clause in re.split(r"\s+and\s+", value or "", flags=re.IGNORECASE) if value else []:
         match = _FILTER_CLAUSE.fullmatch(clause)
-        if match is None or match[1] != time_property:
+        if match is None or match[1] != time_property or match[2].lower() not in operators:
             raise _GraphError(400, "Request_UnsupportedQuery", f"Unsupported or invalid query filter clause: {clause}")
-        try:
-            bound = datetime.fromisoformat(match[3].replace("Z", "+00:00"))
-        except ValueError:
-            bound = None
-        if bound is None or bound.tzinfo is None:
+        bound = _ticks(match[3])
+        if bound is None:
             raise _GraphError(400, "Request_BadRequest", f"Invalid DateTimeOffset in filter: {match[3]}")
         bounds.append((match[2].lower(), bound))
     return bounds
+
+
+def _log_order(value: str | None, time_property: str, newest_first_by_default: bool) -> bool:
+    """Whether ``$orderby`` (without it, the log's default order) is newest first; another ``$orderby`` is a 400."""
+    if value is None:
+        return newest_first_by_default
+    name, _, direction = value.strip().partition(" ")
+    if name != time_property or direction.strip().lower() not in ("", "asc", "desc"):
+        raise _GraphError(400, "Request_UnsupportedQuery", f"Unsupported $orderby: {value}")
+    return direction.strip().lower() == "desc"
 
 
 def _parse_select(value: str | None) -> tuple[str, ...] | None:

@@ -4,7 +4,9 @@ Three kinds of job read a collection: a full listing, a delta query (``delta = t
 append-only log (``cursor = "..."``), which has no delta and is filtered by its timestamp instead. The facts here are
 from Graph's documentation: delta on users and groups reports relationships as ``<name>@delta`` annotations, and
 only ``manager`` (users) and ``members`` (groups) can be tracked that way; the sign-in, directory audit and
-provisioning logs have no delta and filter by ``createdDateTime`` / ``activityDateTime``.
+provisioning logs have no delta and filter by ``createdDateTime`` / ``activityDateTime``, each with the operators
+its page documents: ``ge``/``le`` on sign-ins and directory audits, only ``gt``/``lt`` on provisioning; all three
+document ``$orderby`` on that property.
 """
 
 from collections.abc import Mapping
@@ -15,12 +17,14 @@ DELTA_LINKS: Mapping[str, frozenset[str]] = {
     "groups": frozenset({"members"}),
 }
 
-# The logs Graph serves only by time, and the property each one filters on.
+# The logs Graph serves only by time, and the property each one filters and orders on.
 LOG_CURSORS: Mapping[str, str] = {
     "auditLogs/signIns": "createdDateTime",
     "auditLogs/directoryAudits": "activityDateTime",
     "auditLogs/provisioning": "activityDateTime",
 }
+# Logs whose time property Graph filters only with the strict operators gt and lt (no ge, no le).
+STRICT_TIME_FILTERS: frozenset[str] = frozenset({"auditLogs/provisioning"})
 
 
 def expand_problem(resource: str, expand: list[str]) -> str | None:
