@@ -44,7 +44,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.fakes.https import FakeHttpServer, LoopbackHttpsServer
+from tests.fakes.https import FakeHttpServer, Knob, LoopbackHttpsServer
 
 __all__ = [
     "CLIENT_ID",
@@ -185,46 +185,15 @@ class FakeEntra(LoopbackHttpsServer):
 
     # -- knobs ---------------------------------------------------------------------------
 
-    @property
-    def federated_token(self) -> str | None:
-        with self._lock:
-            return self._federated_token
+    federated_token: Knob[str | None] = Knob(
+        "The accepted workload-identity assertion; set it to rotate, as the kubelet rotates the projected token file."
+    )
 
-    @federated_token.setter
-    def federated_token(self, value: str | None) -> None:
-        """Rotate the accepted workload-identity assertion, as the kubelet rotates the projected token file."""
-        with self._lock:
-            self._federated_token = value
+    expires_in: Knob[int] = Knob("Lifetime in seconds of the tokens issued from now on.")
 
-    @property
-    def expires_in(self) -> int:
-        with self._lock:
-            return self._expires_in
+    refresh_in: Knob[int | None] = Knob("``refresh_in`` of the tokens issued from now on (MSAL's proactive refresh).")
 
-    @expires_in.setter
-    def expires_in(self, value: int) -> None:
-        with self._lock:
-            self._expires_in = value
-
-    @property
-    def refresh_in(self) -> int | None:
-        with self._lock:
-            return self._refresh_in
-
-    @refresh_in.setter
-    def refresh_in(self, value: int | None) -> None:
-        with self._lock:
-            self._refresh_in = value
-
-    @property
-    def latency_seconds(self) -> float:
-        with self._lock:
-            return self._latency_seconds
-
-    @latency_seconds.setter
-    def latency_seconds(self, value: float) -> None:
-        with self._lock:
-            self._latency_seconds = value
+    latency_seconds: Knob[float] = Knob("Seconds every request waits before it is answered.")
 
     def fail_next(
         self,

@@ -79,7 +79,7 @@ import pytest
 import trustme
 
 from tests.fakes.entra import FakeEntra, tenant_id
-from tests.fakes.https import FakeHttpServer, LoopbackHttpsServer
+from tests.fakes.https import FakeHttpServer, Knob, LoopbackHttpsServer
 
 __all__ = [
     "LOG_TIMES",
@@ -256,6 +256,14 @@ class _GraphError(Exception):
 
 
 # -- the fake ----------------------------------------------------------------------------
+
+
+def _at_least_one(name: str, *, optional: bool = False) -> Callable[[int | None], None]:
+    def check(value: int | None) -> None:
+        if (value is None and not optional) or (value is not None and value < 1):
+            raise ValueError(f"{name} must be {'None or ' if optional else ''}at least 1")
+
+    return check
 
 
 class FakeGraph(LoopbackHttpsServer):
@@ -496,63 +504,20 @@ class FakeGraph(LoopbackHttpsServer):
 
     # -- knobs -----------------------------------------------------------------------------
 
-    @property
-    def page_size(self) -> int:
-        with self._lock:
-            return self._page_size
+    page_size: Knob[int] = Knob("Objects per page.", check=_at_least_one("page_size"))
 
-    @page_size.setter
-    def page_size(self, value: int) -> None:
-        if value < 1:
-            raise ValueError("page_size must be at least 1")
-        with self._lock:
-            self._page_size = value
+    duplicate_records: Knob[bool] = Knob(
+        "Send some records of a delta round again on a later page (the later copy is current)."
+    )
 
-    @property
-    def duplicate_records(self) -> bool:
-        """Send some records of a delta round again on a later page (the later copy is current)."""
-        with self._lock:
-            return self._duplicate_records
+    empty_pages: Knob[bool] = Knob("Put an empty page (still with a nextLink) before every page of a round.")
 
-    @duplicate_records.setter
-    def duplicate_records(self, value: bool) -> None:
-        with self._lock:
-            self._duplicate_records = value
+    members_chunk: Knob[int | None] = Knob(
+        "Split a group's ``members@delta`` into records of at most N; later chunks go to the round's end.",
+        check=_at_least_one("members_chunk", optional=True),
+    )
 
-    @property
-    def empty_pages(self) -> bool:
-        """Put an empty page (still with a nextLink) before every page of a round."""
-        with self._lock:
-            return self._empty_pages
-
-    @empty_pages.setter
-    def empty_pages(self, value: bool) -> None:
-        with self._lock:
-            self._empty_pages = value
-
-    @property
-    def members_chunk(self) -> int | None:
-        """Split a group's ``members@delta`` into records of at most N; later chunks go to the round's end."""
-        with self._lock:
-            return self._members_chunk
-
-    @members_chunk.setter
-    def members_chunk(self, value: int | None) -> None:
-        if value is not None and value < 1:
-            raise ValueError("members_chunk must be None or at least 1")
-        with self._lock:
-            self._members_chunk = value
-
-    @property
-    def slow_pages(self) -> float:
-        """Seconds to sleep before serving each page, e.g. to signal the daemon mid-sync."""
-        with self._lock:
-            return self._slow_pages
-
-    @slow_pages.setter
-    def slow_pages(self, value: float) -> None:
-        with self._lock:
-            self._slow_pages = value
+    slow_pages: Knob[float] = Knob("Seconds to sleep before serving each page, e.g. to signal the daemon mid-sync.")
 
     @property
     def reports_limit(self) -> tuple[int, float] | None:
@@ -570,16 +535,9 @@ class FakeGraph(LoopbackHttpsServer):
             self._reports_limit = value
             self._report_times.clear()
 
-    @property
-    def latency_seconds(self) -> float:
-        """Seconds every request waits before it is answered (faults and errors too), as a distant Graph would."""
-        with self._lock:
-            return self._latency_seconds
-
-    @latency_seconds.setter
-    def latency_seconds(self, value: float) -> None:
-        with self._lock:
-            self._latency_seconds = value
+    latency_seconds: Knob[float] = Knob(
+        "Seconds every request waits before it is answered (faults and errors too), as a distant Graph would."
+    )
 
     def throttle_for(self, tenant: str, seconds: float, *, retry_after: str = "60") -> None:
         """Answer every request of ``tenant`` with 429 and ``Retry-After`` for the next ``seconds``: a storm."""

@@ -6,13 +6,41 @@ import logging
 import socketserver
 import ssl
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import trustme
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Knob(Generic[T]):
+    """A setting a test changes while the fake's server threads read it: stored as ``_<name>`` on the fake and read
+    and written under the fake's ``_lock``. ``check`` rejects a bad value before it is stored."""
+
+    def __init__(self, doc: str = "", check: Callable[[T], None] | None = None) -> None:
+        self.__doc__ = doc
+        self._check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attribute = f"_{name}"
+
+    def __get__(self, fake: Any, owner: type | None = None) -> T:
+        if fake is None:
+            return self  # type: ignore[return-value]  # the class attribute itself, for introspection
+        with fake._lock:
+            value: T = getattr(fake, self._attribute)
+            return value
+
+    def __set__(self, fake: Any, value: T) -> None:
+        if self._check is not None:
+            self._check(value)
+        with fake._lock:
+            setattr(fake, self._attribute, value)
 
 
 class LoopbackHttpsServer:
