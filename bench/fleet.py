@@ -27,12 +27,10 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,62 +52,10 @@ from common import (
     write_test_ca,
 )
 
+from tests.fakes.storage_relay import StorageRelay
+
 SELECT = ["displayName", "mail", "jobTitle"]
 USERS_PER_TENANT = 20  # one page: a run's Graph cost is one request
-STORAGE_REQUEST = re.compile(rb"\r\nx-ms-version:", re.IGNORECASE)  # one per request the Azure SDK sends
-
-
-# -- a counting relay in front of Azurite -------------------------------------------------------------------
-
-
-class CountingRelay:
-    """A TCP relay to ``target`` that counts the storage requests passing through (by their x-ms-version header).
-
-    A request's headers can straddle two reads; the last few bytes of each read are kept to match across them.
-    """
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.requests = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True, name=f"relay {self.port}").start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
-        tail = b""
-        try:
-            while data := source.recv(65536):
-                if count:
-                    window = tail + data
-                    found = len(STORAGE_REQUEST.findall(window)) - len(STORAGE_REQUEST.findall(tail))
-                    with self._lock:
-                        self.requests += found
-                    tail = window[-32:]
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._listener.close()
-
-
-def relayed(connection_string: str, port: int) -> str:
-    return re.sub(r"BlobEndpoint=http://[^:/]+:\d+/", f"BlobEndpoint=http://127.0.0.1:{port}/", connection_string)
 
 
 # -- results -------------------------------------------------------------------------------------------------
@@ -239,15 +185,14 @@ class Bench:
 
     def fleet(self, tenants: list[str]) -> FleetResult:
         every = self.args.every
-        relays = [CountingRelay(("127.0.0.1", self.azurite.port)) for _ in range(self.args.replicas)]
+        relay_stack = contextlib.ExitStack()  # a relay per replica: its storage calls, counted exactly
+        relays = [relay_stack.enter_context(StorageRelay(self.azurite)) for _ in range(self.args.replicas)]
         base = self.config(tenants, "fleet", every=f"{every}s", blob_output=self.args.fleet_output == "container")
         processes: list[tuple[subprocess.Popen[bytes], Path, ReplicaResult]] = []
         try:
             for index, relay in enumerate(relays):
                 config = self.workdir / f"fleet-{index}.toml"
-                text = base.read_text().replace(
-                    self.azurite.connection_string, relayed(self.azurite.connection_string, relay.port)
-                )
+                text = base.read_text().replace(self.azurite.connection_string, relay.connection_string)
                 config.write_text(text)
                 log = self.workdir / f"fleet-{index}.log"
                 env = self.env | {"XDG_CACHE_HOME": str(self.workdir / f"fleet-{index}-cache")}
@@ -267,7 +212,7 @@ class Bench:
             cpu_at_start: list[float] = []
             while time.time() < end + every * 0.9:  # the last measured slot drains within it
                 if not calls_at_start and time.time() >= first:
-                    calls_at_start = [relay.requests for relay in relays]
+                    calls_at_start = [len(relay.records()) for relay in relays]
                     cpu_at_start = [_cpu_seconds(process.pid) for process, _, _ in processes]
                 for process, _, result in processes:
                     if process.poll() is not None:
@@ -277,7 +222,7 @@ class Bench:
             for (process, _, result), relay, start_calls, start_cpu in zip(
                 processes, relays, calls_at_start, cpu_at_start, strict=True
             ):
-                result.storage_calls = relay.requests - start_calls
+                result.storage_calls = len(relay.records()) - start_calls
                 result.peak_rss_mib = _status(process.pid, "VmHWM") / 1024
                 result.cpu_seconds = _cpu_seconds(process.pid) - start_cpu
         finally:
@@ -288,8 +233,7 @@ class Bench:
                     process.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     process.kill()
-            for relay in relays:
-                relay.close()
+            relay_stack.close()
         slots = list(range(first, end, every))
         for _, log, result in processes:
             _read_log(log, result, first, end)
