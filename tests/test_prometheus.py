@@ -170,7 +170,12 @@ def exported_names(exposition: str) -> set[str]:
     }
 
 
-def _scrape_after_first_runs(url: str, timeout: float = 60) -> str:
+# An hourly job runs within ~5 s of the daemon's start, unless the next slot is under a minute away: then it waits
+# for that slot plus its jitter (at most 30 s). Wait for the worst case, or a start just before the hour fails.
+FIRST_RUN_WITHIN_SECONDS = 60 + 30 + 30
+
+
+def _scrape_after_first_runs(url: str, timeout: float = FIRST_RUN_WITHIN_SECONDS) -> str:
     """The daemon's /metrics once a job has run: the page of a daemon at work, not of one still starting."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
