@@ -340,6 +340,13 @@ def test_a_damaged_or_mismatched_store_is_rebuilt_and_the_run_is_exact(
 # -- a kill or a lost lock between staging and commit ------------------------------------------------------------
 
 
+def break_job_lease(azurite: Azurite, exports: Exports, job: str) -> None:
+    lock = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
+        exports.name, f"locks/{TENANT}/{job}.lock"
+    )
+    BlobLeaseClient(lock).break_lease(lease_break_period=0)
+
+
 def commit_of(exports: Exports, job: str) -> Callable[[str, str, str | None], bool]:
     """Matches the Put Block List that would publish ``job``'s snapshot."""
     return lambda method, blob, comp: (method, blob, comp) == ("PUT", exports.snapshot_blob(job), "blocklist")
@@ -350,6 +357,7 @@ def test_sigkill_between_staging_and_commit_publishes_nothing_and_the_next_run_i
     fake_graph: FakeGraph,
     relay: StorageRelay,
     exports: Exports,
+    azurite: Azurite,
 ) -> None:
     populate(fake_graph, TENANT, users=3000, groups=0, seed=9)
     (replica,) = hosts(USERS_JOB)
@@ -373,8 +381,11 @@ def test_sigkill_between_staging_and_commit_publishes_nothing_and_the_next_run_i
     assert exports.published("users")[1] == etag, "nothing is published by a run killed before its commit"
     assert exports.state("users") == cursor, "the cursor did not move"
 
+    # The dead run's lease would expire in 30 s; break it as an operator would, then run again. Its store was
+    # rolled back by SQLite's journal, so it is still warm.
+    break_job_lease(azurite, exports, "users")
     relay.reset()
-    replica.sync("--wait")  # once the dead run's lease expires; its store was rolled back by SQLite's journal
+    replica.sync()
     assert not exports.snapshot_requests(relay.records(), "users", "GET"), "still warm for the published version"
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
 
@@ -396,10 +407,7 @@ def test_a_lost_lock_before_commit_publishes_nothing_and_the_next_run_is_exact(
     try:
         assert hold.arrived.wait(60), "A never reached its commit"
         # A stalls at its commit; meanwhile its lease is broken and B runs the job to the end.
-        lock = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
-            exports.name, f"locks/{TENANT}/users.lock"
-        )
-        BlobLeaseClient(lock).break_lease(lease_break_period=0)
+        break_job_lease(azurite, exports, "users")
         mutate(fake_graph, TENANT, random.Random(114), changes=10)
         b.sync()
         after_b = exports.published("users")
