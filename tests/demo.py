@@ -133,7 +133,8 @@ class Replica:
         process = subprocess.Popen(
             [*graphsync(), "run", "--config", str(CONFIG)],
             cwd=REPO_ROOT,
-            env=child_env(ca_pem, GRAPHSYNC_METRICS__PORT=str(port)),
+            # Each replica is its own host, with working stores of its own (.demo/hosts/replica-N/).
+            env=child_env(ca_pem, GRAPHSYNC_METRICS__PORT=str(port), XDG_CACHE_HOME=str(WORK / "hosts" / log.stem)),
             stdin=subprocess.DEVNULL,
             stdout=file,
             stderr=subprocess.STDOUT,
@@ -354,7 +355,7 @@ def run_command(ca_pem: Path, *args: str) -> int:
     return subprocess.run(
         [*graphsync(), *args, "--config", str(CONFIG)],
         cwd=REPO_ROOT,
-        env=child_env(ca_pem),
+        env=child_env(ca_pem, XDG_CACHE_HOME=str(WORK / "hosts" / "commands")),
         stdin=subprocess.DEVNULL,
         check=False,
     ).returncode
