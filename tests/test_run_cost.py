@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -173,3 +174,14 @@ def test_a_busy_job_costs_two_calls_and_names_the_holder(fleet: Fleet, caplog: p
     assert runs_counted("busy") == counted + 1
     [said] = [r for r in caplog.records if " busy: " in r.getMessage()]
     assert said.levelname == "INFO" and said.getMessage().endswith("running on another replica (replica-b)")
+
+
+def test_a_run_handed_out_as_the_stop_came_takes_no_lease_and_starts_nothing(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    stop = threading.Event()
+    stop.set()  # SIGTERM arrived between the pool handing out the try and the run
+    caplog.set_level(logging.INFO)
+    result, calls = fleet.run(stop=stop)
+    assert result.status == "stopped" and calls == [], f"{result.status}: {calls}"
+    assert not [r for r in caplog.records if str(r.msg).startswith("run %s of job")], "no run was started"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
-from graphsync.config import JobSettings
+from graphsync.config import JobSettings, load_settings
+from graphsync.pool import Try
 from graphsync.schedule import crontab_trigger, first_run, head_start, jitter, slot_jitter, slot_start, trigger
+from graphsync.scheduler import Daemon
 
 
 def _job(**schedule: str) -> JobSettings:
@@ -77,3 +80,41 @@ def test_the_head_start_is_a_fifth_of_the_interval_at_most_a_minute():
     for every in ("5s", "30s", "15m", "1d"):
         job = _job(every=every)
         assert jitter(job) + head_start(job) * 1.5 < job.interval_seconds, "a try stays inside its slot"
+
+
+class _RecordingRunner:
+    """Stands in for JobRunner: records the slot each run was asked to serve."""
+
+    replica = "replica-b"
+
+    def __init__(self) -> None:
+        self.due_after: list[float | None] = []
+
+    def run(self, job: JobSettings, tenant: str, **options: object) -> object:
+        self.due_after.append(options["due_after"])  # type: ignore[arg-type]
+        return type("Result", (), {"runner": None})()
+
+
+def test_a_try_taken_late_still_serves_the_slot_it_fired_for(tmp_path: Path) -> None:
+    """A busy pool may take a cron try after its minute: it must still count another replica's success in that
+    slot, not check against the minute it was taken in (which would run the pair twice in one hourly slot)."""
+    config = tmp_path / "graphsync.toml"
+    config.write_text(
+        "[identity]\n"
+        'client_id = "11111111-1111-1111-1111-111111111111"\ntenants = ["contoso.onmicrosoft.com"]\n'
+        'client_secret = "s"\n'
+        "[storage]\n"
+        'connection_string = "DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:1/a;"\n'
+        '[[jobs]]\nname = "users"\nresource = "users"\ncron = "0 * * * *"\n'
+    )
+    settings = load_settings(config, {})
+    fired = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp()
+    now = [fired]
+    runner = _RecordingRunner()
+    daemon = Daemon(settings, runner, clock=lambda: now[0])  # type: ignore[arg-type]
+    tries: list[Try] = []
+    daemon._pool.put = tries.append  # type: ignore[method-assign]  # hold the try instead of running it
+    daemon._due(settings.jobs[0], "contoso.onmicrosoft.com")
+    now[0] = fired + 65  # the workers were busy; the try is taken at 12:01:05
+    daemon._run(tries[0])
+    assert runner.due_after == [fired]

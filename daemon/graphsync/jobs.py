@@ -106,6 +106,8 @@ class JobRunner:
         taking, checking and releasing the lease.
         """
         stop = stop or threading.Event()
+        if stop.is_set():  # handed out as the stop came: start nothing, not even a lease
+            return self._finish(RunResult(tenant, job.name, "stopped", message="stopped before it started"))
         if peek and due_after is not None:
             try:
                 state, _ = self._sink.read_state(tenant, job.name)
@@ -171,6 +173,8 @@ class JobRunner:
         if due_after is not None and (served := _served(job, tenant, state, due_after)) is not None:
             return self._finish(served)
         state = state or {}
+        if interrupted():  # stopped (or the lease lost) while taking the lease and reading the state
+            return self._finish(RunResult(tenant, job.name, "stopped", message="stopped before it started"))
         # Named only now that it runs, and only when the lock blob does not name this replica already (it does when
         # the last run recorded is this replica's success): a check that skips, and the usual run of a pair by its
         # last runner, cost no metadata write.

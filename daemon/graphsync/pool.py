@@ -33,11 +33,17 @@ STOP_GRACE_SECONDS = 8.0  # systemd and Kubernetes give 10 s or more before SIGK
 
 @dataclass(frozen=True)
 class Try:
-    """One pending run of ``job`` for ``tenant``, not to start before ``not_before`` (a clock time)."""
+    """One pending run of ``job`` for ``tenant``, not to start before ``not_before`` (a clock time).
+
+    ``slot``: when the slot it serves began, fixed when the slot fired. A try that waits in the pool still serves
+    that slot: worked out again when a worker takes it, a cron slot ("the current minute") would have moved on, and a
+    success another replica had in the real slot would not count.
+    """
 
     job: JobSettings
     tenant: str
     not_before: float = 0.0
+    slot: float | None = None
 
     @property
     def pair(self) -> tuple[str, str]:

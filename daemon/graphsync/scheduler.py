@@ -147,7 +147,7 @@ class Daemon:
         now = self._clock()
         slot = slot_start(job, now)
         not_before = max(now, slot + slot_jitter(job, f"{tenant}/{job.name}", slot))
-        self._pool.put(Try(job, tenant, not_before))
+        self._pool.put(Try(job, tenant, not_before, slot))
 
     def _run(self, attempt: Try) -> None:
         job, tenant = attempt.job, attempt.tenant
@@ -155,5 +155,6 @@ class Daemon:
             return
         # Not first: the pair's last runner has probably served the slot already, so look before leasing.
         peek = not self._affinity.first(job.name, tenant)
-        result = self._runner.run(job, tenant, due_after=slot_start(job, self._clock()), stop=self._stop, peek=peek)
+        slot = attempt.slot if attempt.slot is not None else slot_start(job, self._clock())
+        result = self._runner.run(job, tenant, due_after=slot, stop=self._stop, peek=peek)
         self._affinity.learn(job.name, tenant, result.runner)
