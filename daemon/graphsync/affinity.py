@@ -14,9 +14,10 @@ Two rules keep affinity from holding work back or pinning it to whoever started 
 - **load**: every try waits a little more per run this replica has in flight, so an idle replica's tries come
   due before a busy one's;
 - **share**: a replica that last ran more of a job's pairs than its share (the job's pairs over the replicas
-  known, counting this one) keeps the first try only for its share; for the rest, every replica tries at the
-  slot's start, and load decides. Which pairs are within the share is decided by a hash of the pair, so every
-  replica computes the same split from what it knows.
+  known, counting this one) keeps the first try only for its share; for the rest, the other replicas try at the
+  slot's start and the last runner a head start later, so those pairs move to a less loaded replica. Which pairs
+  are within the share is decided by a hash of the pair. Replicas that know of different numbers of replicas
+  compute different shares for a while; a pair is then at worst tried a head start late, never twice.
 """
 
 from __future__ import annotations
