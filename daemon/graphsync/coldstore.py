@@ -117,28 +117,51 @@ def prepare(
     query: str,
     partial: bool,
 ) -> tuple[Refreshed, PartialSnapshot | None]:
-    """Get the store ready for a delta round over ``version``: as a partial store where it has nothing usable and
-    the published index can be trusted (``partial``: the caller allows it), else by :func:`refresh`."""
+    """Get the store ready for a delta round over ``version``: as a partial store where it holds nothing usable
+    and the published index can be trusted (``partial``: the caller allows it), else by :func:`refresh`."""
+    extra = {"tenant": tenant, "job": job}
     tag = store.tag
-    if not partial or (tag is not None and tag.query == query):  # warm or stale: it lacks only what changed
-        return refresh(store, sink, tenant, job, version=version, query=query), None
-    blocks = sink.snapshot_blocks(tenant, job)
+    blocks = None
+    if partial and (tag is None or tag.query != query):  # a warm or stale store lacks only what changed
+        blocks = sink.snapshot_blocks(tenant, job)
+        cold = _cold_start(store, blocks, tenant, job, version)
+        if cold is not None:
+            snapshot, index_bytes = cold
+            log.info(
+                "%s/%s: no working store on this host; reading the index (%d bytes) and only the chunks this "
+                "round touches",
+                tenant,
+                job,
+                index_bytes,
+                extra=extra,
+            )
+            return Refreshed(warm=False, bytes_read=index_bytes), snapshot
+    refreshed = refresh(store, sink, tenant, job, version=version, query=query, blocks=blocks)
+    if not refreshed.warm:
+        log.info(
+            "working store of %s/%s brought up to date: %d chunks, %d bytes read",
+            tenant,
+            job,
+            refreshed.chunks_read,
+            refreshed.bytes_read,
+            extra=extra,
+        )
+    return refreshed, None
+
+
+def _cold_start(
+    store: SnapshotStore, blocks: SnapshotBlocks | None, tenant: str, job: str, version: str
+) -> tuple[PartialSnapshot, int] | None:
+    """An emptied store over the published chunks, when the index describes exactly the committed blocks."""
     if blocks is None or not blocks.complete:
-        return refresh(store, sink, tenant, job, version=version, query=query, blocks=blocks), None
+        return None
     if blocks.version != version:
         raise WriteConflict(f"the snapshot of {tenant}/{job} was replaced during this run")
     try:
         chunks, index_bytes = blocks.read_index()
     except UnusableIndex as exc:
         log.info("%s/%s: %s; reading the blocks", tenant, job, exc, extra={"tenant": tenant, "job": job})
-        return refresh(store, sink, tenant, job, version=version, query=query, blocks=blocks), None
+        return None
     with store.transaction():
         store.clear()
-    log.info(
-        "%s/%s: no working store on this host; reading only the chunks this round touches (index of %d chunks)",
-        tenant,
-        job,
-        len(chunks),
-        extra={"tenant": tenant, "job": job},
-    )
-    return Refreshed(warm=False, bytes_read=index_bytes), PartialSnapshot(store, blocks, chunks)
+    return PartialSnapshot(store, blocks, chunks), index_bytes

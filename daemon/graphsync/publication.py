@@ -10,6 +10,7 @@ Two directions:
   when the store holds the published version's chunks — and hands the sink the new list, unless it equals the
   published one (then nothing is written). The sink uploads only the chunks the published version lacks; their
   bytes are serialized a second time, from the store, just for those chunks, so memory holds one chunk at a time.
+  A host without a store skips :func:`refresh` and publishes from a partial store (:mod:`graphsync.coldstore`).
 
 A store is never trusted over the published version: the tag is set in the same SQLite transaction as the
 content it describes, and only to a version that was read or written in this run.

@@ -3,7 +3,8 @@
 The order is what makes a round safe to interrupt anywhere:
 
 1. the host's working store is made equal to the published snapshot (:func:`graphsync.publication.refresh`;
-   nothing to do when it is warm), in a transaction of its own;
+   nothing to do when it is warm), in a transaction of its own — or, on a host without a usable store, emptied to
+   receive only the chunks the round touches (:mod:`graphsync.coldstore`);
 2. pages go into the store inside one transaction and into a change file beside it;
 3. the snapshot is published (fenced on the version the round started from), and the store is tagged with the
    new version, in that same transaction, which then commits;
@@ -137,15 +138,6 @@ class RoundRunner:
                     refreshed, partial = prepare(
                         store, self._sink, tenant, job.name, version=version, query=query, partial=not reconcile
                     )
-                    if not refreshed.warm:
-                        log.info(
-                            "working store of %s/%s brought up to date: %d chunks, %d bytes read",
-                            tenant,
-                            job.name,
-                            refreshed.chunks_read,
-                            refreshed.bytes_read,
-                            extra={"tenant": tenant, "job": job.name},
-                        )
                 except (ValueError, KeyError, TypeError, sqlite3.Error):
                     log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
                     delta_link = None
