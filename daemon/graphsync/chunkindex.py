@@ -2,7 +2,7 @@
 
 A host without a working store needs it to read only the chunks holding the objects a round touches: the block
 list says where each block is (sizes), not which ids it holds. The index is small (about 50 bytes a chunk,
-gzipped: ~80 kB for 100,000 objects) and is written beside the snapshot after each publish.
+gzipped: ~70 kB for 100,000 users) and is written beside the snapshot after each publish.
 
 It is never trusted on its own: it names the block list it describes by a SHA-256 of its block IDs (themselves
 hashes of the chunks' bytes), and :func:`decode_index` accepts it only for exactly that committed list. An index

@@ -331,10 +331,12 @@ class BlobSink:
     def _write_index(self, name: str, chunks: Sequence[ChunkRef], if_match: str | None) -> None:
         """Replace the index by that of ``chunks``, only if it is still the version seen before the commit.
 
-        Any publisher after this one committed after our commit, so it saw the index after that point, and writes
-        its own only over what it saw: an index write that lost a race never lands over a newer one. A failure
-        here does not fail the round (the snapshot is published): readers verify the index against the committed
-        blocks and read the blocks as before until the next publish writes a matching one.
+        A later publisher started after our commit (its own commit is fenced on our version), so it looked at the
+        index after we did; once its write lands, the index is no longer the version we saw and ours fails its
+        ``If-Match``: a late write never replaces a later publisher's index. (Ours landing between its look and its
+        write makes *its* write fail instead: the index then lags, which readers detect.) A failure here does not
+        fail the round (the snapshot is published): readers verify the index against the committed blocks and read
+        the blocks as before until the next publish writes a matching one.
         """
         try:
             self._store.write(_index_name(name), encode_index(chunks), if_match=if_match)
