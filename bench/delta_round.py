@@ -8,11 +8,16 @@ included). Each round is a real ``graphsync sync`` process; its CPU is its own u
 Rounds, in this order, each a row of the table and a ratio to the full round:
 
 1. **full** — replica A's first round: the whole directory is fetched, chunked, uploaded.
-2. **new host, 0 changes** — replica B's first round: no store on B, so it reads the whole snapshot once.
+2. **new host, 0 changes** — replica B's first round: no store on B; nothing to apply, so it reads only the block
+   list and the snapshot's index.
 3. **warm, 0 / 10 / 100 changes** — replica A again: its store matches the published snapshot.
 4. **stale, 100 changes** — replica B, whose store is two published rounds behind (110 changes): it reads only
    the chunks that changed since, then publishes. This is the fleet's takeover case (the last runner died).
+   B's store is a copy of A's, taken after "warm, 0 changes" (as if B had run the job then): a host without a
+   store no longer reads the whole snapshot, so this is how B holds an older version.
 5. **warm, 1000 changes** — replica B again, now warm.
+6. **new host, 100 changes** — replica C, with no store (a new replica, the CronJob's ``emptyDir``): it reads the
+   index and only the chunks holding the 100 changed users (and any neighbour the new cut reaches), then publishes.
 
 Every published snapshot is checked to be byte-identical to a from-scratch serialization of the fake directory,
 or the benchmark fails. Run from the repository root: ``.venv/bin/python bench/delta_round.py``.
@@ -25,6 +30,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,6 +150,12 @@ class Bench:
             chunks,
         )
 
+    def copy_store(self, source: str, target: str) -> None:
+        """Give ``target`` the working stores ``source`` holds now, as if it had run the jobs itself."""
+        work = Path("graphsync") / "work"
+        shutil.rmtree(self.workdir / target / work, ignore_errors=True)
+        shutil.copytree(self.workdir / source / work, self.workdir / target / work)
+
     def _check(self) -> tuple[bytes, int]:
         """The published snapshot must equal a from-scratch serialization of the fake directory, byte for byte."""
         from azure.storage.blob import BlobServiceClient
@@ -185,14 +197,19 @@ def run(users: int, workdir: Path, ca: Any, ca_bundle: Path, azurite: Any) -> li
         print(f"populating the fake Graph with {users:,} users ...", file=sys.stderr, flush=True)
         populate(graph, TENANT, users, 0, seed=users)
         bench = Bench(workdir / f"n{users}", ca_bundle, relay, entra, graph, users)
-        return [
+        rounds = [
             bench.round("full", "a", 0),
             bench.round("new host, 0 changes", "b", 0),
             bench.round("warm, 0 changes", "a", 0),
+        ]
+        bench.copy_store("a", "b")
+        return [
+            *rounds,
             bench.round("warm, 10 changes", "a", 10),
             bench.round("warm, 100 changes", "a", 100),
             bench.round("stale, 100 changes", "b", 100),
             bench.round("warm, 1000 changes", "b", 1000),
+            bench.round("new host, 100 changes", "c", 100),
         ]
 
 

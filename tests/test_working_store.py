@@ -7,6 +7,7 @@ serialization of the fake directory: compact JSON with sorted keys, one line per
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import json
 import os
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobBlock, BlobClient, BlobLeaseClient, BlobServiceClient
 
+from graphsync.chunkindex import UnusableIndex, decode_index
 from graphsync.chunking import chunk_lines
 from tests.conftest import REPO_ROOT
 from tests.fakes.graph import FakeGraph, mutate, populate
@@ -40,6 +43,24 @@ def fresh_serialization(fake: FakeGraph, resource: str) -> list[tuple[str, bytes
         (oid, json.dumps(objects[oid], separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode() + b"\n")
         for oid in sorted(objects)
     ]
+
+
+def cold_reads(old: bytes, blocks_after: list[tuple[str, int]], touched: set[str]) -> tuple[int, int]:
+    """What a host without a store must read of the ``old`` snapshot for a round that touched ``touched`` and
+    published ``blocks_after``: ``(bytes of the chunks where the touched ids are or would be, bytes in all)``.
+
+    An id between two chunks belongs to the later one; beyond those, the host reads every chunk the round cut
+    again, which is no longer published."""
+    chunks = [chunk.ref for chunk in chunk_lines((json.loads(line)["id"], line) for line in old.splitlines(True))]
+    if not chunks:
+        return 0, 0
+    last_ids = [chunk.last_id for chunk in chunks]
+    covering = {chunks[min(bisect.bisect_left(last_ids, oid), len(chunks) - 1)].block_id for oid in touched}
+    published = {block for block, _ in blocks_after}
+    return (
+        sum(chunk.size for chunk in chunks if chunk.block_id in covering),
+        sum(chunk.size for chunk in chunks if chunk.block_id in covering or chunk.block_id not in published),
+    )
 
 
 class Replica:
@@ -101,6 +122,31 @@ class Exports:
 
     def state(self, job: str) -> dict[str, Any]:
         return json.loads(self._container.download_blob(f"{TENANT}/{job}/state.json").readall())
+
+    def index_blob(self, job: str) -> str:
+        """The published index's path as the relay records it."""
+        return f"{self.name}/{TENANT}/{job}/snapshot.index.json.gz"
+
+    def index(self, job: str) -> BlobClient:
+        return self._container.get_blob_client(f"{TENANT}/{job}/snapshot.index.json.gz")
+
+    def index_matches_the_snapshot(self, job: str) -> bool:
+        try:
+            decode_index(self.index(job).download_blob().readall(), self.published(job)[2])
+        except (UnusableIndex, ResourceNotFoundError):
+            return False
+        return True
+
+    def change_files(self, job: str) -> set[str]:
+        return set(self._container.list_blob_names(name_starts_with=f"{TENANT}/{job}/changes/"))
+
+    def ids_in(self, names: set[str]) -> set[str]:
+        """The ids of every record in the change files ``names``: what their rounds touched."""
+        return {
+            json.loads(line)["id"]
+            for name in names
+            for line in self._container.download_blob(name).readall().splitlines()
+        }
 
     def snapshot_requests(
         self, records: list[Relayed], job: str, method: str, comp: str | None = None
@@ -252,27 +298,39 @@ def test_two_replicas_alternating_over_30_random_rounds_publish_exact_snapshots_
     relay: StorageRelay,
     exports: Exports,
 ) -> None:
+    """The replica that ran the first (full) round keeps a whole store: stale, it reads the blocks it lacks. The
+    other one never holds the whole snapshot: each of its rounds reads only the chunks around what it touched."""
     populate(fake_graph, TENANT, users=3000, groups=150, seed=11)
     replicas = hosts(USERS_JOB, GROUPS_JOB, names=("a", "b"))
     known: dict[tuple[str, str], dict[str, int]] = {}  # (replica, job) -> blocks its store holds
     rng = random.Random(30)
-    stale_rounds = 0
+    stale_rounds = cold_rounds = 0
     for round_no in range(30):
         if round_no:
             mutate(fake_graph, TENANT, rng, changes=rng.choice((1, 5, 20, 60)))
         replica = rng.choice(replicas)
-        before = {job: dict(exports.published(job)[2]) if round_no else {} for job in ("users", "groups")}
+        before = {job: exports.published(job) if round_no else (b"", "", []) for job in ("users", "groups")}
+        changes_before = {job: exports.change_files(job) for job in ("users", "groups")}
         relay.reset()
         replica.sync()
         for job in ("users", "groups"):
             exports.assert_equals_fresh_serialization(fake_graph, job, job)
             fetched = sum(r.body_down for r in exports.snapshot_requests(relay.records(), job, "GET") if r.ranged)
             held = known.get((replica.name, job), {})
-            lacking = sum(size for block, size in before[job].items() if block not in held)
-            assert fetched == lacking, f"round {round_no}, {replica.name}/{job}: fetched {fetched}, lacked {lacking}"
-            stale_rounds += bool(lacking) and bool(held)
-            known[(replica.name, job)] = dict(exports.published(job)[2])
+            if held or not round_no:
+                lacking = sum(size for block, size in before[job][2] if block not in held)
+                assert fetched == lacking, (
+                    f"round {round_no}, {replica.name}/{job}: fetched {fetched}, lacked {lacking}"
+                )
+                stale_rounds += bool(lacking) and bool(held)
+                known[(replica.name, job)] = dict(exports.published(job)[2])
+            else:
+                touched = exports.ids_in(exports.change_files(job) - changes_before[job])
+                _, needed = cold_reads(before[job][0], exports.published(job)[2], touched)
+                assert fetched == needed, f"round {round_no}, {replica.name}/{job}: fetched {fetched}, needed {needed}"
+                cold_rounds += 1
     assert stale_rounds >= 5, "the random walk should have made a replica catch up on a stale store several times"
+    assert cold_rounds >= 5, "the random walk should have run the replica without a store several times"
 
 
 # -- damaged or mismatched stores --------------------------------------------------------------------------------
@@ -510,4 +568,155 @@ def test_a_second_process_on_the_host_never_shares_the_store_in_use(
         assert not list(store.parent.parent.glob("graphsync-throwaway-*")), "the throwaway store is gone"
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
     replica.sync()  # the held store catches up from the published chunks
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+
+
+# -- a host without a working store ------------------------------------------------------------------------------
+
+JOBS = ("users", "groups")
+
+
+def test_new_hosts_read_only_the_chunks_holding_what_their_rounds_touch_and_publish_fresh_serializations(
+    hosts: Hosts,
+    fake_graph: FakeGraph,
+    relay: StorageRelay,
+    exports: Exports,
+) -> None:
+    """Every round runs on a host that never ran the job: creates, partial updates, cleared properties, soft and
+    hard deletes, restores and member changes must all land on the published objects, and the host reads the
+    index plus exactly the chunks where the touched ids are (and those the new cut walks into), nothing else."""
+    populate(fake_graph, TENANT, users=6000, groups=200, seed=17)
+    names = tuple(f"new{n}" for n in range(8))
+    first, *others = hosts(USERS_JOB, GROUPS_JOB, names=("first", *names))
+    first.sync()
+    rng = random.Random(117)
+    done: list[str] = []
+    neighbours = 0
+    for replica in others:
+        done += mutate(fake_graph, TENANT, rng, changes=15)
+        before = {job: exports.published(job) for job in JOBS}
+        index_before = {job: exports.index(job).download_blob().readall() for job in JOBS}
+        changes_before = {job: exports.change_files(job) for job in JOBS}
+        relay.reset()
+        replica.sync()
+        records = relay.records()
+        for job in JOBS:
+            exports.assert_equals_fresh_serialization(fake_graph, job, job)
+            assert exports.state(job)["objects"] == len(fake_graph.objects(TENANT, job)), "counted from the index"
+            reads = exports.snapshot_requests(records, job, "GET")
+            assert all(r.ranged for r in reads), "a host without a store never downloads the snapshot whole"
+            touched = exports.ids_in(exports.change_files(job) - changes_before[job])
+            old = before[job][0]
+            covering, needed = cold_reads(old, exports.published(job)[2], touched)
+            fetched = sum(r.body_down for r in reads)
+            assert fetched == needed, f"{replica.name}/{job}: fetched {fetched}, needed {needed}"
+            if job == "users":  # ~94 chunks, ~15 of them touched (groups: 4 chunks, often all touched)
+                assert fetched < len(old) / 3, f"{replica.name}/{job}: read {fetched} of {len(old)} bytes"
+            neighbours += fetched > covering
+            index_reads = [r for r in records if r.blob == exports.index_blob(job) and r.method == "GET"]
+            assert [r.body_down for r in index_reads] == [len(index_before[job])], "the index, once"
+            assert exports.index_matches_the_snapshot(job), "the new version's index is published with it"
+    for kind in ("add user", "update user", "clear user", "soft-delete", "hard-delete", "restore", "members"):
+        assert any(kind in change for change in done), f"the walk never made a change of kind {kind!r}"
+    assert neighbours, "some round should have cut into a chunk next to the touched ones"
+
+
+def index_write_of(exports: Exports, job: str) -> Callable[[str, str, str | None], bool]:
+    """Matches the Put Blob that writes ``job``'s index (after its snapshot's commit)."""
+    return lambda method, blob, comp: (method, blob, comp) == ("PUT", exports.index_blob(job), None)
+
+
+@pytest.mark.parametrize("index", ["killed_before_its_write", "of_an_older_version", "damaged", "absent"])
+def test_an_index_that_does_not_match_the_committed_blocks_makes_a_new_host_read_the_blocks_and_stay_exact(
+    hosts: Hosts,
+    fake_graph: FakeGraph,
+    relay: StorageRelay,
+    exports: Exports,
+    azurite: Azurite,
+    index: str,
+) -> None:
+    """``absent`` is a snapshot written by the previous graphsync, which wrote the same blocks and no index."""
+    populate(fake_graph, TENANT, users=3000, groups=0, seed=23)
+    a, b, c = hosts(USERS_JOB, names=("a", "b", "c"))
+    a.sync()
+    rng = random.Random(123)
+    if index == "killed_before_its_write":
+        mutate(fake_graph, TENANT, rng, changes=20)
+        hold = relay.hold(index_write_of(exports, "users"))
+        process = a.start()
+        try:
+            assert hold.arrived.wait(60), "the run never reached its index write"
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        finally:
+            hold.drop()
+            if process.poll() is None:
+                process.kill()
+        break_job_lease(azurite, exports, "users")
+    elif index == "of_an_older_version":  # also what a writer that lost the race would leave
+        older = exports.index("users").download_blob().readall()
+        mutate(fake_graph, TENANT, rng, changes=20)
+        a.sync()
+        exports.index("users").upload_blob(older, overwrite=True)
+    elif index == "damaged":
+        exports.index("users").upload_blob(b"\x1f\x8b" + os.urandom(200), overwrite=True)
+    else:
+        exports.index("users").delete_blob()
+    assert not exports.index_matches_the_snapshot("users")
+
+    mutate(fake_graph, TENANT, rng, changes=20)
+    data, _, _ = exports.published("users")
+    relay.reset()
+    b.sync()
+    reads = exports.snapshot_requests(relay.records(), "users", "GET")
+    assert sum(r.body_down for r in reads) == len(data), "the blocks are read as before the index existed"
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+    assert exports.index_matches_the_snapshot("users"), "the next publish writes a matching index"
+
+    mutate(fake_graph, TENANT, rng, changes=5)
+    data, _, _ = exports.published("users")
+    relay.reset()
+    c.sync()
+    fetched = sum(r.body_down for r in exports.snapshot_requests(relay.records(), "users", "GET"))
+    assert 0 < fetched < len(data) / 3, "with a matching index again, a new host reads a few chunks"
+    exports.assert_equals_fresh_serialization(fake_graph, "users", "users")
+
+
+def test_an_index_write_that_lost_the_race_never_lands_over_the_newer_one(
+    hosts: Hosts,
+    fake_graph: FakeGraph,
+    relay: StorageRelay,
+    exports: Exports,
+    azurite: Azurite,
+) -> None:
+    """A commits its snapshot and stalls before writing the index; its lease is broken and B publishes over A's
+    snapshot, index included. A's index, written last, must not replace B's."""
+    populate(fake_graph, TENANT, users=3000, groups=0, seed=29)
+    a, b, c = hosts(USERS_JOB, names=("a", "b", "c"))
+    a.sync()
+    mutate(fake_graph, TENANT, random.Random(129), changes=20)
+    hold = relay.hold(index_write_of(exports, "users"))
+    process = a.start()
+    try:
+        assert hold.arrived.wait(60), "A never reached its index write"
+        break_job_lease(azurite, exports, "users")
+        mutate(fake_graph, TENANT, random.Random(130), changes=10)
+        b.sync()
+        after_b = exports.index("users").download_blob().readall()
+        assert exports.index_matches_the_snapshot("users")
+        hold.release()
+        process.communicate(timeout=60)
+    finally:
+        hold.drop()
+        if process.poll() is None:
+            process.kill()
+    assert exports.index("users").download_blob().readall() == after_b, "A's late index must not land"
+    put = [r for r in relay.records() if r.blob == exports.index_blob("users") and r.method == "PUT"]
+    assert [r.status for r in put][-1] == 412, "A's write was refused by If-Match"
+    mutate(fake_graph, TENANT, random.Random(131), changes=5)
+    data, _, _ = exports.published("users")
+    relay.reset()
+    c.sync()
+    fetched = sum(r.body_down for r in exports.snapshot_requests(relay.records(), "users", "GET"))
+    assert 0 < fetched < len(data) / 3
     exports.assert_equals_fresh_serialization(fake_graph, "users", "users")

@@ -10,6 +10,7 @@ Two directions:
   when the store holds the published version's chunks — and hands the sink the new list, unless it equals the
   published one (then nothing is written). The sink uploads only the chunks the published version lacks; their
   bytes are serialized a second time, from the store, just for those chunks, so memory holds one chunk at a time.
+  A host without a store skips :func:`refresh` and publishes from a partial store (:mod:`graphsync.coldstore`).
 
 A store is never trusted over the published version: the tag is set in the same SQLite transaction as the
 content it describes, and only to a version that was read or written in this run.
@@ -21,9 +22,10 @@ import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Container, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from graphsync.chunking import (
     MAX_BLOCKS,
@@ -87,12 +89,23 @@ class UnalignedBlocks(Exception):
     """A published block does not hold whole lines (written by an older graphsync): read the snapshot whole."""
 
 
-def refresh(store: SnapshotStore, sink: Sink, tenant: str, job: str, *, version: str, query: str) -> Refreshed:
-    """Make ``store`` equal the published snapshot ``version`` (tagged so), reading only what it lacks."""
+def refresh(
+    store: SnapshotStore,
+    sink: Sink,
+    tenant: str,
+    job: str,
+    *,
+    version: str,
+    query: str,
+    blocks: SnapshotBlocks | None = None,
+) -> Refreshed:
+    """Make ``store`` equal the published snapshot ``version`` (tagged so), reading only what it lacks.
+
+    ``blocks``: the snapshot's blocks, when the caller has listed them already."""
     tag = store.tag
     if tag is not None and tag.version == version and tag.query == query:
         return Refreshed(warm=True)
-    blocks = sink.snapshot_blocks(tenant, job)
+    blocks = blocks or sink.snapshot_blocks(tenant, job)
     if blocks is not None and blocks.version is not None and blocks.version != version:
         raise WriteConflict(f"the snapshot of {tenant}/{job} was replaced during this run")
     if blocks is not None and blocks.complete:
@@ -117,32 +130,32 @@ def _read_missing_blocks(store: SnapshotStore, blocks: SnapshotBlocks, version: 
             store.drop_range(chunk.first_id, chunk.last_id)
     chunks: dict[str, ChunkRef] = dict(held)
     read = 0
-    for run, data in _read_ahead(blocks, _missing_runs(blocks.blocks, held)):
+    missing = {block for block, _ in blocks.blocks if block not in held}
+    for run, data in read_ahead(blocks, block_runs(blocks.blocks, missing)):
         read += len(data)
         offset = 0
         for block, size in run:
-            chunks[block] = _load_block(store, block, data[offset : offset + size])
+            chunks[block] = load_block(store, block, data[offset : offset + size])
             offset += size
     ordered = [chunks[block] for block, _ in blocks.blocks]
     objects = sum(chunk.count for chunk in ordered)
     if store.count() != objects:
         raise UnalignedBlocks(f"the store holds {store.count()} objects after reading, the blocks {objects}")
     store.set_tag(StoreTag(version, query, infer_level(ordered)), ordered)
-    missing = sum(1 for block, _ in blocks.blocks if block not in held)
-    return Refreshed(warm=False, chunks_read=missing, bytes_read=read)
+    return Refreshed(warm=False, chunks_read=len(missing), bytes_read=read)
 
 
 Run = list[tuple[str, int]]
 
 
-def _missing_runs(blocks: Sequence[tuple[str, int]], held: dict[str, ChunkRef]) -> list[tuple[int, Run]]:
-    """Adjacent missing blocks grouped into ``(offset, blocks)`` runs of at most about :data:`MAX_READ_BYTES`: one
-    ranged read each, and memory bounded by one read whatever the snapshot's size."""
+def block_runs(blocks: Sequence[tuple[str, int]], wanted: Container[str]) -> list[tuple[int, Run]]:
+    """Adjacent ``wanted`` blocks grouped into ``(offset, blocks)`` runs of at most about :data:`MAX_READ_BYTES`:
+    one ranged read each, and memory bounded by one read whatever the snapshot's size."""
     runs: list[tuple[int, Run]] = []
     offset = run_bytes = 0
     previous_missing = False
     for block, size in blocks:
-        missing = block not in held
+        missing = block in wanted
         if missing and previous_missing and run_bytes < MAX_READ_BYTES:
             runs[-1][1].append((block, size))
             run_bytes += size
@@ -154,7 +167,7 @@ def _missing_runs(blocks: Sequence[tuple[str, int]], held: dict[str, ChunkRef]) 
     return runs
 
 
-def _read_ahead(blocks: SnapshotBlocks, runs: list[tuple[int, Run]]) -> Iterator[tuple[Run, bytes]]:
+def read_ahead(blocks: SnapshotBlocks, runs: list[tuple[int, Run]]) -> Iterator[tuple[Run, bytes]]:
     """Each run's bytes, in order, with up to :data:`READ_CONCURRENCY` reads in flight (each a round trip), so
     memory holds that many reads at most; the caller loads them into the store on its own thread."""
 
@@ -174,7 +187,7 @@ def _read_ahead(blocks: SnapshotBlocks, runs: list[tuple[int, Run]]) -> Iterator
             yield run, data
 
 
-def _load_block(store: SnapshotStore, block: str, data: bytes) -> ChunkRef:
+def load_block(store: SnapshotStore, block: str, data: bytes) -> ChunkRef:
     """Load one block's lines into the store; it must hold whole lines for the chunk's id range to be known."""
     if not data.endswith(b"\n"):
         raise UnalignedBlocks(f"block {block} does not end at a line boundary")
@@ -213,6 +226,23 @@ def _read_whole(
     return Refreshed(warm=False, bytes_read=size)
 
 
+class PartialStore(Protocol):
+    """A working store that holds only the chunks a round needed of the published version (see
+    :mod:`graphsync.coldstore`): what :func:`publish` reads instead of the store's own count and entries."""
+
+    def objects(self) -> int:
+        """How many objects the snapshot holds now, the chunks not loaded included."""
+        ...
+
+    def entries_after(self, after_id: str | None) -> Iterator[tuple[str, bytes]]:
+        """Like :meth:`SnapshotStore.entries_after`, loading the chunks it passes through."""
+        ...
+
+    def load_all(self) -> None:
+        """Load every chunk not loaded yet: the store is then the whole snapshot."""
+        ...
+
+
 def publish(
     store: SnapshotStore,
     sink: Sink,
@@ -223,13 +253,15 @@ def publish(
     previous: Published | None,
     touched: Collection[str] | None,
     query: str,
+    partial: PartialStore | None = None,
 ) -> Publication:
     """Publish the store over ``version`` unless its chunks equal the published ones.
 
     ``touched``: the ids this round changed, added or removed (``None`` after a full round). Runs inside the
-    caller's store transaction; on success the store is tagged with the new version.
+    caller's store transaction; on success the store is tagged with the new version, unless it is ``partial``:
+    a store holding only some chunks equals no version, and the next round on this host starts cold again.
     """
-    level = choose_level(store.count(), previous.level if previous else None)
+    level = choose_level(partial.objects() if partial else store.count(), previous.level if previous else None)
     if (
         previous is not None
         and previous.chunks is not None
@@ -237,14 +269,17 @@ def publish(
         and level == previous.level
         and cut_by_this_rule(previous.chunks, level)
     ):
-        chunks = list(recut(previous.chunks, touched, store.entries_after, level))
+        entries_after = partial.entries_after if partial else store.entries_after
+        chunks = list(recut(previous.chunks, touched, entries_after, level))
     else:
+        if partial:
+            partial.load_all()
         chunks = [chunk.ref for chunk in chunk_lines(store.entries(), level)]
     if len(chunks) > MAX_BLOCKS:
         raise SnapshotTooLarge(f"{len(chunks)} chunks at level {level}: more than Azure's {MAX_BLOCKS} blocks")
     size = sum(chunk.size for chunk in chunks)
     if previous is not None and version is not None and [chunk.block_id for chunk in chunks] == previous.block_ids:
-        store.set_tag(StoreTag(version, query, level), chunks)
+        store.set_tag(None if partial else StoreTag(version, query, level), chunks)
         return Publication(version, changed=False, chunks=len(chunks), size=size)
     uploaded: list[int] = []
 
@@ -257,5 +292,5 @@ def publish(
 
     committed = frozenset(previous.block_ids if previous else ())
     new_version = sink.write_snapshot(tenant, job, chunks, read, if_version=version, committed=committed)
-    store.set_tag(StoreTag(new_version, query, level), chunks)
+    store.set_tag(None if partial else StoreTag(new_version, query, level), chunks)
     return Publication(new_version, True, len(chunks), size, len(uploaded), sum(uploaded))

@@ -3,7 +3,8 @@
 The order is what makes a round safe to interrupt anywhere:
 
 1. the host's working store is made equal to the published snapshot (:func:`graphsync.publication.refresh`;
-   nothing to do when it is warm), in a transaction of its own;
+   nothing to do when it is warm), in a transaction of its own — or, on a host without a usable store, emptied to
+   receive only the chunks the round touches (:mod:`graphsync.coldstore`);
 2. pages go into the store inside one transaction and into a change file beside it;
 3. the snapshot is published (fenced on the version the round started from), and the store is tagged with the
    new version, in that same transaction, which then commits;
@@ -26,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from graphsync.coldstore import PartialSnapshot, prepare
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
-from graphsync.publication import Publication, Published, Refreshed, publish, refresh
+from graphsync.publication import Publication, Published, Refreshed, publish
 from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
 from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, SnapshotStore, encode
@@ -94,6 +96,7 @@ class _RoundContext:
     change_file: Callable[[bool], str]
     interrupted: Callable[[], bool]
     progress: Progress | None
+    partial: PartialSnapshot | None  # the store holds only the chunks loaded (see graphsync.coldstore)
 
 
 class RoundRunner:
@@ -129,23 +132,16 @@ class RoundRunner:
             delta_link = None
         query = store_query(self._sink, job)
         with self._stores.open(tenant, job.name) as store:
-            refreshed = None
+            refreshed = partial = None
             if delta_link and version is not None:
                 try:
-                    refreshed = refresh(store, self._sink, tenant, job.name, version=version, query=query)
-                    if not refreshed.warm:
-                        log.info(
-                            "working store of %s/%s brought up to date: %d chunks, %d bytes read",
-                            tenant,
-                            job.name,
-                            refreshed.chunks_read,
-                            refreshed.bytes_read,
-                            extra={"tenant": tenant, "job": job.name},
-                        )
+                    refreshed, partial = prepare(
+                        store, self._sink, tenant, job.name, version=version, query=query, partial=not reconcile
+                    )
                 except (ValueError, KeyError, TypeError, sqlite3.Error):
                     log.warning("snapshot of %s/%s is unreadable; doing a full sync", tenant, job.name)
                     delta_link = None
-            context = _RoundContext(job, tenant, store, query, change_file, interrupted, progress)
+            context = _RoundContext(job, tenant, store, query, change_file, interrupted, progress, partial)
             done = self._one(context, version, delta_link)
             if reconcile and not done.full:  # caught up with delta: the store now holds what delta knows
                 caught_up = done
@@ -166,7 +162,8 @@ class RoundRunner:
         job, tenant, store = context.job, context.tenant, context.store
         interrupted, progress = context.interrupted, context.progress
         done = Round()
-        previous = self._published(store, tenant, job.name, version, context.query)
+        partial = context.partial if delta_link else None
+        previous = partial.published() if partial else self._published(store, tenant, job.name, version, context.query)
         with tempfile.TemporaryFile(dir=store.path.parent) as changes:
             with store.transaction():
                 if delta_link is None:
@@ -174,7 +171,9 @@ class RoundRunner:
                 done.full = delta_link is None
                 url = delta_link or self._collection_url(job)
                 try:
-                    done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
+                    done.delta_link = self._fetch(
+                        tenant, job, url, store, changes, done, interrupted, progress, partial
+                    )
                 except ResyncRequired as exc:
                     log.warning(
                         "delta token of %s/%s expired or invalid (%s); full resync",
@@ -185,16 +184,17 @@ class RoundRunner:
                     )
                     done.full = done.resync = True
                     done.pages = done.changes = 0
+                    partial = None
                     store.clear()
                     changes.seek(0)
                     changes.truncate()
                     url = self._collection_url(job)
-                    done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress)
+                    done.delta_link = self._fetch(tenant, job, url, store, changes, done, interrupted, progress, None)
                 if job.delta and done.delta_link is None:
                     raise MalformedResponse(f"delta round of {job.resource} ended without an @odata.deltaLink")
                 if interrupted():
                     raise RunInterrupted("stopped before publishing")
-                done.objects = store.count()
+                done.objects = partial.objects() if partial else store.count()
                 if baseline is not None:
                     done.drift = compare(baseline, store.entries())
                 if done.changes or done.full:
@@ -208,6 +208,7 @@ class RoundRunner:
                         previous=previous,
                         touched=None if done.full else done.touched,
                         query=context.query,
+                        partial=partial,
                     )
                     _log_publication(tenant, job.name, done.publication)
             if done.changes or done.full:  # a full round says so even when it received nothing
@@ -243,12 +244,15 @@ class RoundRunner:
         done: Round,
         interrupted: Callable[[], bool],
         progress: Progress | None,
+        partial: PartialSnapshot | None,
     ) -> str | None:
         """Stream pages into the working store and the change file; return the round's delta link."""
         for page in self._graph.pages(tenant, url, minimal=not done.full):
             for record in page.objects:
                 _check_record(record, job.resource)
                 changes.write(encode(_change(record)))
+            if partial is not None:  # the objects a page changes must be in the store before it applies
+                partial.load_covering(page.objects)
             store.apply(page.objects, defaults=_new_object_defaults(job))
             done.touched.update(record["id"] for record in page.objects)
             done.pages += 1

@@ -3,11 +3,13 @@
     <tenant>/<job>/snapshot.jsonl                      current state, one object per line, sorted by id
     <tenant>/<job>/changes/<yyyymmddThhmmssZ>-<run id>[-full].jsonl   what one run received
     <tenant>/<job>/state.json                          delta link, last success / failure, counts
+    <tenant>/<job>/snapshot.index.json.gz              (container only) each block's id range, for new hosts
 
 Every file is replaced atomically (directory: temp file + rename; blob: staged blocks + one commit), so a reader
 never sees a half-written file. In a container, ``snapshot.jsonl`` is a block blob whose blocks are the snapshot's
 content-defined chunks (:mod:`graphsync.chunking`), each block ID a hash of its bytes: a new version stages only
-the chunks that changed and names the others by ID, and a stale replica reads only the blocks it lacks.
+the chunks that changed and names the others by ID, and a stale replica reads only the blocks it lacks. The
+index beside it (:mod:`graphsync.chunkindex`) lets a host without a working store find the blocks holding given ids.
 
 ``snapshot.jsonl`` and ``state.json`` are replaced only if they are still the versions the run saw at its start:
 a replica that lost its lock (stalled, then resumed) can overwrite neither a newer snapshot nor a newer cursor.
@@ -19,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
@@ -26,13 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from graphsync.chunkindex import UnusableIndex, decode_index, encode_index
 from graphsync.chunking import ChunkRef
-from graphsync.storage import BlobContent, BlobStore, BlockList, WriteConflict
+from graphsync.storage import BlobContent, BlobStore, BlockList, StorageError, WriteConflict
 
 if TYPE_CHECKING:
     from graphsync.config import Settings
 
+log = logging.getLogger(__name__)
+
 SNAPSHOT = "snapshot.jsonl"
+SNAPSHOT_INDEX = "snapshot.index.json.gz"
 STATE = "state.json"
 CHANGES = "changes"
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -69,6 +76,14 @@ class SnapshotBlocks:
     def read(self, offset: int, length: int) -> bytes:
         assert self.listed.etag is not None, "read only the blocks of a known version"
         return self.store.read_range(self.name, offset, length, if_match=self.listed.etag)
+
+    def read_index(self) -> tuple[list[ChunkRef], int]:
+        """These blocks as chunks (with their id ranges) from the published index, and the index's size in bytes;
+        :class:`UnusableIndex` unless the index describes exactly these blocks."""
+        content = self.store.read(_index_name(self.name))
+        if not isinstance(content, BlobContent):
+            raise UnusableIndex("there is no index (a snapshot written by an older graphsync)")
+        return decode_index(content.data, self.blocks), len(content.data)
 
 
 class Sink(Protocol):
@@ -305,12 +320,38 @@ class BlobSink:
         if_version: str | None,
         committed: Container[str],
     ) -> str:
+        """Commit the blocks, then the index of the new version (see :meth:`_write_index`)."""
+        name = f"{tenant}/{job}/{SNAPSHOT}"
+        index_version = self._store.etag(_index_name(name))  # before the commit: see _write_index
         blocks = ((chunk.block_id, None if chunk.block_id in committed else read(chunk)) for chunk in chunks)
-        return self._store.write_blocks(f"{tenant}/{job}/{SNAPSHOT}", blocks, fenced=True, if_match=if_version)
+        version = self._store.write_blocks(name, blocks, fenced=True, if_match=if_version)
+        self._write_index(name, chunks, index_version)
+        return version
+
+    def _write_index(self, name: str, chunks: Sequence[ChunkRef], if_match: str | None) -> None:
+        """Replace the index by that of ``chunks``, only if it is still the version seen before the commit.
+
+        A later publisher started after our commit (its own commit is fenced on our version), so it looked at the
+        index after we did; once its write lands, the index is no longer the version we saw and ours fails its
+        ``If-Match``: a late write never replaces a later publisher's index. (Ours landing between its look and its
+        write makes *its* write fail instead: the index then lags, which readers detect.) A failure here does not
+        fail the round (the snapshot is published): readers verify the index against the committed blocks and read
+        the blocks as before until the next publish writes a matching one.
+        """
+        try:
+            self._store.write(_index_name(name), encode_index(chunks), if_match=if_match)
+        except WriteConflict:
+            log.info("%s: a later publisher replaced the index; leaving theirs", name)
+        except StorageError as exc:
+            log.warning("%s: the snapshot is published but its index was not written (%s)", name, exc)
 
     def write_changes(self, tenant: str, job: str, name: str, lines: Iterable[bytes]) -> None:
         blocks = ((uuid.uuid4().hex, chunk) for chunk in _chunks(lines))
         self._store.write_blocks(f"{tenant}/{job}/{CHANGES}/{name}", blocks)
+
+
+def _index_name(snapshot: str) -> str:
+    return snapshot.removesuffix(SNAPSHOT) + SNAPSHOT_INDEX
 
 
 def _chunks(lines: Iterable[bytes]) -> Iterator[bytes]:
