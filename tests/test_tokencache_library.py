@@ -24,7 +24,7 @@ from azure.storage.blob import BlobClient
 from graphsync.cache_envelope import CacheEnvelope
 from graphsync.tokencache import AT, BlobTokenCache, lock_blob_name
 from tests.conftest import REPO_ROOT
-from tests.fakes.entra import CLIENT_ID, FakeEntra
+from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 from tests.msal_app import SCOPES, application, fingerprint, storage_client
 
 if TYPE_CHECKING:
@@ -122,6 +122,38 @@ def test_a_library_app_and_the_daemon_share_one_token_both_ways(
     assert report["source"] == "blob"
     assert abs(report["expires_on"] - (time.time() + 3000)) < 30, "the daemon handed out the library's token"
     assert len(fake_entra.token_requests()) == 2
+
+
+def test_the_example_services_workers_share_one_token(
+    azurite: Azurite, blob_container: str, fake_entra: FakeEntra, tls_env: dict[str, str]
+) -> None:
+    env = os.environ | tls_env
+    env |= {
+        "TENANT_ID": TENANT,
+        "CLIENT_ID": CLIENT_ID,
+        "CLIENT_SECRET": CLIENT_SECRET,
+        "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string,
+        "TOKEN_CACHE_CONTAINER": blob_container,
+        "AUTHORITY_HOST": fake_entra.authority_host,
+        "WORKERS": "3",
+        "SECONDS": "3",
+        "INTERVAL": "0.5",
+    }
+    service = subprocess.run(
+        [sys.executable, "examples/fleet_token_service.py"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert service.returncode == 0, service.stderr
+    lines = service.stdout.splitlines()
+    assert len(lines) >= 3 * 5 and all(" token from " in line for line in lines), service.stdout
+    assert sum("from identity_provider" in line for line in lines) == 1
+    assert len(fake_entra.token_requests()) == 1
+    assert _secrets(_blob_state(azurite, blob_container, DAEMON_BLOB)), "the default blob is the daemon's"
 
 
 # -- one process -------------------------------------------------------------------------------------------
