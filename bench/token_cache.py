@@ -1,9 +1,12 @@
-"""Benchmark: the fleet-shared token cache against one plain in-memory MSAL cache per replica.
+"""Benchmark: the fleet-shared token cache against the caches a plain MSAL app has.
 
-For each replica count it runs two scenarios over the same window, one after the other:
+For each replica count it runs these scenarios over the same window, one after the other (``--modes``):
 
 * **shared** — R processes running graphsync's real ``TokenCaches`` against a local Azurite container (fresh per
   scenario, AES-GCM envelope as in the example config) and a local fake Entra;
+* **library** — R processes each with a plain ``msal.ConfidentialClientApplication`` whose ``token_cache`` is
+  graphsync's ``BlobTokenCache`` on one blob of a fresh container (same key);
+* **persisted** — the same with msal-extensions' ``PersistedTokenCache`` on one shared file (its file lock);
 * **baseline** — R processes each with a plain ``msal.ConfidentialClientApplication`` and its default in-memory cache.
 
 Every process acquires a token about every ``--interval`` seconds. It reports, once at the end, its latency samples
@@ -54,6 +57,7 @@ from common import (
 TENANTS = ["contoso.onmicrosoft.com"]
 SCOPES = ["https://graph.microsoft.com/.default"]
 MSAL_EXPIRY_MARGIN = 300  # MSAL treats a token with under 300 s left as expired
+MODES = ("shared", "library", "persisted", "baseline")
 READY_TIMEOUT = 90.0  # 20 Python processes importing pydantic, azure and msal on 2 cores
 START_DELAY = 0.5  # the common start instant is this far after the last child said "ready"
 
@@ -66,7 +70,7 @@ def _child_main(args: argparse.Namespace) -> None:
     if args.child == "shared":
         acquire, counters = _shared_replica(Path(args.config))
     else:
-        acquire, counters = _baseline_replica(args.authority, args.client_id, args.client_secret)
+        acquire, counters = _msal_replica(args)
     print("ready", flush=True)
     command = sys.stdin.readline().split()
     if len(command) != 2 or command[0] != "go":
@@ -118,16 +122,37 @@ def _shared_replica(config: Path) -> tuple[Any, Any]:
     return acquire, counters
 
 
-def _baseline_replica(authority_host: str, client_id: str, client_secret: str) -> tuple[Any, Any]:
+def _msal_cache(args: argparse.Namespace) -> Any:
+    """The ``token_cache`` of a plain MSAL app in this mode: ``None`` is MSAL's own in-memory cache."""
+    if args.child == "persisted":
+        from msal_extensions import FilePersistence, PersistedTokenCache
+
+        return PersistedTokenCache(FilePersistence(args.cache_file))
+    if args.child == "library":
+        from azure.storage.blob import BlobClient
+
+        from graphsync.tokencache import BlobTokenCache
+
+        blob = BlobClient.from_connection_string(
+            args.connection_string, args.container, "token-cache.json", connection_timeout=2, read_timeout=5
+        )
+        return BlobTokenCache(blob, encryption_key=base64.b64decode(Path(args.key_file).read_text()))
+    return None
+
+
+def _msal_replica(args: argparse.Namespace) -> tuple[Any, Any]:
+    """A plain MSAL app per tenant (the baseline, library and persisted modes differ only in its cache)."""
     import msal
 
+    cache = _msal_cache(args)
     applications = {
         tenant: msal.ConfidentialClientApplication(
-            client_id,
-            client_credential=client_secret,
-            authority=f"{authority_host}/{tenant}",
+            args.client_id,
+            client_credential=args.client_secret,
+            authority=f"{args.authority}/{tenant}",
             instance_discovery=False,
             timeout=10,
+            token_cache=cache,
         )
         for tenant in TENANTS
     }
@@ -163,7 +188,7 @@ class Child:
 
 @dataclass
 class Scenario:
-    mode: str  # shared | baseline
+    mode: str  # shared | library | persisted | baseline
     replicas: int
     window: float
     lifetimes: int
@@ -187,6 +212,11 @@ class Scenario:
     def idp_per_lifetime_per_tenant(self) -> float:
         return self.idp_total / (self.lifetimes * len(TENANTS))
 
+    @property
+    def hit(self) -> str:
+        """What a cache hit is called: the daemon tells memory from blob, MSAL says "cache" for either."""
+        return "memory" if self.mode == "shared" else "cache"
+
     def sources(self) -> Counter[str]:
         return Counter(sample[1] for sample in self.samples)
 
@@ -207,7 +237,7 @@ class Scenario:
         return sum(fresh) / len(fresh) if fresh else None
 
     def to_json(self) -> dict[str, Any]:
-        hit = "memory" if self.mode == "shared" else "cache"
+        hit = self.hit
         latency = {
             source: {"n": len(values), "p50_seconds": percentile(values, 50), "p99_seconds": percentile(values, 99)}
             for source in ([hit, "blob", "identity_provider"] if self.mode == "shared" else [hit, "identity_provider"])
@@ -286,6 +316,11 @@ class Bench:
                 "--client-secret",
                 CLIENT_SECRET,
             ]
+        if mode == "library":
+            base += ["--connection-string", self.azurite.connection_string, "--container", self._container(name)]
+            base += ["--key-file", str(self.key_file)]
+        if mode == "persisted":
+            base += ["--cache-file", str(self.workdir / f"{name}.msal-cache.json")]
         scenario = Scenario(mode, replicas, self.window, self.args.lifetimes)
         self.entra.reset()
         spawned = time.monotonic()
@@ -315,15 +350,20 @@ class Bench:
         scenario.discoveries = self.entra.discovery_requests()
         return scenario
 
-    def _write_config(self, name: str) -> Path:
+    def _container(self, name: str) -> str:
+        """A fresh container for one scenario, so no scenario starts with another's tokens."""
         from azure.storage.blob import BlobServiceClient
-
-        from tests.conftest import dumps_toml
-        from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET
 
         container = f"bench-{name}-{uuid.uuid4().hex[:8]}"
         with BlobServiceClient.from_connection_string(self.azurite.connection_string) as service:
             service.create_container(container)
+        return container
+
+    def _write_config(self, name: str) -> Path:
+        from tests.conftest import dumps_toml
+        from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET
+
+        container = self._container(name)
         path = self.workdir / f"{name}.toml"
         path.write_text(
             dumps_toml(
@@ -475,12 +515,11 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
         first.add_column(heading, justify="left" if heading == "mode" else "right", no_wrap=True)
     for s in scenarios:
         sources = s.sources()
-        hit = "memory" if s.mode == "shared" else "cache"
         first.add_row(
             s.mode,
             str(s.replicas),
             str(s.acquisitions),
-            str(sources[hit]),
+            str(sources[s.hit]),
             str(sources["blob"]) if s.mode == "shared" else "-",
             str(sources["identity_provider"]),
             str(s.idp_total),
@@ -497,8 +536,7 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
     for heading in ("mode", "R", "source", "n", "p50", "p99"):
         second.add_column(heading, justify="left" if heading in ("mode", "source") else "right", no_wrap=True)
     for s in scenarios:
-        sources = ["memory", "blob", "identity_provider"] if s.mode == "shared" else ["cache", "identity_provider"]
-        for source in sources:
+        for source in [s.hit, "blob", "identity_provider"] if s.mode == "shared" else [s.hit, "identity_provider"]:
             values = s.latencies(source)
             second.add_row(
                 s.mode,
@@ -510,25 +548,33 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
             )
     console.print(second)
 
-    third = Table(title="Ratios", box=box.MARKDOWN, title_justify="left")
+    third = Table(
+        title="Against the baseline (plain MSAL, in-memory cache) of the same R", box=box.MARKDOWN, title_justify="left"
+    )
     for heading in (
+        "mode",
         "R",
-        "IdP requests baseline/shared",
-        "shared memory p50 / baseline cache p50",
-        "shared memory p99 / baseline cache p99",
+        "IdP req/lifetime/tenant",
+        "p50 all acquisitions",
+        "p50 hit",
+        "p99 hit",
+        "IdP requests baseline/mode",
+        "hit p50 mode/baseline",
     ):
-        third.add_column(heading, justify="right", no_wrap=True)
+        third.add_column(heading, justify="left" if heading == "mode" else "right", no_wrap=True)
     by_key = {(s.mode, s.replicas): s for s in scenarios}
-    for replicas in args.replicas:
-        shared, baseline = by_key.get(("shared", replicas)), by_key.get(("baseline", replicas))
-        if shared is None or baseline is None:
-            continue
-        memory, cache = shared.latencies("memory"), baseline.latencies("cache")
+    for s in scenarios:
+        baseline = by_key.get(("baseline", s.replicas))
+        hits, every = s.latencies(s.hit), [sample[2] for sample in s.samples]
         third.add_row(
-            str(replicas),
-            fmt_ratio(baseline.idp_total, shared.idp_total),
-            fmt_ratio(percentile(memory, 50), percentile(cache, 50)),
-            fmt_ratio(percentile(memory, 99), percentile(cache, 99)),
+            s.mode,
+            str(s.replicas),
+            fmt_number(s.idp_per_lifetime_per_tenant, 2),
+            fmt_seconds(percentile(every, 50)),
+            fmt_seconds(percentile(hits, 50)),
+            fmt_seconds(percentile(hits, 99)),
+            fmt_ratio(baseline.idp_total, s.idp_total) if baseline else "-",
+            fmt_ratio(percentile(hits, 50), percentile(baseline.latencies("cache"), 50)) if baseline else "-",
         )
     console.print(third)
 
@@ -536,13 +582,14 @@ def report(args: argparse.Namespace, scenarios: list[Scenario], context: dict[st
     notes = [
         f"IdP req/lifetime/tenant = IdP token requests (as the fake Entra counted them) / ({args.lifetimes} "
         f"lifetimes begun in the window, counting the initial fill, x {len(TENANTS)} tenant). "
-        "Ideal: 1 for shared, R for baseline.",
+        "Ideal: 1 for shared and library, R for baseline.",
         f"The window is (lifetimes - 1/2) x lifetime = {(args.lifetimes - 0.5) * args.lifetime:g} s, so it ends "
         "mid-lifetime rather than on a refresh boundary. MSAL keeps expiries in whole seconds, so a token's usable "
         f"life is a little under {args.lifetime:g} s"
         + (f" (measured mean {sum(usable) / len(usable):.2f} s)." if usable else "."),
         "reads = conditional GETs (200, 304, 404); writes = conditional PUTs incl. 409/412 conflicts and the "
-        "lock-blob creation; leases = lease attempts incl. 'held by another replica'. Baseline does no storage I/O.",
+        "lock-blob creation; leases = lease attempts incl. 'held by another replica' (counted for shared only). "
+        "Baseline does no storage I/O; persisted reads and writes one local file under its file lock.",
         "A blob hit includes any wait (polls from 0.25 s, backing off to 2 s) for the replica holding the "
         "refresh lease; a shared IdP acquisition includes the lease, MSAL's lazy tenant discovery on first use "
         "and the conditional write. "
@@ -602,15 +649,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.2,
         help="seconds between acquisitions in each replica (±10%% jitter); default 0.2",
     )
+    parser.add_argument(
+        "--modes",
+        type=lambda text: [mode for mode in text.split(",") if mode],
+        default=list(MODES),
+        help=f"comma-separated scenarios among {','.join(MODES)}; default all",
+    )
     add_json_option(parser)
     # Internal: one replica process.
-    parser.add_argument("--child", choices=["shared", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--authority", help=argparse.SUPPRESS)
     parser.add_argument("--client-id", help=argparse.SUPPRESS)
     parser.add_argument("--client-secret", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--connection-string", help=argparse.SUPPRESS)
+    parser.add_argument("--container", help=argparse.SUPPRESS)
+    parser.add_argument("--key-file", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if unknown := set(args.modes) - set(MODES):
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose among {', '.join(MODES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             bench = Bench(args, workdir, azurite, entra, ca_bundle, key_file)
             for replicas in args.replicas:
-                for mode in ("shared", "baseline"):
+                for mode in args.modes:
                     print(f"running {mode} x{replicas} for {bench.window:g} s ...", file=sys.stderr, flush=True)
                     scenarios.append(bench.run(mode, replicas))
         except (BenchFailure, RuntimeError) as exc:  # RuntimeError: Azurite did not start
@@ -662,8 +722,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "setup": (
             "each replica a separate process started together; shared = graphsync TokenCaches on Azurite "
-            "(fresh container per scenario, encrypted envelope), baseline = msal.ConfidentialClientApplication "
-            "with its default in-memory cache; fake Entra on loopback HTTPS"
+            "(fresh container per scenario, encrypted envelope); library, persisted, baseline = "
+            "msal.ConfidentialClientApplication with graphsync's BlobTokenCache (same storage and key), "
+            "msal-extensions' PersistedTokenCache on one file, or its default in-memory cache; "
+            "fake Entra on loopback HTTPS"
         ),
         "machine": (
             f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "

@@ -190,7 +190,9 @@ def test_a_stale_writer_never_overwrites_a_newer_token(
     """Replica X gets a token while storage is down; meanwhile Y publishes a later-expiring one. When storage
     comes back X writes conditionally, meets the conflict, merges — and the newer token stays."""
     config = graphsync_config()
-    x = _caches(config)
+    # Y is built up front: its first read must come before X's background write-back retries (1 s, 3 s, 7 s after
+    # the outage began) find storage back; building it after the restart widened that race on a loaded machine.
+    x, y = _caches(config), _caches(config)
     azurite.stop()
     try:
         fake_entra.expires_in = 1800
@@ -199,7 +201,7 @@ def test_a_stale_writer_never_overwrites_a_newer_token(
     finally:
         azurite.start()
     fake_entra.expires_in = 3600
-    newer = _caches(config).acquire(TENANT)
+    newer = y.acquire(TENANT)
     assert newer.source == "identity_provider" and newer.expires_on > older.expires_on
 
     conflicts = _counter("graphsync_storage_operations_total", operation="write", result="conflict")

@@ -29,8 +29,7 @@ from azure.storage.blob import (
     LinearRetry,
 )
 
-from graphsync.metrics import STORAGE_OPERATIONS
-from graphsync.storage.errors import StorageError, WriteConflict, error_code
+from graphsync.storage.errors import Count, StorageError, WriteConflict, count_in_metrics, error_code
 from graphsync.storage.leases import BlobLease
 
 log = logging.getLogger(__name__)
@@ -82,8 +81,10 @@ STAGE_CONCURRENCY = 8
 class BlobStore:
     """One container, seen through the few operations graphsync needs."""
 
-    def __init__(self, container: ContainerClient) -> None:
+    def __init__(self, container: ContainerClient, *, count: Count = count_in_metrics) -> None:
+        """``count`` is told each call's ``(operation, result)``; by default graphsync's Prometheus counter."""
         self._container = container
+        self._count = count
 
     @classmethod
     def from_settings(cls, settings: StorageSettings, container: str | None = None) -> BlobStore:
@@ -129,14 +130,14 @@ class BlobStore:
             downloader = self._container.download_blob(name, **conditions)
             data = downloader.readall()
         except ResourceNotFoundError:
-            STORAGE_OPERATIONS.labels("read", "absent").inc()
+            self._count("read", "absent")
             return None
         except AzureError as exc:
             if getattr(exc, "status_code", None) == 304:  # ResourceModifiedError when the service says why
-                STORAGE_OPERATIONS.labels("read", "not_modified").inc()
+                self._count("read", "not_modified")
                 return NOT_MODIFIED
             raise self._failure("read", name, exc) from exc
-        STORAGE_OPERATIONS.labels("read", "ok").inc()
+        self._count("read", "ok")
         props = downloader.properties
         return BlobContent(data=data, etag=props.etag, last_modified=props.last_modified)
 
@@ -163,7 +164,7 @@ class BlobStore:
             raise self._conflict(name) from exc
         except AzureError as exc:
             raise self._failure("write", name, exc) from exc
-        STORAGE_OPERATIONS.labels("write", "ok").inc()
+        self._count("write", "ok")
         return etag
 
     def _conditional_upload(self, name: str, data: bytes, if_match: str | None) -> str:
@@ -180,12 +181,12 @@ class BlobStore:
         return etag
 
     def _conflict(self, name: str) -> WriteConflict:
-        STORAGE_OPERATIONS.labels("write", "conflict").inc()
+        self._count("write", "conflict")
         return WriteConflict(f"{self._path(name)} was changed by someone else")
 
     def _failure(self, operation: str, name: str, exc: AzureError) -> StorageError:
         """Count a failed ``operation`` (read, write, lease) and describe it for the caller's log line."""
-        STORAGE_OPERATIONS.labels(operation, "error").inc()
+        self._count(operation, "error")
         verb = {"read": "reading", "write": "writing", "lease": "leasing"}[operation]
         return StorageError.from_azure(f"{verb} {self._path(name)}", exc)
 
@@ -261,7 +262,7 @@ class BlobStore:
             raise self._conflict(name) from exc
         except AzureError as exc:
             raise self._failure("write", name, exc) from exc
-        STORAGE_OPERATIONS.labels("write", "ok").inc()
+        self._count("write", "ok")
         return str(result["etag"])
 
     def _stage(self, blob: BlobClient, block_id: str, data: bytes) -> None:
@@ -288,7 +289,7 @@ class BlobStore:
             return None
         except AzureError as exc:
             raise self._failure("read", name, exc) from exc
-        STORAGE_OPERATIONS.labels("read", "ok").inc()
+        self._count("read", "ok")
         headers = responses[-1].http_response.headers  # case-insensitive
         return BlockList(
             etag=headers.get("ETag") or None,
@@ -307,7 +308,7 @@ class BlobStore:
             raise WriteConflict(f"{self._path(name)} changed while it was being read") from exc
         except AzureError as exc:
             raise self._failure("read", name, exc) from exc
-        STORAGE_OPERATIONS.labels("read", "ok").inc()
+        self._count("read", "ok")
         return data
 
     def delete(self, name: str) -> None:
@@ -347,11 +348,11 @@ class BlobStore:
                 continue
             except AzureError as exc:
                 if getattr(exc, "status_code", None) == 409:  # LeaseAlreadyPresent (or ResourceExistsError)
-                    STORAGE_OPERATIONS.labels("lease", "lease_held").inc()
+                    self._count("lease", "lease_held")
                     return None
                 raise self._failure("lease", name, exc) from exc
-            STORAGE_OPERATIONS.labels("lease", "ok").inc()
-            return BlobLease(client, blob, self._path(name), seconds)
+            self._count("lease", "ok")
+            return BlobLease(client, blob, self._path(name), seconds, count=self._count)
         raise StorageError(f"leasing {self._path(name)}: the lock blob keeps disappearing")
 
     def _create_lock_blob(self, name: str) -> None:

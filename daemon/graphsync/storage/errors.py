@@ -3,10 +3,26 @@ for "someone else wrote first", each with a one-line cause that never holds a cr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from azure.core.exceptions import AzureError, HttpResponseError
 
 from graphsync.redaction import redact
 from graphsync.text import first_line
+
+Count = Callable[[str, str], None]
+"""Told ``(operation, result)`` after each storage call: ``("read", "not_modified")``, ``("lease", "lease_held")``..."""
+
+
+def count_in_metrics(operation: str, result: str) -> None:
+    """Count a storage call in graphsync's Prometheus metrics: what the daemon's stores do.
+
+    Imported on first use, so that the token-cache library (:class:`graphsync.tokencache.BlobTokenCache`), which
+    passes a count of its own, never loads prometheus_client into an application that did not ask for it.
+    """
+    from graphsync.metrics import STORAGE_OPERATIONS
+
+    STORAGE_OPERATIONS.labels(operation, result).inc()
 
 
 class StorageError(Exception):

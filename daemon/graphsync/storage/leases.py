@@ -10,7 +10,7 @@ import time
 from azure.core.exceptions import AzureError
 from azure.storage.blob import BlobClient, BlobLeaseClient
 
-from graphsync.metrics import STORAGE_OPERATIONS
+from graphsync.storage.errors import Count
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +22,12 @@ class BlobLease:
     work guarded by the lease checks it before publishing anything.
     """
 
-    def __init__(self, client: BlobLeaseClient, blob: BlobClient, path: str, seconds: int) -> None:
+    def __init__(self, client: BlobLeaseClient, blob: BlobClient, path: str, seconds: int, *, count: Count) -> None:
         self._client = client
         self._blob = blob
         self.path = path
         self._seconds = seconds
+        self._count = count
         self._released = threading.Event()
         self.lost = False
         self._keeper = threading.Thread(target=self._keep_alive, name=f"lease {path}", daemon=True)
@@ -41,7 +42,7 @@ class BlobLease:
         try:
             self._client.renew()
         except AzureError:
-            STORAGE_OPERATIONS.labels("lease", "error").inc()
+            self._count("lease", "error")
             return False
         return True
 
@@ -51,7 +52,7 @@ class BlobLease:
         try:
             self._client.release()
         except AzureError:
-            STORAGE_OPERATIONS.labels("lease", "error").inc()
+            self._count("lease", "error")
 
     def _keep_alive(self) -> None:
         """Renew every third of the lease; one failed renewal is retried, the lease is lost only once it expired."""

@@ -1,4 +1,4 @@
-"""This process's copy of one partition's tokens: an MSAL cache, plus the tokens a resource has refused."""
+"""This process's copy of one shared blob's tokens: an MSAL cache, plus the tokens a resource has refused."""
 
 from __future__ import annotations
 
@@ -14,25 +14,28 @@ from graphsync.tokencache.merge import AT, adds_to, merge_cache_states
 UNKNOWN_REJECTED_LIFETIME = 24 * 3600
 
 
-class MemoryTokens:
-    """The in-memory MSAL cache of one (client id, tenant) partition, read and merged on the injected wall clock.
+Query = dict[str, Any]
+"""Which tokens a lookup wants: ``target`` scopes and the ``query`` fields MSAL matches (client_id, realm...)."""
 
-    The whole cache object belongs to the partition, so client id and scopes are enough to match a token: no need
-    to know the realm GUID that discovery would map a domain tenant to.
+
+class MemoryTokens:
+    """The in-memory MSAL cache of one shared blob, read and merged on the injected wall clock.
+
+    The daemon gives each (client id, tenant) partition a cache of its own, so client id and scopes are enough to
+    match a token there; MSAL apps using :class:`~graphsync.tokencache.BlobTokenCache` look up with the query MSAL
+    itself sends (environment, realm, client id).
     """
 
-    def __init__(self, *, client_id: str, scopes: list[str], wall: Callable[[], float]) -> None:
-        self.cache = msal.SerializableTokenCache()
-        self._client_id = client_id
-        self._scopes = list(scopes)
+    def __init__(self, cache: msal.SerializableTokenCache, *, wall: Callable[[], float]) -> None:
+        self.cache = cache
         self._wall = wall
         self._rejected: dict[str, float] = {}  # secrets a resource refused (401) -> their expiry
 
-    def find(self, margin: int, *, honour_refresh_on: bool) -> dict[str, Any] | None:
+    def find(self, margin: int, *, honour_refresh_on: bool, target: list[str], query: Query) -> dict[str, Any] | None:
         """The longest-lived usable access token with more than ``margin`` seconds left, or ``None``."""
         now = self._wall()
         best = None
-        for entry in self._search(now):
+        for entry in self._search(now, target, query):
             if entry["secret"] in self._rejected or int(entry["expires_on"]) - now < margin:
                 continue
             if honour_refresh_on and "refresh_on" in entry and int(entry["refresh_on"]) < now:
@@ -78,9 +81,13 @@ class MemoryTokens:
         state: dict[str, Any] = json.loads(self.cache.serialize())
         return state
 
-    def _search(self, now: float) -> Iterator[dict[str, Any]]:
-        """This partition's access tokens; MSAL prunes expired ones as it searches, by our clock, not its own."""
-        tokens: Iterator[dict[str, Any]] = self.cache.search(
-            AT, target=self._scopes, query={"client_id": self._client_id}, now=now
-        )
+    def _search(
+        self, now: float, target: list[str] | None = None, query: Query | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Matching access tokens; MSAL prunes expired ones as it searches, by our clock, not its own.
+
+        MSAL's own ``search``, called on the base class: the cache may be a ``BlobTokenCache``, whose ``search``
+        is the fleet-wide lookup that calls this one.
+        """
+        tokens: Iterator[dict[str, Any]] = msal.TokenCache.search(self.cache, AT, target=target, query=query, now=now)
         return tokens
