@@ -238,6 +238,8 @@ class OutputSettings(BaseModel):
     container: ContainerName | None = None
     # A factory, not a constant: it reads the environment of the load_settings call in progress.
     work_directory: Path = Field(default_factory=lambda: default_work_directory(current_load().environ))
+    # Delta Lake tables beside the JSONL, under <output>/tables/<table>/ (graphsync.tables).
+    tables: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:
