@@ -9,8 +9,14 @@ a container in Azurite.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import pyarrow as pa
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
-from azure.storage.blob import BlobServiceClient, ContainerClient
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.storage.blob import BlobLeaseClient, BlobServiceClient, ContainerClient
 from deltalake import DeltaTable
 
+from tests.conftest import REPO_ROOT
 from tests.fakes.graph import FakeGraph, mutate, populate
+from tests.fakes.storage_relay import StorageRelay
 from tests.test_sync import output_text
 
 if TYPE_CHECKING:
@@ -359,3 +367,80 @@ def test_typed_columns_and_the_table_layout(runs: Runs, fake_graph: FakeGraph, o
     assert users.metadata().configuration.get("delta.enableChangeDataFeed") == "true"
     protocol = users.protocol()
     assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 4), "no timestamp_ntz: readable by Fabric"
+
+
+# -- a kill between the table commit and state.json ----------------------------------------------------------------
+
+
+def break_leases(azurite: Azurite, container: str) -> None:
+    """The killed run's job leases would expire in 30 s: break them, as an operator would."""
+    with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        for blob in service.get_container_client(container).list_blobs(name_starts_with="locks/"):
+            with contextlib.suppress(HttpResponseError):  # not leased
+                BlobLeaseClient(service.get_blob_client(container, blob.name)).break_lease(lease_break_period=0)
+
+
+def test_a_sigkill_between_the_table_commit_and_state_json_loses_and_duplicates_nothing(
+    graphsync_config: WriteConfig,
+    fake_graph: FakeGraph,
+    run_graphsync: RunGraphsync,
+    azurite: Azurite,
+    blob_container: str,
+    tls_env: dict[str, str],
+) -> None:
+    tenant = TENANTS[0]
+    with StorageRelay(azurite) as relay, BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        output = Output(
+            f"az://{blob_container}/tables",
+            azurite_options(azurite),
+            container=service.get_container_client(blob_container),
+        )
+        config = graphsync_config(
+            tenants=TENANTS,
+            extra={
+                "graph": {"endpoint": fake_graph.base_url},
+                "storage": {"connection_string": relay.connection_string},
+                "output": output_settings(output),
+                "jobs": JOBS,
+            },
+        )
+        runs = Runs(run_graphsync, config, output)
+        seed(fake_graph)
+        runs.sync()
+        runs.remember()
+        cursor = output.state(tenant, "users")["delta_link"]
+        mutate(fake_graph, tenant, random.Random(99), changes=30)
+        change_manager_and_types(fake_graph, tenant, random.Random(98))
+        before = output.versions()
+
+        state_blob = f"{blob_container}/{tenant}/users/state.json"
+        hold = relay.hold(lambda method, blob, comp: (method, blob) == ("PUT", state_blob))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "graphsync", "sync", "--config", str(config)],
+            cwd=REPO_ROOT,
+            env={**os.environ, **tls_env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert hold.arrived.wait(60), "the run never came to save its state"
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        finally:
+            hold.drop()
+            if process.poll() is None:
+                process.kill()
+        assert output.state(tenant, "users")["delta_link"] == cursor, "the cursor did not move"
+        killed = {
+            key: row for key, row in net_feed(output.changes("users", before["users"]), ("tenant_id", "id")).items()
+        }
+        assert any(key[0] == tenant for key in killed), "the killed run had committed the round to the users table"
+
+        break_leases(azurite, blob_container)
+        runs.sync()  # fetches the same round again, from the same link
+        assert_tables_equal_the_snapshots(output)
+        feed = [row for row in output.changes("users", before["users"]) if row["tenant_id"] == tenant]
+        events = collections.Counter(row["id"] for row in feed if row["_change_type"] in CHANGE_TYPES)
+        old, new = runs.snapshots[(tenant, "users")], output.snapshot(tenant, "users")
+        differing = {oid for oid in old.keys() | new.keys() if old.get(oid) != new.get(oid)}
+        assert events == dict.fromkeys(differing, 1), "every change is in the users CDF once, none lost, none twice"
