@@ -32,7 +32,7 @@ from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
 from graphsync.publication import Publication, Published, Refreshed, publish, refresh
 from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
-from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, SnapshotStore, encode
+from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, OWNERS_DELTA, SnapshotStore, encode
 from graphsync.tables import NO_TABLES, AppliedRound, RoundTables
 from graphsync.workstore import WorkStores
 
@@ -289,10 +289,11 @@ def _log_publication(tenant: str, job: str, publication: Publication) -> None:
 
 
 def _check_record(record: Any, resource: str) -> None:
-    """What the working store relies on: a string id, and link changes (members, manager) that are objects with ids."""
+    """What the working store relies on: a string id, and link changes (members, owners, manager) that are objects
+    with ids."""
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
         raise MalformedResponse(f"a record in {resource} has no string 'id'")
-    for link in (MEMBERS_DELTA, MANAGER_DELTA):
+    for link in (MEMBERS_DELTA, OWNERS_DELTA, MANAGER_DELTA):
         entries = record.get(link, [])
         if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries
