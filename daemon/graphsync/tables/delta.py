@@ -51,8 +51,11 @@ log = logging.getLogger(__name__)
 
 SourceRow = tuple[Key, Values | None, bool]  # a MERGE source row: key, values (None: no values), flag
 
-RETRIES = 8
+# Conflicts with other writers are retried for this long, with jittered exponential backoff, rather than a number of
+# times: with many writers, a collision on Azure (412: delta-rs gives up at once) costs a whole new read and MERGE.
+CONFLICT_SECONDS = 300.0
 BACKOFF_SECONDS = 0.2
+BACKOFF_CAP_SECONDS = 5.0
 DELETED = "_deleted"  # source-only column: the row goes
 CLOSE = "_close"  # source-only column of a history MERGE: the row closes a current one
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -82,9 +85,11 @@ def app_id(tenant: str, job: str) -> str:
 class DeltaTables:
     """The tables under one location; one instance serves every run of the process (it keeps no table open)."""
 
-    def __init__(self, location: TableLocation, *, retries: int = RETRIES, backoff: float = BACKOFF_SECONDS) -> None:
+    def __init__(
+        self, location: TableLocation, *, conflict_seconds: float = CONFLICT_SECONDS, backoff: float = BACKOFF_SECONDS
+    ) -> None:
         self.location = location
-        self._retries = retries
+        self._conflict_seconds = conflict_seconds
         self._backoff = backoff
 
     def needs_full(self, tenant: str, job: JobSettings) -> bool:
@@ -212,16 +217,18 @@ class DeltaTables:
         return table
 
     def _retrying(self, name: str, step: Callable[[], None]) -> None:
-        for attempt in itertools.count(1):
+        """Run ``step`` (read, compare, commit) again, from a fresh read, while it meets concurrent commits."""
+        deadline = time.monotonic() + self._conflict_seconds
+        for attempt in itertools.count():
             try:
                 step()
                 return
             except (CommitFailedError, DeltaError, OSError) as exc:
-                if attempt >= self._retries or not _conflict(exc):
+                if not _conflict(exc) or time.monotonic() > deadline:
                     raise
                 TABLE_CONFLICTS_RETRIED.labels(name).inc()
                 log.info("table %s: concurrent commit (%s); trying again", name, _first_line(exc))
-                time.sleep(random.uniform(0, self._backoff * attempt))
+                time.sleep(random.uniform(0, min(BACKOFF_CAP_SECONDS, self._backoff * 2**attempt)))
 
 
 class _Commit:
@@ -324,9 +331,9 @@ def _conflict(exc: BaseException) -> bool:
     """A concurrent commit: delta-rs's conflict checker, or Azure's 412 that object_store does not map (#3166)."""
     if isinstance(exc, CommitFailedError):
         return True
-    text = str(exc)
+    text = str(exc).lower()
     return any(
-        sign in text for sign in ("412", "ConditionNotMet", "Precondition", "already exists", "Metadata changed")
+        sign in text for sign in ("412", "conditionnotmet", "precondition", "already exists", "metadata changed")
     )
 
 
