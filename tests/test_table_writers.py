@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from pydantic import ValidationError
 
 from graphsync.config import JobSettings, Settings
 from graphsync.metrics import TABLE_CONFLICTS_RETRIED
@@ -207,3 +208,48 @@ def test_the_tables_live_under_the_output_with_the_accounts_options(tmp_path: Pa
     )
     assert azure_options(public.storage) == {"account_name": "acct", "endpoint": "https://acct.blob.core.windows.net"}
     assert table_location(public).uri("groups") == f"{tmp_path}/tables/groups"
+
+
+def test_with_tables_a_job_needs_select_and_one_job_per_tenant_writes_a_table() -> None:
+    def settings(*jobs: dict[str, Any]) -> Settings:
+        return Settings(
+            identity={"client_id": "c", "tenants": ["a.onmicrosoft.com", "b.onmicrosoft.com"], "client_secret": "s"},
+            storage={"account_url": "https://acct.blob.core.windows.net"},
+            output={"directory": "/tmp/out", "tables": True},
+            jobs=list(jobs),
+        )
+
+    users = {"name": "users", "resource": "users", "delta": True, "select": ["mail"], "every": "5m"}
+    with pytest.raises(ValidationError, match=r"jobs\[0\]\.select: is required with output\.tables"):
+        settings({**users, "select": None})
+    with pytest.raises(ValidationError, match=r"jobs\[1\]\.resource: jobs\[0\] exports users for b\.onmicrosoft\.com"):
+        settings(users, {**users, "name": "more-users", "tenants": ["b.onmicrosoft.com"]})
+    settings(
+        {**users, "tenants": ["a.onmicrosoft.com"]}, {**users, "name": "b-users", "tenants": ["b.onmicrosoft.com"]}
+    )
+    settings({"name": "sign-ins", "resource": "auditLogs/signIns", "cursor": "createdDateTime", "every": "5m"})
+
+
+def test_a_property_added_to_select_adds_a_column_without_rewriting_the_table(tmp_path: Path) -> None:
+    tables = DeltaTables(TableLocation(str(tmp_path / "tables")))
+    tenant = Tenant(TENANTS[0], tmp_path)
+    tables.apply(tenant.round([user(TENANTS[0], n, 0) for n in range(5)], full=True))
+    uri = tables.location.uri("users")
+    files_before = set(DeltaTable(uri).file_uris())
+
+    wider = USERS.model_copy(update={"select": [*(USERS.select or []), "mail"]})
+    records = [{**user(TENANTS[0], n, 0), "mail": f"u{n}@example.com" if n < 2 else None} for n in range(5)]
+    tenant.store.clear()
+    tenant.store.apply(records)
+    tenant.clock += 60
+    lines = io.BytesIO(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+    tables.apply(AppliedRound(TENANTS[0], wider, True, {r["id"] for r in records}, tenant.store, lines, tenant.clock))
+
+    table = DeltaTable(uri)
+    operations = [entry["operation"] for entry in reversed(table.history())]
+    assert operations[-2:] == ["ADD COLUMN", "MERGE"], operations
+    added_column = DeltaTable(uri, version=table.version() - 1)
+    assert set(added_column.file_uris()) == files_before, "adding the column rewrote no data file"
+    assert "mail" in pa.schema(added_column.schema().to_arrow()).names
+    mails = {r["id"]: r["mail"] for r in table.to_pyarrow_table().to_pylist()}
+    assert sorted(mails.values(), key=str) == [None, None, None, "u0@example.com", "u1@example.com"]
