@@ -253,3 +253,16 @@ def test_a_property_added_to_select_adds_a_column_without_rewriting_the_table(tm
     assert "mail" in pa.schema(added_column.schema().to_arrow()).names
     mails = {r["id"]: r["mail"] for r in table.to_pyarrow_table().to_pylist()}
     assert sorted(mails.values(), key=str) == [None, None, None, "u0@example.com", "u1@example.com"]
+
+
+def test_a_table_the_first_round_leaves_empty_still_records_the_round(tmp_path: Path) -> None:
+    groups = JobSettings(name="groups", resource="groups", delta=True, select=["displayName", "owners"], every="5m")
+    store = SnapshotStore(tmp_path / "groups.sqlite")
+    records = [{"id": "g1", "displayName": "Ownerless", "owners@delta": []}]
+    store.apply(records)
+    tables = DeltaTables(TableLocation(str(tmp_path / "tables")))
+    assert tables.needs_full(TENANTS[0], groups)
+    lines = io.BytesIO(json.dumps(records[0]).encode() + b"\n")
+    tables.apply(AppliedRound(TENANTS[0], groups, True, {"g1"}, store, lines, 1_800_000_000.0))
+    assert DeltaTable(tables.location.uri("group_owners")).to_pyarrow_table().num_rows == 0
+    assert not tables.needs_full(TENANTS[0], groups), "the next round is a delta round, not another full one"

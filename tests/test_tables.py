@@ -376,6 +376,7 @@ def test_random_rounds_over_two_tenants_keep_every_table_equal_to_the_snapshots(
     assert_tables_equal_the_snapshots(output)
     assert_typed_partitioned_and_readable_by_fabric(output)
     runs.remember()
+    full_rounds = {(t, job): output.state(t, job)["last_full_round"] for t in TENANTS for job in JOB_NAMES}
     for tenant in TENANTS:
         for job in JOB_NAMES:
             runs.new_change_lines(tenant, job)
@@ -393,6 +394,9 @@ def test_random_rounds_over_two_tenants_keep_every_table_equal_to_the_snapshots(
         assert_tables_equal_the_snapshots(output)
         assert_feed_is_the_change(runs, before, runs.snapshots)
         runs.remember()
+        assert {key: output.state(*key)["last_full_round"] for key in full_rounds} == full_rounds, (
+            "once the tables hold a tenant's job, its rounds are delta rounds again"
+        )
     moments.append((datetime.now(UTC), dict(runs.snapshots)))
 
     before = output.versions()
