@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("scheduler", frozenset({"scheduler", "pool", "affinity"})),
     ("jobs", frozenset({"jobs"})),
     ("rounds", frozenset({"rounds", "publication", "coldstore", "reconcile", "logrounds"})),
-    ("outputs and working stores", frozenset({"sinks", "snapshot", "workstore"})),
+    ("outputs and working stores", frozenset({"sinks", "snapshot", "workstore", "tables"})),
     ("Graph and tokens", frozenset({"graph", "tokencache", "identity", "cache_envelope"})),
     ("storage", frozenset({"storage"})),
     # Usable by all. health and systemd are here, not at the top: they import nothing of graphsync, and the

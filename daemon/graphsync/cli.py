@@ -28,6 +28,7 @@ from graphsync.scheduler import Daemon
 from graphsync.sinks import sink_from_settings
 from graphsync.status import fleet_status
 from graphsync.storage import BlobStore
+from graphsync.tables import tables_from_settings
 from graphsync.timestamps import display_utc
 from graphsync.tokencache import TokenCaches
 from graphsync.workstore import WorkStores
@@ -159,7 +160,8 @@ def _job_runner(settings: Settings) -> JobRunner:
         max_retries=settings.graph.max_retries,
     )
     stores = WorkStores(settings.output.work_directory)
-    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores)
+    tables = tables_from_settings(settings)
+    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores, tables=tables)
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:

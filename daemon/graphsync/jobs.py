@@ -30,6 +30,7 @@ from graphsync.reconcile import LAST_FULL_ROUND, export_reconciliation, reconcil
 from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
+from graphsync.tables import NO_TABLES, RoundTables
 from graphsync.timestamps import epoch, file_stamp, iso_utc
 from graphsync.workstore import WorkStores
 
@@ -79,9 +80,10 @@ class JobRunner:
         stores: WorkStores,
         replica: str | None = None,
         clock: Callable[[], float] = time.time,
+        tables: RoundTables = NO_TABLES,
     ) -> None:
         self._sink = sink
-        self._rounds = RoundRunner(graph=graph, sink=sink, stores=stores)
+        self._rounds = RoundRunner(graph=graph, sink=sink, stores=stores, tables=tables)
         self._log_rounds = LogRoundRunner(graph=graph, sink=sink)
         self._locks = locks
         self.replica = replica or replica_name()

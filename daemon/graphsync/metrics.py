@@ -69,3 +69,18 @@ RECONCILE_LAST = Gauge(
     "latest one, since another replica's gauge may hold an older reconciliation.",
     ["tenant", "job"],
 )
+TABLE_COMMITS = Counter(
+    "graphsync_table_commits_total",
+    "Commits to the Delta Lake tables ([output] tables = true), by table.",
+    ["table"],
+)
+TABLE_CONFLICTS_RETRIED = Counter(
+    "graphsync_table_conflicts_retried_total",
+    "Table commits that met a concurrent commit (another replica or tenant) and were tried again, by table.",
+    ["table"],
+)
+TABLE_BYTES_WRITTEN = Counter(
+    "graphsync_table_bytes_written_total",
+    "Bytes of data files the table commits added (data and change data files), by table.",
+    ["table"],
+)

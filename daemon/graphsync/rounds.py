@@ -8,7 +8,8 @@ The order is what makes a round safe to interrupt anywhere:
 2. pages go into the store inside one transaction and into a change file beside it;
 3. the snapshot is published (fenced on the version the round started from), and the store is tagged with the
    new version, in that same transaction, which then commits;
-4. the change file is written. (The caller saves the cursor last.)
+4. the change file is written, and the round applied to the tables (:mod:`graphsync.tables`, when on).
+   (The caller saves the cursor last.)
 
 A failure or a kill before step 3's commit rolls the store back to the version it is tagged with; after it, the
 store equals what was published. A round that received nothing publishes nothing and writes no change file.
@@ -23,6 +24,7 @@ import json
 import logging
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
@@ -32,7 +34,8 @@ from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
 from graphsync.publication import Publication, Published, Refreshed, publish
 from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
-from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, SnapshotStore, encode
+from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, OWNERS_DELTA, SnapshotStore, encode
+from graphsync.tables import NO_TABLES, AppliedRound, RoundTables
 from graphsync.workstore import WorkStores
 
 if TYPE_CHECKING:
@@ -102,10 +105,11 @@ class _RoundContext:
 class RoundRunner:
     """Runs rounds for one output, with the working stores of this host."""
 
-    def __init__(self, *, graph: GraphClient, sink: Sink, stores: WorkStores) -> None:
+    def __init__(self, *, graph: GraphClient, sink: Sink, stores: WorkStores, tables: RoundTables = NO_TABLES) -> None:
         self._graph = graph
         self._sink = sink
         self._stores = stores
+        self._tables = tables
 
     def run(
         self,
@@ -129,6 +133,8 @@ class RoundRunner:
         version = self._sink.snapshot_version(tenant, job.name)  # publish only over this very snapshot
         if delta_link and version is None:
             log.warning("snapshot of %s/%s is missing; doing a full sync", tenant, job.name)
+            delta_link = None
+        if delta_link and self._tables.needs_full(tenant, job):  # a new table: only a full round fills it
             delta_link = None
         query = store_query(self._sink, job)
         with self._stores.open(tenant, job.name) as store:
@@ -162,6 +168,7 @@ class RoundRunner:
         job, tenant, store = context.job, context.tenant, context.store
         interrupted, progress = context.interrupted, context.progress
         done = Round()
+        started = time.time()
         partial = context.partial if delta_link else None
         previous = partial.published() if partial else self._published(store, tenant, job.name, version, context.query)
         with tempfile.TemporaryFile(dir=store.path.parent) as changes:
@@ -214,6 +221,8 @@ class RoundRunner:
             if done.changes or done.full:  # a full round says so even when it received nothing
                 changes.seek(0)
                 self._sink.write_changes(tenant, job.name, context.change_file(done.full), changes)
+                changes.seek(0)
+                self._tables.apply(AppliedRound(tenant, job, done.full, done.touched, store, changes, started))
         return done
 
     def _collection_url(self, job: JobSettings) -> str:
@@ -284,10 +293,11 @@ def _log_publication(tenant: str, job: str, publication: Publication) -> None:
 
 
 def _check_record(record: Any, resource: str) -> None:
-    """What the working store relies on: a string id, and link changes (members, manager) that are objects with ids."""
+    """What the working store relies on: a string id, and link changes (members, owners, manager) that are objects
+    with ids."""
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
         raise MalformedResponse(f"a record in {resource} has no string 'id'")
-    for link in (MEMBERS_DELTA, MANAGER_DELTA):
+    for link in (MEMBERS_DELTA, OWNERS_DELTA, MANAGER_DELTA):
         entries = record.get(link, [])
         if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries

@@ -3,9 +3,10 @@
 This is where Graph's delta semantics live: an updated object may carry only some properties (absent means
 unchanged, ``null`` means cleared), the same object may come several times in a round (later wins), ``@removed``
 takes it out, and a group's ``members@delta`` entries add or remove member ids, possibly spread over several
-records. A user's ``manager@delta`` (a job that expands the manager) becomes ``manager``: the manager's id, or
-``null`` once removed. Members live in a table of their own, so a change to a group of any size costs only its changed
-members. The snapshot comes out one JSON line per object, sorted by id, groups with a sorted ``members`` list.
+records. A group's ``owners@delta`` (``owners`` in its ``$select``) works the same way. A user's ``manager@delta``
+(a job that expands the manager) becomes ``manager``: the manager's id, or ``null`` once removed. Members and owners
+live in tables of their own, so a change to a group of any size costs only its changed links. The snapshot comes out
+one JSON line per object, sorted by id, groups with sorted ``members`` (and ``owners``) lists.
 
 The store also remembers which published snapshot it equals (its *tag*) and the chunks that snapshot is made of
 (:mod:`graphsync.chunking`), so the next run can start from it without downloading anything. SQLite's rollback
@@ -29,10 +30,29 @@ MEMBERS_DELTA = "members@delta"
 MEMBERS = "members"
 MANAGER_DELTA = "manager@delta"
 MANAGER = "manager"
+OWNERS_DELTA = "owners@delta"
+OWNERS = "owners"
+
+
+@dataclass(frozen=True)
+class _ListLink:
+    """A many-valued link: its snapshot property, its record annotation, its SQLite table, and its bit in
+    ``objects.has_members`` (a bit mask: which lists the object carries; stores from before owners hold 0 or 1)."""
+
+    name: str
+    delta: str
+    table: str
+    bit: int
+
+
+_LIST_LINKS = (_ListLink(MEMBERS, MEMBERS_DELTA, "members", 1), _ListLink(OWNERS, OWNERS_DELTA, "owners", 2))
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS objects (id TEXT PRIMARY KEY, body TEXT NOT NULL, has_members INTEGER)",
     "CREATE TABLE IF NOT EXISTS members (object_id TEXT, member_id TEXT, PRIMARY KEY (object_id, member_id))"
+    " WITHOUT ROWID",
+    # member_id: the owner's id (one column name for both link tables, so one statement serves both)
+    "CREATE TABLE IF NOT EXISTS owners (object_id TEXT, member_id TEXT, PRIMARY KEY (object_id, member_id))"
     " WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS chunks (position INTEGER PRIMARY KEY, block_id TEXT NOT NULL, first_id TEXT NOT NULL,"
@@ -40,7 +60,7 @@ _SCHEMA = (
 )
 
 
-_LINKS = frozenset({MEMBERS_DELTA, MANAGER_DELTA})
+_LINKS = frozenset({MEMBERS_DELTA, MANAGER_DELTA, OWNERS_DELTA})
 
 
 def _manager(entries: list[dict[str, Any]]) -> str | None:
@@ -71,9 +91,9 @@ class StoreTag:
 class SnapshotStore:
     """The objects of one (tenant, job) keyed by id, in a SQLite file on this host's disk.
 
-    ``objects.body`` holds an object without its members; ``has_members`` says whether the object carries a
-    ``members`` list (it does once any ``members@delta`` arrived for it, even an empty one). ``meta`` holds the
-    tag, ``chunks`` the published snapshot's chunks in order.
+    ``objects.body`` holds an object without its members and owners; ``has_members`` says which of those lists
+    the object carries (a bit each, see :class:`_ListLink`: an object carries one once any of its ``<link>@delta``
+    arrived, even an empty one). ``meta`` holds the tag, ``chunks`` the published snapshot's chunks in order.
     """
 
     def __init__(self, path: Path) -> None:
@@ -117,11 +137,11 @@ class SnapshotStore:
         """Add the objects of snapshot lines (one JSON object per line); all of them or, on a bad line, none."""
         with self._step():
             for obj in map(json.loads, filter(bytes.strip, lines)):
-                members = obj.pop(MEMBERS, None) if isinstance(obj.get(MEMBERS), list) else None
-                self._put(obj, has_members=members is not None)
-                if members:
+                lists = {link: obj.pop(link.name) for link in _LIST_LINKS if isinstance(obj.get(link.name), list)}
+                self._put(obj, lists=sum(link.bit for link in lists))
+                for link, ids in lists.items():
                     self._db.executemany(
-                        "INSERT OR IGNORE INTO members VALUES (?, ?)", ((obj["id"], member) for member in members)
+                        f"INSERT OR IGNORE INTO {link.table} VALUES (?, ?)", ((obj["id"], linked) for linked in ids)
                     )
 
     def apply(self, records: Iterable[dict[str, Any]], *, defaults: Mapping[str, Any] | None = None) -> None:
@@ -136,40 +156,47 @@ class SnapshotStore:
                 object_id = record["id"]
                 if "@removed" in record:
                     self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
-                    self._db.execute("DELETE FROM members WHERE object_id = ?", (object_id,))
+                    for link in _LIST_LINKS:
+                        self._db.execute(f"DELETE FROM {link.table} WHERE object_id = ?", (object_id,))
                     continue
                 row = self._db.execute("SELECT body, has_members FROM objects WHERE id = ?", (object_id,)).fetchone()
                 stored = json.loads(row[0]) if row else dict(defaults or {})
-                changes = record.get(MEMBERS_DELTA)
                 stored.update((key, value) for key, value in record.items() if key not in _LINKS)
                 if MANAGER_DELTA in record:
                     stored[MANAGER] = _manager(record[MANAGER_DELTA])
-                self._put(stored, has_members=bool(row and row[1]) or changes is not None)
-                for change in changes or ():
-                    if "@removed" in change:
-                        self._db.execute(
-                            "DELETE FROM members WHERE object_id = ? AND member_id = ?", (object_id, change["id"])
-                        )
-                    else:
-                        self._db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (object_id, change["id"]))
+                carried = [link for link in _LIST_LINKS if link.delta in record]
+                self._put(stored, lists=((row[1] or 0) if row else 0) | sum(link.bit for link in carried))
+                for link in carried:
+                    for change in record[link.delta]:
+                        if "@removed" in change:
+                            self._db.execute(
+                                f"DELETE FROM {link.table} WHERE object_id = ? AND member_id = ?",
+                                (object_id, change["id"]),
+                            )
+                        else:
+                            self._db.execute(
+                                f"INSERT OR IGNORE INTO {link.table} VALUES (?, ?)", (object_id, change["id"])
+                            )
 
-    def _put(self, obj: dict[str, Any], *, has_members: bool) -> None:
+    def _put(self, obj: dict[str, Any], *, lists: int) -> None:
+        """Store ``obj``; ``lists``: the bits of the link lists it carries (see :class:`_ListLink`)."""
         self._db.execute(
             "INSERT OR REPLACE INTO objects (id, body, has_members) VALUES (?, ?, ?)",
-            (obj["id"], _dumps(obj), int(has_members)),
+            (obj["id"], _dumps(obj), lists),
         )
 
     def clear(self) -> None:
         """Forget everything, the tag and the chunks too."""
         with self._step():
-            for table in ("objects", "members", "meta", "chunks"):
+            for table in ("objects", *(link.table for link in _LIST_LINKS), "meta", "chunks"):
                 self._db.execute(f"DELETE FROM {table}")
 
     def drop_range(self, first_id: str, last_id: str) -> None:
         """Remove the objects with ids in ``[first_id, last_id]``: a published chunk that is gone."""
         with self._step():
             self._db.execute("DELETE FROM objects WHERE id BETWEEN ? AND ?", (first_id, last_id))
-            self._db.execute("DELETE FROM members WHERE object_id BETWEEN ? AND ?", (first_id, last_id))
+            for link in _LIST_LINKS:
+                self._db.execute(f"DELETE FROM {link.table} WHERE object_id BETWEEN ? AND ?", (first_id, last_id))
 
     def count(self) -> int:
         (count,) = self._db.execute("SELECT COUNT(*) FROM objects").fetchone()
@@ -193,18 +220,16 @@ class SnapshotStore:
         rows = self._db.execute(
             f"SELECT id, body, has_members FROM objects {where} ORDER BY id", [value for _, value in bounds]
         )
-        members = self._db.cursor()
-        for object_id, body, has_members in rows:
-            if not has_members:
+        linked = self._db.cursor()
+        for object_id, body, lists in rows:
+            if not lists:
                 yield object_id, body.encode() + b"\n"
                 continue
             obj = json.loads(body)
-            obj[MEMBERS] = [
-                m
-                for (m,) in members.execute(
-                    "SELECT member_id FROM members WHERE object_id = ? ORDER BY member_id", (object_id,)
-                )
-            ]
+            for link in _LIST_LINKS:
+                if lists & link.bit:
+                    query = f"SELECT member_id FROM {link.table} WHERE object_id = ? ORDER BY member_id"
+                    obj[link.name] = [m for (m,) in linked.execute(query, (object_id,))]
             yield object_id, encode(obj)
 
     def lines(self) -> Iterator[bytes]:

@@ -15,8 +15,8 @@ token was issued for by :class:`~tests.fakes.entra.FakeEntra`):
 * ``GET /v1.0/{resource}/delta?$select=...&$expand=...`` -- starts a delta round (``$top`` is ignored);
   ``$deltatoken=latest`` returns just a deltaLink for "from now on".  Relationships are tracked
   as Graph documents them, as ``<name>@delta`` annotations: a group's ``members`` (in
-  ``$select`` or ``$expand``) and a user's ``manager`` (likewise); ``$expand`` of anything else
-  is a 400, as on Graph.
+  ``$select`` or ``$expand``), its ``owners`` (in ``$select``), a directory role's ``members``
+  and a user's ``manager`` (likewise); ``$expand`` of anything else is a 400, as on Graph.
 * ``GET <@odata.deltaLink>`` -- the changes since that link was issued, paged the same way.
 * ``GET /v1.0/{resource}/{id}`` -- one object.
 * ``GET /v1.0/auditLogs/signIns?$filter=createdDateTime ge 2024-05-01T00:00:00Z and ...&$top=N``
@@ -95,8 +95,10 @@ logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 999  # the largest $top Graph honours for directory objects
 MEMBER_TYPE = "#microsoft.graph.user"
-_MEMBER_RESOURCES = frozenset({"groups"})
-_LINK_OF = {"groups": "members", "users": "manager"}  # the relationship a delta round can track
+_MEMBER_RESOURCES = frozenset({"groups", "directoryRoles"})
+_LINK_OF = {"groups": "members", "users": "manager", "directoryRoles": "members"}  # what delta can $expand
+_SELECTED_LINKS = {"groups": frozenset({"owners"})}  # tracked like members when in $select (ids only)
+_LINK_NAMES = frozenset({"members", "manager", "owners"})
 _DELTA_SEGMENTS = frozenset({"delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()"})
 _ALL = "*"  # the key under which requests of every tenant are counted together
 _MAX_ROUNDS = 1000  # rounds kept for their skiptokens; the oldest are forgotten first
@@ -173,12 +175,13 @@ class _Collection:
     ``log`` is append-only; a change's sequence number is its index + 1, so ``len(log)`` is
     the position a deltaLink remembers.  Entries are ``(kind, id, data)``:
     ``("full", id, None)`` added or restored, ``("props", id, frozenset)`` updated,
-    ``("removed", id, reason)``, ``("member", group_id, (member_id, removed))``,
-    ``("manager", user_id, previous manager id or None)``.
+    ``("removed", id, reason)``, ``("member", group_id, (member_id, removed))``, ``("owner", group_id, (owner_id,
+    removed))``, ``("manager", user_id, previous manager id or None)``.
     """
 
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=dict)  # group id -> member ids
+    owners: dict[str, set[str]] = field(default_factory=dict)  # group id -> owner ids
     managers: dict[str, str] = field(default_factory=dict)  # user id -> manager id
     soft_deleted: dict[str, tuple[dict[str, Any], set[str] | None]] = field(default_factory=dict)
     log: list[tuple[str, str, Any]] = field(default_factory=list)
@@ -190,7 +193,7 @@ class _Item:
 
     ``props`` None means "all selected properties"; a set means only those (minimal mode).
     ``members`` becomes ``members@delta``: ``(member_id, removed)`` pairs; ``manager`` becomes
-    ``manager@delta``: one ``(manager_id, removed)`` pair.
+    ``manager@delta``: one ``(manager_id, removed)`` pair; ``owners`` becomes ``owners@delta`` like members.
     """
 
     id: str
@@ -198,6 +201,7 @@ class _Item:
     props: frozenset[str] | None = None
     members: tuple[tuple[str, bool], ...] | None = None
     manager: tuple[str, bool] | None = None
+    owners: tuple[tuple[str, bool], ...] | None = None
 
 
 @dataclass
@@ -397,6 +401,7 @@ class FakeGraph(LoopbackHttpsServer):
                 raise KeyError(f"{resource} {id} does not exist (or is already soft-deleted) in {tenant}")
             if not soft:
                 coll.managers.pop(id, None)
+                coll.owners.pop(id, None)
             if not silently:
                 coll.log.append(("removed", id, "changed" if soft else "deleted"))
 
@@ -412,20 +417,42 @@ class FakeGraph(LoopbackHttpsServer):
                 coll.members[id] = members
             coll.log.append(("full", id, None))
 
-    def add_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False) -> None:
-        """Add users to a group (already-present members are ignored, as Graph would refuse them).
+    def add_members(
+        self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False, resource: str = "groups"
+    ) -> None:
+        """Add users to a group (already-present members are ignored, as Graph would refuse them), or with
+        ``resource="directoryRoles"`` to a directory role.
 
         ``silently``: no delta round ever reports it (see :meth:`add`).
         """
-        self._change_members(tenant, group_id, member_ids, removed=False, silently=silently)
+        self._change_members(tenant, group_id, member_ids, removed=False, silently=silently, resource=resource)
 
-    def remove_members(self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False) -> None:
-        """Remove users from a group (absent members are ignored).
+    def set_owners(self, tenant: str, group_id: str, owner_ids: Iterable[str]) -> None:
+        """Make ``owner_ids`` the group's owners: adds and removals that ``owners@delta`` reports."""
+        with self._lock:
+            coll = self._collection(tenant, "groups")
+            if group_id not in coll.objects:
+                raise KeyError(f"group {group_id} does not exist in {tenant}")
+            owners, wanted = coll.owners.setdefault(group_id, set()), set(map(str, owner_ids))
+            for oid in sorted(owners ^ wanted):
+                coll.log.append(("owner", group_id, (oid, oid in owners)))
+            coll.owners[group_id] = wanted
+
+    def owners(self, tenant: str) -> dict[str, list[str]]:
+        """Each live group's owner ids, sorted, for assertions."""
+        with self._lock:
+            coll = self._collections.get(self._key(tenant, "groups"))
+            return {} if coll is None else {g: sorted(coll.owners.get(g, ())) for g in coll.objects}
+
+    def remove_members(
+        self, tenant: str, group_id: str, member_ids: Iterable[str], *, silently: bool = False, resource: str = "groups"
+    ) -> None:
+        """Remove users from a group or (``resource``) a directory role (absent members are ignored).
 
         ``silently``: the removal never appears in ``members@delta``, as Graph's docs-contrib tracker reports
         happening; only a full listing or a new delta round sees it.
         """
-        self._change_members(tenant, group_id, member_ids, removed=True, silently=silently)
+        self._change_members(tenant, group_id, member_ids, removed=True, silently=silently, resource=resource)
 
     def set_manager(self, tenant: str, user_id: str, manager_id: str | None, *, silently: bool = False) -> None:
         """Set or (with None) remove a user's manager; ``silently``: no delta round reports it (see :meth:`add`)."""
@@ -649,10 +676,10 @@ class FakeGraph(LoopbackHttpsServer):
                 coll.log.append(("props", id, frozenset(props)))
 
     def _change_members(
-        self, tenant: str, group_id: str, member_ids: Iterable[str], *, removed: bool, silently: bool
+        self, tenant: str, group_id: str, member_ids: Iterable[str], *, removed: bool, silently: bool, resource: str
     ) -> None:
         with self._lock:
-            coll = self._collection(tenant, "groups")
+            coll = self._collection(tenant, resource)
             if group_id not in coll.objects:
                 raise KeyError(f"group {group_id} does not exist in {tenant}")
             members = coll.members.setdefault(group_id, set())
@@ -1004,9 +1031,15 @@ class FakeGraph(LoopbackHttpsServer):
                 page_size = min(_positive_int(top, "$top"), MAX_PAGE_SIZE) if top else self._page_size
                 dup, empty, chunk = False, self._empty_pages, None
             items: list[str | _Item]
-            if with_members:
+            if with_members or "owners" in links:
                 items = [
-                    _Item(oid, members=tuple((m, False) for m in sorted(coll.members.get(oid, ()))))
+                    _Item(
+                        oid,
+                        members=tuple((m, False) for m in sorted(coll.members.get(oid, ()))) if with_members else None,
+                        owners=tuple((o, False) for o in sorted(coll.owners.get(oid, ())))
+                        if "owners" in links
+                        else None,
+                    )
                     for oid in coll.objects
                 ]
             elif "manager" in links:
@@ -1059,6 +1092,7 @@ class FakeGraph(LoopbackHttpsServer):
             full: set[str] = set()
             props: dict[str, set[str]] = {}
             member_changes: dict[str, dict[str, bool]] = {}
+            owner_changes: dict[str, dict[str, bool]] = {}
             manager_before: dict[str, str | None] = {}  # the manager before the last change in the window
             order: dict[str, None] = {}
             for kind, oid, data in window:
@@ -1067,9 +1101,9 @@ class FakeGraph(LoopbackHttpsServer):
                     full.add(oid)
                 elif kind == "props":
                     props.setdefault(oid, set()).update(data)
-                elif kind == "member":
+                elif kind in ("member", "owner"):
                     mid, removed = data
-                    member_changes.setdefault(oid, {})[mid] = removed
+                    (member_changes if kind == "member" else owner_changes).setdefault(oid, {})[mid] = removed
                 elif kind == "manager":
                     manager_before[oid] = data
 
@@ -1086,21 +1120,33 @@ class FakeGraph(LoopbackHttpsServer):
                         changes = {m: r for m, r in changes.items() if r}
                         changes.update(dict.fromkeys(coll.members.get(oid, ()), False))
                     members = tuple(sorted(changes.items())) or None
+                owners: tuple[tuple[str, bool], ...] | None = None
+                if "owners" in links:
+                    moved = dict(owner_changes.get(oid, {}))
+                    if oid in full:
+                        moved = {o: r for o, r in moved.items() if r} | dict.fromkeys(coll.owners.get(oid, ()), False)
+                    owners = tuple(sorted(moved.items())) or None
                 manager: tuple[str, bool] | None = None
                 if "manager" in links and (oid in full or oid in manager_before):
                     current, before = coll.managers.get(oid), manager_before.get(oid)
                     manager = (current, False) if current else (before, True) if before and oid not in full else None
                 if oid in full:
-                    items.append(_Item(oid, members=members or (() if with_members else None), manager=manager))
+                    items.append(
+                        _Item(
+                            oid,
+                            members=members or (() if with_members else None),
+                            manager=manager,
+                            owners=owners or (() if "owners" in links else None),
+                        )
+                    )
                     continue
                 changed = props.get(oid, set())
                 if select is not None:
                     changed &= set(select)
-                if not changed and members is None and manager is None:
+                if not changed and members is None and manager is None and owners is None:
                     continue  # only unselected properties (or nothing visible) changed
-                items.append(
-                    _Item(oid, props=frozenset(changed) if minimal else None, members=members, manager=manager)
-                )
+                props_sent = frozenset(changed) if minimal else None
+                items.append(_Item(oid, props=props_sent, members=members, manager=manager, owners=owners))
         items = _shape(items, chunk, dup)
         rnd = _Round(
             tenant=tkey,
@@ -1137,6 +1183,8 @@ class FakeGraph(LoopbackHttpsServer):
             record["members@delta"] = [_member(mid, removed) for mid, removed in item.members]
         if item.manager is not None:
             record["manager@delta"] = [_member(*item.manager)]
+        if item.owners is not None:
+            record["owners@delta"] = [_member(oid, removed) for oid, removed in item.owners]
         return record
 
 
@@ -1153,7 +1201,7 @@ def _render(obj: Mapping[str, Any], select: tuple[str, ...] | None, props: froze
         names = obj.keys()
     record = {"id": obj["id"]}
     for name in names:
-        if name not in _LINK_OF.values():
+        if name not in _LINK_NAMES:
             record[name] = obj.get(name)
     return record
 
@@ -1195,7 +1243,7 @@ def _links(resource: str, query: Mapping[str, str]) -> frozenset[str]:
             400, "Request_UnsupportedQuery", f"$expand is supported on {resource}/delta only for {link or 'nothing'}."
         )
     asked = set(expand) | set(_parse_select(query.get("$select")) or ())
-    return frozenset({link}) if link is not None and link in asked else frozenset()
+    return frozenset({link} if link is not None else set()) & asked | _SELECTED_LINKS.get(resource, frozenset()) & asked
 
 
 def _ticks(value: str) -> int | None:

@@ -7,7 +7,8 @@ machine's load, which is why benchmarks and tests measure storage cost here.
 
 :meth:`StorageRelay.hold` stops requests that match a predicate before they reach Azurite, so a test can kill a
 process at an exact point of a protocol (say, after its blocks are staged and before the block list is committed)
-and know the request never landed.
+and know the request never landed. :meth:`StorageRelay.answer` changes the status of Azurite's answers, where Azure
+answers otherwise (a create-only PUT on an existing blob: Azurite 409, Azure 412).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class StorageRelay:
         self.direct_connection_string = azurite.connection_string  # around the relay: for checks, uncounted
         self._records: list[Relayed] = []
         self._holds: list[Hold] = []
+        self._answers: list[tuple[Callable[[str, str, int], bool], int]] = []
         self._lock = threading.Lock()
         relay = self
 
@@ -103,6 +105,16 @@ class StorageRelay:
         with self._lock:
             self._holds.append(hold)
         return hold
+
+    def answer(self, predicate: Callable[[str, str, int], bool], status: int) -> None:
+        """From now on, answer ``status`` (same headers and body) where ``predicate(method, blob, Azurite's
+        status)`` is true."""
+        with self._lock:
+            self._answers.append((predicate, status))
+
+    def _answer_for(self, method: str, blob: str, status: int) -> int:
+        with self._lock:
+            return next((new for predicate, new in self._answers if predicate(method, blob, status)), status)
 
     def records(self) -> list[Relayed]:
         with self._lock:
@@ -158,17 +170,21 @@ class _Handler(BaseHTTPRequestHandler):
             ]
         finally:
             upstream.close()
-        self.send_response_only(response.status, response.reason)
+        status = self.owner._answer_for(self.command, blob, response.status)
+        self.send_response_only(status, response.reason if status == response.status else None)
         for key, value in reply_headers:
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # a client that stopped reading (delta-rs may)
+                self.close_connection = True
         up = len(self.requestline) + 2 + sum(len(k) + len(v) + 4 for k, v in self.headers.items()) + 2 + len(body)
         down = 15 + len(response.reason) + sum(len(k) + len(v) + 4 for k, v in reply_headers) + 2 + len(data)
         ranged = "Range" in self.headers or "x-ms-range" in self.headers
-        self.owner._record(Relayed(self.command, blob, comp, ranged, response.status, up, down, len(data)))
+        self.owner._record(Relayed(self.command, blob, comp, ranged, status, up, down, len(data)))
 
 
 def totals(records: Iterator[Relayed] | list[Relayed]) -> tuple[int, int, int]:

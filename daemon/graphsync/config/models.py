@@ -238,6 +238,8 @@ class OutputSettings(BaseModel):
     container: ContainerName | None = None
     # A factory, not a constant: it reads the environment of the load_settings call in progress.
     work_directory: Path = Field(default_factory=lambda: default_work_directory(current_load().environ))
+    # Delta Lake tables beside the JSONL, under <output>/tables/<table>/ (graphsync.tables).
+    tables: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:
@@ -410,9 +412,34 @@ class Settings(BaseSettings):
             for position, tenant in enumerate(job.tenants):
                 if tenant not in self.identity.tenants:
                     problems.append((("jobs", index, "tenants", position), "is not one of identity.tenants"))
+        if self.output.tables:
+            problems += self._table_problems()
         if problems:
             raise key_errors(problems)
         return self
+
+    def _table_problems(self) -> list[tuple[Loc, str]]:
+        """With tables, a collection's table takes its columns from ``select``, and one job per tenant writes it
+        (a full round of one job would delete the rows of another)."""
+        problems: list[tuple[Loc, str]] = []
+        writer: dict[tuple[str, str], int] = {}
+        for index, job in enumerate(self.jobs):
+            if job.cursor is not None:
+                continue
+            if job.select is None:
+                problems.append((("jobs", index, "select"), "is required with output.tables: it names the columns"))
+            for tenant in self.job_tenants(job):
+                other = writer.setdefault((tenant, job.resource), index)
+                if other != index:
+                    problems.append(
+                        (
+                            ("jobs", index, "resource"),
+                            f"jobs[{other}] exports {job.resource} for {tenant} too; with output.tables one job per "
+                            "tenant may write a collection's table",
+                        )
+                    )
+                    break
+        return problems
 
     def job_tenants(self, job: JobSettings) -> list[str]:
         """The tenants a job runs for: its own subset, or every configured tenant when it names none."""

@@ -1,0 +1,75 @@
+"""Delta Lake tables beside the JSONL exports, brought up to date by every round (``[output] tables = true``).
+
+A round sees only :class:`RoundTables`, as it sees only ``Sink`` for the JSONL: :meth:`RoundTables.apply` takes
+what the round received (its change lines) and what it left in the working store, after the snapshot and the
+change file are written and before the caller saves the delta link. A failure there fails the run, so the next run
+fetches the same changes again from the same link; the tables then take in only what they lack (see
+:mod:`graphsync.tables.delta`), so a crash between a table commit and ``state.json`` loses and duplicates nothing.
+
+``deltalake`` and ``pyarrow`` are imported by :mod:`graphsync.tables.delta` only, which :func:`tables_from_settings`
+imports only when tables are on: a command line without tables never loads them.
+
+Modules: ``layout`` (which tables a job feeds, their columns and types), ``location`` (where a table lives and
+the storage options delta-rs needs), ``rows`` (the rows a round wants, from the store and the change lines),
+``delta`` (the delta-rs writer: diff, MERGE, history, retries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Protocol
+
+from graphsync.snapshot import SnapshotStore
+
+if TYPE_CHECKING:
+    from graphsync.config import JobSettings, Settings
+
+
+@dataclass(frozen=True)
+class AppliedRound:
+    """What one round received and left in the working store: what the tables take in."""
+
+    tenant: str
+    job: JobSettings
+    full: bool  # a full round: the tenant's rows are replaced by the store's
+    touched: Collection[str]  # ids the round's records named (a delta round: the only rows that can change)
+    store: SnapshotStore  # the working store after the round, equal to the published snapshot
+    changes: IO[bytes]  # the round's change lines, as in its change file, read from the start
+    started: float  # Unix time the round started: its rows' valid_from, and its version in the tables
+
+
+class RoundTables(Protocol):
+    """What a round needs from the tables, whichever the implementation (none, or Delta Lake)."""
+
+    def needs_full(self, tenant: str, job: JobSettings) -> bool:
+        """Whether a table of the job has never taken in a round of ``tenant`` (new, or deleted by an operator):
+        only a full round can fill it, since a delta round names only what changed."""
+        ...
+
+    def apply(self, applied: AppliedRound) -> None:
+        """Bring every table of the job up to date with the round, for its tenant; raise if that fails."""
+        ...
+
+
+class NoTables:
+    """Tables off: nothing to do."""
+
+    def needs_full(self, tenant: str, job: JobSettings) -> bool:
+        return False
+
+    def apply(self, applied: AppliedRound) -> None:
+        return None
+
+
+NO_TABLES = NoTables()
+
+
+def tables_from_settings(settings: Settings) -> RoundTables:
+    """The tables ``[output] tables`` asks for; imports deltalake only when it is on."""
+    if not settings.output.tables:
+        return NO_TABLES
+    from graphsync.tables.delta import DeltaTables  # deltalake and pyarrow: loaded only here
+    from graphsync.tables.location import table_location
+
+    return DeltaTables(table_location(settings))
