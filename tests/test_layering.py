@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "config",
                 "schedule",
                 "chunking",
+                "limits",
                 "logs",
                 "metrics",
                 "redaction",
