@@ -2,9 +2,10 @@
 
 Commands timed: ``--version``, ``--help``, ``sync --help``, a configuration error (a key missing from the file), a
 missing config file, ``token`` with a valid token in the shared cache blob (Azurite; seeded once from the fake
-identity provider before timing, so every timed run finds it there), and ``status``. Each is timed with
-``hyperfine`` when it is on PATH (``apt-get install hyperfine``), else by a loop of ``--runs`` runs; the median is
-reported, with the peak RSS of one extra run (``/usr/bin/time``-free: ``resource.getrusage`` of the children).
+identity provider before timing, so every timed run finds it there), and ``status``; next to them, the floor:
+the interpreter alone, and importing the libraries a configuration error and ``token`` cannot do without. Each is
+timed with ``hyperfine`` when it is on PATH (``apt-get install hyperfine``), else by a loop of ``--runs`` runs; the
+median is reported, with the peak RSS of one extra (warm-up) run, from ``getrusage`` of a helper's children.
 
 ``--source DIR`` times the ``graphsync`` package found in ``DIR`` (put first on ``PYTHONPATH``) instead of the
 installed one, so one interpreter times a before and an after: ``git archive main | tar -x -C /tmp/main`` then
@@ -49,7 +50,8 @@ EXPECTED_EXIT = {"--version": 0, "--help": 0, "sync --help": 0, "config error": 
 
 
 def _commands(config: Path, bad: Path, workdir: Path) -> dict[str, list[str]]:
-    return {
+    """Interpreter arguments by label: graphsync commands, and the imports no graphsync code can avoid (the floor)."""
+    graphsync = {
         "--version": ["--version"],
         "--help": ["--help"],
         "sync --help": ["sync", "--help"],
@@ -57,6 +59,14 @@ def _commands(config: Path, bad: Path, workdir: Path) -> dict[str, list[str]]:
         "missing file": ["token", "--config", str(workdir / "absent.toml")],
         "token (cached in blob)": ["token", "--config", str(config)],
         "status": ["status", "--config", str(config)],
+    }
+    floors = {
+        "floor: python": "pass",
+        "floor: config libraries": "import pydantic_settings",
+        "floor: token libraries": "import pydantic_settings, msal, azure.storage.blob",
+    }
+    return {label: ["-m", "graphsync", *args] for label, args in graphsync.items()} | {
+        label: ["-c", code] for label, code in floors.items()
     }
 
 
@@ -152,7 +162,7 @@ def measure(
     hyperfine = shutil.which("hyperfine") is not None
     rows = []
     for label, arguments in commands.items():
-        command = [sys.executable, "-m", "graphsync", *arguments]
+        command = [sys.executable, *arguments]
         code, rss = _peak_rss_kib(command, env)
         expected = EXPECTED_EXIT.get(label, 0)
         if code != expected:
