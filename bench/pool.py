@@ -5,7 +5,8 @@ learned the last runner of every pair (three replicas, 50 jobs over ``size / 50`
 and ``size`` pending tries of those pairs that come due an hour from now; then ``--picks`` (1,000) tries of further
 pairs that are due at once. The worker takes the due ones one by one (each pick is one pass over whatever the pool
 keeps), the run is a no-op. Reported: CPU per ``put`` while queueing the pending tries, CPU per pick (queueing the
-due try included), and how many times the pool asked the delay (affinity) per put and per pick. Process CPU time: the main thread only waits meanwhile.
+due try included), and how many times the pool asked the delay (affinity) per put and per pick. Process CPU time:
+the main thread only waits meanwhile.
 
 ``--source DIR`` times the ``graphsync`` package in ``DIR`` instead of the installed one (``git archive main | tar
 -x -C /tmp/main``, then ``--source /tmp/main/daemon``): the pool before this change took the delay as one callable
