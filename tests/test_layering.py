@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "schedule",
                 "chunking",
                 "chunkindex",
+                "limits",
                 "logs",
                 "metrics",
                 "redaction",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from typing import ClassVar
 
 from graphsync.config import JobSettings
-from graphsync.pool import RunPool, Try
+from graphsync.pool import Delays, RunPool, Try
 
 USERS = JobSettings(name="users", resource="users", every="1h")
 GROUPS = JobSettings(name="groups", resource="groups", every="1h")
@@ -79,14 +80,26 @@ def test_a_pending_try_is_replaced_by_a_later_one_and_a_running_pair_waits() -> 
     assert run.ran == [("a", "users"), ("a", "users")]
 
 
+class PerRunInFlight:
+    """A delay of ``seconds`` per run in flight, counting what the pool asks of it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.queued = 0
+        self.loads: list[int] = []
+
+    def of(self, attempt: Try) -> Delays:
+        self.queued += 1
+        return Delays(0.0, self.seconds)
+
+    def load(self, in_flight: int) -> float:
+        self.loads.append(in_flight)
+        return in_flight
+
+
 def test_a_try_waits_for_its_time_plus_the_delay_for_the_runs_in_flight() -> None:
     run = Recorder(seconds=0.5)
-    seen: list[int] = []
-
-    def delay(attempt: Try, in_flight: int) -> float:
-        seen.append(in_flight)
-        return 0.3 * in_flight
-
+    delay = PerRunInFlight(0.3)
     pool = RunPool(run, concurrency=2, per_tenant=2, stop=threading.Event(), delay=delay).start()
     started = time.time()
     pool.put(Try(USERS, "a", not_before=started + 0.2))
@@ -97,7 +110,7 @@ def test_a_try_waits_for_its_time_plus_the_delay_for_the_runs_in_flight() -> Non
     assert run.ran == [("a", "users")]
     time.sleep(0.3)
     assert run.ran == [("a", "users"), ("b", "users")]
-    assert 1 in seen
+    assert 1 in delay.loads
     pool.close()
     assert pool.join(timeout=10)
 
@@ -113,3 +126,85 @@ def test_stop_drops_pending_tries_and_ends_workers_after_their_run() -> None:
     pool.wake()
     assert pool.join(timeout=2)
     assert run.ran == [("a", "users"), ("b", "users")]
+
+
+class Watched(Try):
+    """A try that counts how often the pool looks at it (every rule the pool checks starts from its pair)."""
+
+    looks: ClassVar[int] = 0
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        Watched.looks += 1
+        return super().pair
+
+
+def picks_cost(pending: int, picks: int = 20) -> tuple[int, int, int]:
+    """Queue ``pending`` tries due in an hour and ``picks`` due now; let one worker take the due ones.
+
+    Returns how often the delay was asked (when queueing, and per pass) and how often a try was looked at, while
+    the worker took the due tries.
+    """
+    delay = PerRunInFlight(0.0)
+    taken = threading.Event()
+    ran: list[Try] = []
+    at_last_pick: list[tuple[int, int]] = []
+
+    def run(attempt: Try) -> None:
+        ran.append(attempt)
+        if len(ran) == picks:
+            at_last_pick.append((len(delay.loads), Watched.looks))
+            taken.set()
+
+    stop = threading.Event()
+    pool = RunPool(run, concurrency=1, per_tenant=1, stop=stop, delay=delay)
+    later = time.time() + 3600
+    for index in range(pending):
+        pool.put(Watched(USERS if index % 2 else GROUPS, f"later{index}", not_before=later))
+    for index in range(picks):
+        pool.put(Watched(USERS, f"now{index}"))
+    Watched.looks = 0
+    pool.start()
+    assert taken.wait(timeout=10)
+    stop.set()
+    pool.wake()
+    assert pool.join(timeout=5)
+    assert [attempt.tenant for attempt in ran] == [f"now{index}" for index in range(picks)]
+    passes, looks = at_last_pick[0]
+    return delay.queued, passes, looks
+
+
+def test_choosing_a_try_costs_the_same_with_ten_or_a_thousand_tries_pending() -> None:
+    """Structural, not timed: the delay is worked out once per try when it is queued, each pass asks only for the
+    load share, and a pass looks at the few tries on top of its heaps, never at every pending one."""
+    few, many = picks_cost(10), picks_cost(1000)
+    assert few[0] == 10 + 20 and many[0] == 1000 + 20, "the delay of each try is worked out once, when queued"
+    assert few[1] == many[1] == 20, "one load question per pass, one pass per pick"
+    assert few[2] == many[2] <= 20 * 5, "the tries looked at per pick do not grow with the pending ones"
+
+
+class Constant:
+    """A delay of ``fixed`` plus half of ``scale``, per job name, whatever the runs in flight."""
+
+    def __init__(self, delays: dict[str, Delays]) -> None:
+        self.delays = delays
+
+    def of(self, attempt: Try) -> Delays:
+        return self.delays[attempt.job.name]
+
+    def load(self, in_flight: int) -> float:
+        return 0.5
+
+
+def test_tries_whose_delays_scale_differently_start_in_the_order_of_their_whole_delay() -> None:
+    # groups: due at 10 + 0.5; users: at 10 + 2 * 0.5 = 11; devices: at 9 + 4 * 0.5 = 11 too, but queued later.
+    delay = Constant({"users": Delays(0.0, 2.0), "groups": Delays(0.5, 0.0), "devices": Delays(0.0, 4.0)})
+    run = Recorder(seconds=0)
+    pool = RunPool(run, concurrency=1, per_tenant=1, stop=threading.Event(), delay=delay, clock=lambda: 100.0)
+    pool.put(Try(USERS, "a", not_before=10.0))
+    pool.put(Try(GROUPS, "a", not_before=10.0))
+    pool.put(Try(JobSettings(name="devices", resource="devices", every="1h"), "b", not_before=9.0))
+    pool.close()
+    pool.start()
+    assert pool.join(timeout=10)
+    assert run.ran == [("a", "groups"), ("a", "users"), ("b", "devices")]

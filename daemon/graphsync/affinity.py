@@ -27,6 +27,7 @@ import math
 import threading
 from typing import TYPE_CHECKING
 
+from graphsync.pool import Delays
 from graphsync.schedule import head_start
 
 if TYPE_CHECKING:
@@ -68,11 +69,17 @@ class Affinity:
             within = tenant in self._within_share(job)
         return within if runner == self._me else not within
 
-    def delay(self, attempt: Try, in_flight: int) -> float:
-        """The :data:`graphsync.pool.Delay` of the daemon's tries: head start unless first, plus load."""
+    def of(self, attempt: Try) -> Delays:
+        """The daemon's :class:`graphsync.pool.Delay`: a head start unless first, plus the load share of a head start.
+
+        Worked out once, when the slot queues the try: what a run learns later in the slot counts from the next slot
+        on, as what a replica knows is a slot old anyway.
+        """
         head = head_start(attempt.job)
-        affinity = 0.0 if self.first(attempt.job.name, attempt.tenant) else head
-        return affinity + head * min(LOAD_STEP * in_flight, LOAD_MAX)
+        return Delays(0.0 if self.first(attempt.job.name, attempt.tenant) else head, head)
+
+    def load(self, in_flight: int) -> float:
+        return min(LOAD_STEP * in_flight, LOAD_MAX)
 
     def _within_share(self, job: str) -> frozenset[str]:
         """The tenants of ``job`` whose last runner keeps the first try. Call under the lock."""

@@ -8,30 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from graphsync import __version__
-from graphsync.config import MAX_CONCURRENCY, ConfigError, JobSettings, Settings, find_config_file, load_settings
-from graphsync.console import SyncProgress, print_status, print_summary
-from graphsync.graph import GraphClient
-from graphsync.health import HealthServer
-from graphsync.identity import TokenError
-from graphsync.jobs import JobRunner, RunResult
-from graphsync.logs import configure_logging
-from graphsync.pool import STOP_GRACE_SECONDS, RunPool, Try, exit_now
-from graphsync.preflight import run_checks, setup_warnings
-from graphsync.scheduler import Daemon
-from graphsync.sinks import sink_from_settings
-from graphsync.status import fleet_status
-from graphsync.storage import BlobStore
-from graphsync.tables import tables_from_settings
-from graphsync.timestamps import display_utc
-from graphsync.tokencache import TokenCaches
-from graphsync.workstore import WorkStores
+from graphsync.limits import MAX_CONCURRENCY
+
+# Only the standard library above: ``--version``, ``--help`` and a usage error answer without importing pydantic,
+# azure, msal or rich (scripts call the command line per request). Each command imports what it uses when it runs.
+if TYPE_CHECKING:
+    from graphsync.config import JobSettings, Settings
+    from graphsync.jobs import JobRunner
+    from graphsync.storage import BlobStore
+    from graphsync.tokencache import TokenCaches
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -116,6 +106,9 @@ def _parallel(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from graphsync.config import ConfigError, find_config_file, load_settings
+    from graphsync.logs import configure_logging
+
     try:
         args.config_file = find_config_file(getattr(args, "config", None))
         settings = load_settings(args.config_file)
@@ -145,12 +138,21 @@ def _tenant(args: argparse.Namespace, settings: Settings) -> str:
 
 def _token_caches(settings: Settings) -> tuple[BlobStore, TokenCaches]:
     """Storage and the shared token caches on it: what every command that needs a token starts from."""
+    from graphsync.storage import BlobStore
+    from graphsync.tokencache import TokenCaches
+
     store = BlobStore.from_settings(settings.storage)
     return store, TokenCaches.from_settings(settings, store)
 
 
 def _job_runner(settings: Settings) -> JobRunner:
     """The composition root of a sync: token caches, the Graph client, the output, the job locks."""
+    from graphsync.graph import GraphClient
+    from graphsync.jobs import JobRunner
+    from graphsync.sinks import sink_from_settings
+    from graphsync.tables import tables_from_settings
+    from graphsync.workstore import WorkStores
+
     store, caches = _token_caches(settings)
     graph = GraphClient(
         settings.graph.endpoint,
@@ -165,6 +167,9 @@ def _job_runner(settings: Settings) -> JobRunner:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from graphsync.identity import TokenError
+    from graphsync.timestamps import display_utc
+
     tenant = _tenant(args, settings)
     _, caches = _token_caches(settings)
     try:
@@ -183,6 +188,9 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.jobs:
         raise UsageError("no [[jobs]] are configured: nothing to schedule")
+    from graphsync.health import HealthServer
+    from graphsync.scheduler import Daemon
+
     runner = _job_runner(settings)
     host, port = settings.metrics.host, settings.metrics.port
     health = (
@@ -209,6 +217,13 @@ def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSet
 
 
 def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    from graphsync.console import SyncProgress, print_summary
+    from graphsync.jobs import RunResult
+    from graphsync.pool import STOP_GRACE_SECONDS, RunPool, Try, exit_now
+
     pairs = _selected(args, settings)
     runner = _job_runner(settings)
     stop = threading.Event()
@@ -254,6 +269,13 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from graphsync.console import print_status
+    from graphsync.sinks import sink_from_settings
+    from graphsync.status import fleet_status
+    from graphsync.workstore import WorkStores
+
     store, caches = _token_caches(settings)
     stores = WorkStores(settings.output.work_directory)
     report = fleet_status(settings, caches, sink_from_settings(settings), store, stores, time.time())
@@ -265,6 +287,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from graphsync.preflight import run_checks, setup_warnings
+
     checks = []
     for check in run_checks(settings, args.config_file):
         checks.append(check)

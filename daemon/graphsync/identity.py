@@ -11,7 +11,6 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, assert_never
 
-import azure.identity
 import msal
 import msal.exceptions
 import requests
@@ -30,6 +29,8 @@ from graphsync.config import (
 from graphsync.text import first_line
 
 if TYPE_CHECKING:
+    import azure.identity
+
     from graphsync.config import IdentitySettings
 
 TRANSIENT_STATUSES = (500, 502, 503, 504)
@@ -136,6 +137,10 @@ def _managed_identity_credential(client_id: str | None) -> azure.identity.Manage
     azure-identity picks the endpoint from the environment when the credential is built: IDENTITY_ENDPOINT and
     IDENTITY_HEADER (App Service, Container Apps), MSI_ENDPOINT (Azure ML, Cloud Shell), IMDS (VMs) otherwise.
     """
+    # Imported here: azure-identity costs a quarter of a second to import, and only a managed identity needs it
+    # (not `graphsync token` answered from the shared cache with a client secret or certificate).
+    import azure.identity
+
     # Short timeouts and one retry: the endpoint is local to the host, and a hung one must not stall a token
     # request for azure-core's default of minutes (a still-valid cached token is served meanwhile).
     return azure.identity.ManagedIdentityCredential(

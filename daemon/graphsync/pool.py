@@ -3,9 +3,11 @@
 A fixed number of worker threads (``concurrency``) take pending tries one at a time. A worker takes the try that is
 due first among those it may start: at most ``per_tenant`` runs of one tenant at once (Graph throttles per app and
 tenant, so a big or throttled tenant holds at most that many workers and delays nobody else), and never a second
-run of a pair that is running. Tries become due at their ``not_before`` time plus a delay the owner chooses from
-the runs in flight (the daemon's load and affinity delays); ``sync`` uses none, so its pairs start in the order
-given, and with one worker exactly one after the other.
+run of a pair that is running. Tries become due at their ``not_before`` time plus a delay the owner chooses
+(:class:`Delay`: the daemon's affinity delay, fixed when the try is queued, and its load delay, which grows with the
+runs in flight); ``sync`` uses none, so its pairs start in the order given, and with one worker exactly one after
+the other. Choosing a try costs a few heap operations, not a look at every pending try: a fleet replica holds
+hundreds of them, and every worker chooses on every wake-up.
 
 The pool knows nothing of what a run does: :class:`Try` carries the job and tenant to the ``run`` callable, which
 must not raise (an exception is logged and the worker goes on).
@@ -13,14 +15,15 @@ must not raise (an exception is logged and the worker goes on).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple, NoReturn, Protocol
 
 if TYPE_CHECKING:
     from graphsync.config import JobSettings
@@ -50,16 +53,53 @@ class Try:
         return self.tenant, self.job.name
 
 
-Delay = Callable[[Try, int], float]
-"""Seconds to add to a try's ``not_before``, given how many runs this pool has in flight."""
+class Delays(NamedTuple):
+    """A try's delay past ``not_before``, in two parts fixed when it is queued."""
+
+    fixed: float  # seconds, whatever the load
+    scale: float  # seconds that the load share (Delay.load) is a share of
 
 
-def no_delay(attempt: Try, in_flight: int) -> float:
-    return 0.0
+class Delay(Protocol):
+    """What the owner adds to a try's ``not_before``: ``fixed + scale * load(runs in flight)``.
+
+    Split so that choosing a try does not look at every pending one: ``of`` runs once per try, when it is queued,
+    and tries with the same ``scale`` keep their order whatever the load, so one heap per scale holds them.
+    """
+
+    def of(self, attempt: Try) -> Delays: ...
+
+    def load(self, in_flight: int) -> float: ...
+
+
+class NoDelay:
+    """``sync``'s delay: none, so pairs start in the order given."""
+
+    def of(self, attempt: Try) -> Delays:
+        return Delays(0.0, 0.0)
+
+    def load(self, in_flight: int) -> float:
+        return 0.0
+
+
+@dataclass(order=True)
+class _Queued:
+    """A pending try in its scale's heap, ordered by when it comes due at no load, then by when it came."""
+
+    key: float  # not_before + the fixed delay
+    seq: int
+    scale: float = field(compare=False)
+    attempt: Try = field(compare=False)
 
 
 class RunPool:
-    """Pending tries and the workers that run them; see the module docstring for the rules."""
+    """Pending tries and the workers that run them; see the module docstring for the rules.
+
+    Pending tries wait in one heap per delay scale (a handful: one per job interval at most), so a worker's pass
+    costs a few heap operations whatever the number pending. A try whose pair runs, or whose tenant holds
+    ``per_tenant`` runs, is parked under its tenant when it reaches the top of its heap and pushed back when a run
+    of that tenant ends; a replaced try stays in its heap until it reaches the top, then is dropped.
+    """
 
     def __init__(
         self,
@@ -68,17 +108,20 @@ class RunPool:
         concurrency: int,
         per_tenant: int,
         stop: threading.Event,
-        delay: Delay = no_delay,
+        delay: Delay | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "run",
     ) -> None:
         self._run = run
         self._per_tenant = per_tenant
         self._stop = stop
-        self._delay = delay
+        self._delay = delay or NoDelay()
         self._clock = clock
         self._changed = threading.Condition()
-        self._pending: dict[tuple[str, str], Try] = {}  # insertion order breaks ties between tries due together
+        self._pending: dict[tuple[str, str], _Queued] = {}  # the one live entry of each pair
+        self._heaps: dict[float, list[_Queued]] = {}  # scale -> tries that may start, maybe replaced ones
+        self._parked: dict[str, list[_Queued]] = {}  # tenant -> tries that may not start until one of its runs ends
+        self._seq = 0
         self._running: set[tuple[str, str]] = set()
         self._per_tenant_running: dict[str, int] = {}
         self._closed = False
@@ -98,10 +141,13 @@ class RunPool:
 
     def put(self, attempt: Try) -> None:
         """Add a try; one still pending for the same pair is replaced (a later slot supersedes an earlier one)."""
+        fixed, scale = self._delay.of(attempt)  # outside the lock: the owner's delay may take its own
         with self._changed:
-            self._pending.pop(attempt.pair, None)
-            self._pending[attempt.pair] = attempt
-            self._changed.notify_all()
+            self._seq += 1
+            queued = _Queued(attempt.not_before + fixed, self._seq, scale, attempt)
+            self._pending[attempt.pair] = queued
+            heapq.heappush(self._heaps.setdefault(scale, []), queued)
+            self._changed.notify()  # any one idle worker can take it; it wakes the next if more are due
 
     def close(self) -> None:
         """No more tries will come: workers end once none is pending (``sync``: the invocation's pairs are in)."""
@@ -110,7 +156,7 @@ class RunPool:
             self._changed.notify_all()
 
     def wake(self) -> None:
-        """Let waiting workers see the stop event (or a changed delay) now rather than at their next poll."""
+        """Let waiting workers see the stop event now rather than at their next poll."""
         with self._changed:
             self._changed.notify_all()
 
@@ -136,34 +182,55 @@ class RunPool:
                 with self._changed:
                     self._running.discard(attempt.pair)
                     self._per_tenant_running[attempt.tenant] -= 1
-                    self._changed.notify_all()
+                    for queued in self._parked.pop(attempt.tenant, []):
+                        heapq.heappush(self._heaps.setdefault(queued.scale, []), queued)
 
     def _take(self) -> Try | None:
         """The next try this worker may start, once it is due; ``None`` when the pool is stopped or drained."""
         with self._changed:
             while not self._stop.is_set():
                 if self._closed and not self._pending:
+                    self._changed.notify_all()  # drained: the idle workers end too
                     return None
                 now = self._clock()
-                in_flight = len(self._running)
-                best: Try | None = None
-                best_due = 0.0
-                for attempt in self._pending.values():
-                    if attempt.pair in self._running or self._per_tenant_running.get(attempt.tenant, 0) >= (
-                        self._per_tenant
-                    ):
-                        continue
-                    due = attempt.not_before + self._delay(attempt, in_flight)
-                    if best is None or due < best_due:
-                        best, best_due = attempt, due
-                if best is not None and best_due <= now:
-                    del self._pending[best.pair]
-                    self._running.add(best.pair)
-                    self._per_tenant_running[best.tenant] = self._per_tenant_running.get(best.tenant, 0) + 1
-                    return best
-                wait = POLL_SECONDS if best is None else min(POLL_SECONDS, best_due - now)
+                best = self._first(self._delay.load(len(self._running)))
+                if best is not None and best[0] <= now:
+                    return self._start(heapq.heappop(self._heaps[best[1].scale]).attempt)
+                wait = POLL_SECONDS if best is None else min(POLL_SECONDS, best[0] - now)
                 self._changed.wait(wait)
             return None
+
+    def _first(self, load: float) -> tuple[float, _Queued] | None:
+        """The try that comes due first among those that may start, and when; it stays on top of its heap."""
+        best: tuple[float, _Queued] | None = None
+        for scale, heap in list(self._heaps.items()):
+            while heap and not self._startable(heap[0]):
+                heapq.heappop(heap)
+            if not heap:
+                del self._heaps[scale]
+                continue
+            due = heap[0].key + scale * load
+            if best is None or (due, heap[0].seq) < (best[0], best[1].seq):
+                best = due, heap[0]
+        return best
+
+    def _startable(self, queued: _Queued) -> bool:
+        """Whether the try may start now; if not, a replaced one is forgotten and a blocked one parked."""
+        attempt = queued.attempt
+        if self._pending.get(attempt.pair) is not queued:
+            return False
+        if attempt.pair in self._running or self._per_tenant_running.get(attempt.tenant, 0) >= self._per_tenant:
+            self._parked.setdefault(attempt.tenant, []).append(queued)
+            return False
+        return True
+
+    def _start(self, attempt: Try) -> Try:
+        del self._pending[attempt.pair]
+        self._running.add(attempt.pair)
+        self._per_tenant_running[attempt.tenant] = self._per_tenant_running.get(attempt.tenant, 0) + 1
+        if self._pending:
+            self._changed.notify()  # the next pending try may be due too: let another idle worker look
+        return attempt
 
 
 def exit_now(code: int) -> NoReturn:

@@ -14,12 +14,12 @@ import math
 import random
 import re
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.combining import OrTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
+# APScheduler is imported where a trigger is built, not here: loading a configuration with interval schedules only
+# (every command line run) needs none of it, and it costs tens of milliseconds.
+if TYPE_CHECKING:
+    from apscheduler.triggers.base import BaseTrigger
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 CRON_JITTER_SECONDS = 20.0
@@ -100,6 +100,9 @@ def crontab_trigger(expression: str) -> BaseTrigger:
     Besides the weekday numbering, crontab runs when *either* the day of month or the day of week matches if
     both are restricted, while APScheduler requires both: that case becomes an OrTrigger of the two.
     """
+    from apscheduler.triggers.combining import OrTrigger
+    from apscheduler.triggers.cron import CronTrigger
+
     fields = expression.split()
     if len(fields) != 5:
         raise ValueError("expected 5 fields: minute hour day-of-month month day-of-week")
@@ -156,6 +159,8 @@ def trigger(job: Schedule) -> BaseTrigger:
     accumulates and replicas drift apart; the scheduler delays each try by :func:`slot_jitter` instead.
     """
     if job.interval_seconds:
+        from apscheduler.triggers.interval import IntervalTrigger
+
         return IntervalTrigger(seconds=job.interval_seconds, start_date=EPOCH, timezone=UTC)
     if job.cron is None:
         # Configuration rejects such a job (require_one in config.models); this names the broken promise.

@@ -57,7 +57,7 @@ class Daemon:
             concurrency=settings.run.concurrency,
             per_tenant=settings.run.per_tenant,
             stop=self._stop,
-            delay=self._affinity.delay,
+            delay=self._affinity,
             clock=clock,
         )
         self._last_beat = clock()

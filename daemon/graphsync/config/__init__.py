@@ -23,7 +23,6 @@ from graphsync.config.errors import ConfigError
 from graphsync.config.loading import DEFAULT_CONFIG_PATH, find_config_file, load_settings
 from graphsync.config.models import (
     DEFAULT_OUTPUT_DIRECTORY,
-    MAX_CONCURRENCY,
     CacheSettings,
     GraphSettings,
     IdentitySettings,
@@ -34,6 +33,7 @@ from graphsync.config.models import (
     Settings,
     StorageSettings,
 )
+from graphsync.limits import MAX_CONCURRENCY
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

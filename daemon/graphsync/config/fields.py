@@ -11,10 +11,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
 from pydantic import AfterValidator, BeforeValidator, Field, HttpUrl, SecretStr, TypeAdapter, ValidationError
 
 from graphsync.config.context import current_load
@@ -191,6 +187,12 @@ def certificate_problem(path: Path, password_file: Path | None) -> str | None:
     Entra ID accepts client assertions signed with RSA keys only; the file must hold the private key and the
     certificate (PEM), or be a PKCS#12 bundle (.pfx / .p12).
     """
+    # cryptography is imported here, for a certificate credential only: a secret's configuration loads without it.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
     password = password_file.read_bytes().strip() if password_file is not None else None
     data = path.read_bytes()
     try:

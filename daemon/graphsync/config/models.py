@@ -52,11 +52,10 @@ from graphsync.config.fields import (
     unique,
 )
 from graphsync.config.jobkinds import LOG_CURSORS, cursor_problem, expand_problem
+from graphsync.limits import MAX_CONCURRENCY
 from graphsync.schedule import check_crontab, check_interval, interval_seconds
 
 DEFAULT_OUTPUT_DIRECTORY = Path("/var/lib/graphsync")
-# Runs at once in one process: each is a thread with its own Graph and storage connections.
-MAX_CONCURRENCY = 64
 
 # Settings read GRAPHSYNC_<SECTION>__<KEY> variables.
 ENV_PREFIX = "GRAPHSYNC_"
