@@ -69,7 +69,12 @@ class Affinity:
         return within if runner == self._me else not within
 
     def delay(self, attempt: Try, in_flight: int) -> float:
-        """The :data:`graphsync.pool.Delay` of the daemon's tries: head start unless first, plus load."""
+        """The :data:`graphsync.pool.Delay` of the daemon's tries: head start unless first, plus load.
+
+        None for an urgent try (a change notification): whichever replica got the notification runs it now.
+        """
+        if attempt.urgent:
+            return 0.0
         head = head_start(attempt.job)
         affinity = 0.0 if self.first(attempt.job.name, attempt.tenant) else head
         return affinity + head * min(LOAD_STEP * in_flight, LOAD_MAX)

@@ -44,10 +44,27 @@ class Try:
     tenant: str
     not_before: float = 0.0
     slot: float | None = None
+    urgent: bool = False
+    """A change notification's try: ``slot`` is when the notification came, and the owner adds no head start."""
 
     @property
     def pair(self) -> tuple[str, str]:
         return self.tenant, self.job.name
+
+    def merged(self, pending: Try) -> Try:
+        """This try and one still pending for the pair as one: due at the earlier time, serving the later slot.
+
+        A run that starts after both slots serves both; keeping only the newer try could drop a notification that
+        came after the slot it replaces, and keeping only the later due time would hold back an urgent one.
+        """
+        slots = [slot for slot in (self.slot, pending.slot) if slot is not None]
+        return Try(
+            self.job,
+            self.tenant,
+            min(self.not_before, pending.not_before),
+            max(slots) if slots else None,
+            self.urgent or pending.urgent,
+        )
 
 
 Delay = Callable[[Try, int], float]
@@ -97,9 +114,10 @@ class RunPool:
             return len(self._running)
 
     def put(self, attempt: Try) -> None:
-        """Add a try; one still pending for the same pair is replaced (a later slot supersedes an earlier one)."""
+        """Add a try; one still pending for the same pair is merged with it (:meth:`Try.merged`)."""
         with self._changed:
-            self._pending.pop(attempt.pair, None)
+            if (pending := self._pending.pop(attempt.pair, None)) is not None:
+                attempt = attempt.merged(pending)
             self._pending[attempt.pair] = attempt
             self._changed.notify_all()
 
