@@ -150,6 +150,10 @@ def _token_caches(settings: Settings) -> tuple[BlobStore, TokenCaches]:
 
 def _job_runner(settings: Settings) -> JobRunner:
     """The composition root of a sync: token caches, the Graph client, the output, the job locks."""
+    return _runner_parts(settings)[0]
+
+
+def _runner_parts(settings: Settings) -> tuple[JobRunner, GraphClient, BlobStore]:
     store, caches = _token_caches(settings)
     graph = GraphClient(
         settings.graph.endpoint,
@@ -159,7 +163,7 @@ def _job_runner(settings: Settings) -> JobRunner:
         max_retries=settings.graph.max_retries,
     )
     stores = WorkStores(settings.output.work_directory)
-    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores)
+    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores), graph, store
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
@@ -181,12 +185,19 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.jobs:
         raise UsageError("no [[jobs]] are configured: nothing to schedule")
-    runner = _job_runner(settings)
+    runner, graph, store = _runner_parts(settings)
     host, port = settings.metrics.host, settings.metrics.port
     health = (
         (lambda daemon: HealthServer(host, port, live=daemon.live, ready=daemon.ready)) if port is not None else None
     )
-    return Daemon(settings, runner, health=health).run()
+    companion = None
+    if settings.notifications is not None:
+        from graphsync.notify import NotificationService
+
+        def companion(daemon: Daemon) -> NotificationService:
+            return NotificationService(settings, daemon.hurry, graph, store, replica=runner.replica)
+
+    return Daemon(settings, runner, health=health, companion=companion).run()
 
 
 def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSettings, str]]:
