@@ -50,3 +50,12 @@ def test_plain_http_is_allowed_on_loopback_only(tmp_path: Path) -> None:
     path = _load(tmp_path, 'notification_url = "http://127.0.0.1:8090/n"\n')
     notifications = load_settings(path, {}).notifications
     assert notifications is not None and notifications.notification_url == "http://127.0.0.1:8090/n"
+
+
+def test_an_environment_variable_sets_one_notification_key(tmp_path: Path) -> None:
+    """How each replica of a fleet gets its own port: the section is optional, and still nests."""
+    path = _load(tmp_path, 'notification_url = "https://graphsync.example.com/n"\n')
+
+    notifications = load_settings(path, {"GRAPHSYNC_NOTIFICATIONS__PORT": "9001"}).notifications
+
+    assert notifications is not None and notifications.port == 9001

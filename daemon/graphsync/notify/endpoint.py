@@ -90,7 +90,8 @@ class NotificationEndpoint:
             notifications = self._verified(_items(body))
         except Rejection as refused:
             NOTIFICATIONS_REJECTED.labels(refused.reason).inc()
-            log.warning("refused a request to the notification endpoint from %s: %s", request.client, refused)
+            level = logging.INFO if refused.status == 503 else logging.WARNING  # 503: expected, Graph redelivers
+            log.log(level, "refused a request to the notification endpoint from %s: %s", request.client, refused)
             headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if refused.status == 503 else {}
             return refused.status, f"{refused}\n", headers
         self._deliver(notifications, received)
