@@ -1,7 +1,7 @@
 """A loopback TCP proxy that hands each new connection to the next backend in turn, as a load balancer would.
 
 Stands for the ingress in front of the replicas' notification endpoints: every connection (one HTTP request, since
-the fake Graph does not keep connections alive) may reach any replica. :meth:`RoundRobinProxy.stop` makes the
+the fake Graph does not keep connections alive) may reach any replica that is up. :meth:`RoundRobinProxy.stop` makes the
 public endpoint unreachable (connection refused), :meth:`start` brings it back on the same port.
 """
 
@@ -19,6 +19,7 @@ class RoundRobinProxy:
     def __init__(self, backends: list[tuple[str, int]], port: int, host: str = "127.0.0.1") -> None:
         self.address = (host, port)
         self._backends = itertools.cycle(backends)
+        self._count = len(backends)
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self.connections = 0
@@ -50,15 +51,21 @@ class RoundRobinProxy:
             except OSError:
                 return
             with self._lock:
-                backend = next(self._backends)
                 self.connections += 1
-            threading.Thread(target=self._connect, args=(client, backend), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
-    def _connect(self, client: socket.socket, backend: tuple[str, int]) -> None:
-        try:
-            upstream = socket.create_connection(backend, timeout=5)
-        except OSError:
-            client.close()  # a backend that is down: the caller sees the connection drop, as through a real LB
+    def _connect(self, client: socket.socket) -> None:
+        """To the next backend that accepts, as a load balancer skips a replica that is down or not up yet."""
+        for _ in range(self._count):
+            with self._lock:
+                backend = next(self._backends)
+            try:
+                upstream = socket.create_connection(backend, timeout=5)
+                break
+            except OSError:
+                continue
+        else:
+            client.close()  # no replica up: the caller sees the connection drop
             return
         for source, target in ((client, upstream), (upstream, client)):
             threading.Thread(target=_pump, args=(source, target), daemon=True).start()

@@ -35,7 +35,7 @@ SUBSCRIBABLE = frozenset({"users", "groups"})  # directory resources whose chang
 CHANGE_TYPES = "updated,deleted"  # all that users and groups support ("created" arrives as "updated")
 LEASE_SECONDS = 30
 Action = Literal["renew", "recreate"]
-Outcome = Literal["served", "busy", "done"]
+Outcome = Literal["served", "busy", "done", "incomplete"]  # incomplete: done, but some call failed
 
 
 def subscribable(settings: Settings, tenant: str) -> dict[str, JobSettings]:
@@ -99,7 +99,7 @@ class SubscriptionManager:
                 log.error("the subscription record of %s changed under this maintenance (lease lost?)", tenant)
                 return "busy"
         self._learn(record)
-        return "done"
+        return "incomplete" if record.errors else "done"
 
     def _reconcile(self, record: TenantRecord, actions: Mapping[str, Action], lost: Callable[[], bool]) -> None:
         tenant, wanted = record.tenant, subscribable(self._settings, record.tenant)

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 ACTION_RETRY_SECONDS = 2.0  # a lifecycle action that found the tenant busy is tried again this much later
 ACTION_ATTEMPTS = 10
+FAILURE_RETRY_SECONDS = 30.0  # a maintenance with a failed call (e.g. the handshake reached no replica) retries
 
 
 class Hurry(Protocol):
@@ -166,17 +167,27 @@ class NotificationService:
         self._work.put(("", "", None, 0))
 
     def _maintain_each_slot(self) -> None:
-        """Every replica tries each slot, at a random moment early in it; the first to get there does the work."""
+        """Every replica tries each slot, at a random moment early in it; the first to get there does the work.
+
+        A tenant whose maintenance failed in part (Graph refused a call, or the validation handshake reached no
+        replica during a rolling start) is tried again within the slot rather than a whole ``check_every`` later.
+        """
         schedule = _Every(self._config.check_seconds)
         spread = min(self._config.check_seconds * 0.1, 10.0)
         due = self._clock()  # right away: a new fleet creates its subscriptions at start
-        while not self._stop.wait(max(0.0, due - self._clock())):
-            slot = slot_start(schedule, self._clock())
-            for tenant in self._settings.identity.tenants:
-                if self._stop.is_set():
-                    return
-                self._maintain(tenant, slot)
-            due = slot + self._config.check_seconds + random.uniform(0, spread)
+        retry_at, failed = float("inf"), list[str]()
+        while not self._stop.wait(max(0.0, min(due, retry_at) - self._clock())):
+            if self._clock() >= due:
+                current = slot_start(schedule, self._clock())
+                slot: float | None = current
+                tenants = self._settings.identity.tenants
+                due = current + self._config.check_seconds + random.uniform(0, spread)
+            else:  # within the slot, which is served already: only the tenants whose maintenance failed
+                slot, tenants = None, failed
+            failed = [tenant for tenant in tenants if self._maintain(tenant, slot) in ("incomplete", "failed")]
+            retry_at = self._clock() + min(FAILURE_RETRY_SECONDS, spread * 3 or 1.0) if failed else float("inf")
+            if self._stop.is_set():
+                return
 
     def _maintain(self, tenant: str, slot: float | None, actions: dict[str, Action] | None = None) -> str:
         try:
