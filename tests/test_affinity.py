@@ -52,3 +52,10 @@ def test_load_delays_every_try_but_a_saturated_last_runner_still_tries_before_th
         replica.learn("users", "t1", "a")
     assert 0 < delay(a, Try(USERS, "t2"), 4) < delay(a, Try(USERS, "t2"), 8)
     assert delay(a, Try(USERS, "t1"), 64) == HEAD * LOAD_MAX < delay(b, Try(USERS, "t1"), 0)
+
+
+def test_a_notifications_urgent_try_waits_for_no_head_start_nor_load() -> None:
+    b = Affinity("b")
+    b.learn("users", "t1", "a")  # another replica ran it last: a slot's try would wait a head start
+    assert delay(b, Try(USERS, "t1"), 3) > HEAD
+    assert delay(b, Try(USERS, "t1", urgent=True), 3) == 0

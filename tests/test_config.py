@@ -203,6 +203,7 @@ def test_example_documents_every_key() -> None:
         config.MetricsSettings,
         config.RunSettings,
         config.JobSettings,
+        config.NotificationSettings,
     ]
     for model in models:
         for key in model.model_fields:

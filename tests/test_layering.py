@@ -27,7 +27,7 @@ ROOT = "__init__"  # `from graphsync import __version__`: the package itself, a 
 # Highest first. A module may import modules of its own layer and of any layer below it.
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("command line and reports", frozenset({"cli", "__main__", "console", "preflight", "status"})),
-    ("scheduler", frozenset({"scheduler", "pool", "affinity"})),
+    ("scheduler", frozenset({"scheduler", "pool", "affinity", "notify"})),
     ("jobs", frozenset({"jobs"})),
     ("rounds", frozenset({"rounds", "publication", "coldstore", "reconcile", "logrounds"})),
     ("outputs and working stores", frozenset({"sinks", "snapshot", "workstore", "tables"})),

@@ -66,18 +66,29 @@ def test_one_worker_runs_the_tries_in_the_order_given() -> None:
     assert run.ran == [(tenant, job.name) for job, tenant in order]
 
 
-def test_a_pending_try_is_replaced_by_a_later_one_and_a_running_pair_waits() -> None:
+def test_a_pending_try_merges_with_a_later_one_and_a_running_pair_waits() -> None:
     run = Recorder(seconds=0.3)
     pool = RunPool(run, concurrency=2, per_tenant=2, stop=threading.Event()).start()
     pool.put(Try(USERS, "a"))
     time.sleep(0.1)  # running now
     pool.put(Try(USERS, "a", not_before=1.0))
-    pool.put(Try(USERS, "a", not_before=2.0))  # replaces the pending one
+    pool.put(Try(USERS, "a", not_before=2.0))  # merges with the pending one
     time.sleep(0.1)
     assert run.ran == [("a", "users")], "the same pair never runs twice at once"
     pool.close()
     assert pool.join(timeout=10)
     assert run.ran == [("a", "users"), ("a", "users")]
+
+
+def test_a_merged_try_comes_due_at_the_earlier_time_and_serves_the_later_slot() -> None:
+    """A notification's urgent try (slot: when it came) and a slot's try for the same pair must not lose either:
+    the run comes as early as the urgent one asks and must start after both."""
+    urgent = Try(USERS, "a", not_before=101.0, slot=100.5, urgent=True)
+    scheduled = Try(USERS, "a", not_before=130.0, slot=90.0)
+
+    assert scheduled.merged(urgent) == Try(USERS, "a", 101.0, 100.5, urgent=True)
+    assert urgent.merged(scheduled) == Try(USERS, "a", 101.0, 100.5, urgent=True)
+    assert Try(USERS, "a").merged(Try(USERS, "a", 5.0)) == Try(USERS, "a", 0.0, None)
 
 
 class PerRunInFlight:

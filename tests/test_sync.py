@@ -247,8 +247,8 @@ class Tap:
         self._actions: list[list[Any]] = []  # [requests still to see, action]
         original = fake._handle
 
-        def handle(method: str, target: str, headers: Mapping[str, str]) -> Any:
-            reply = original(method, target, headers)
+        def handle(method: str, target: str, headers: Mapping[str, str], *body: bytes) -> Any:
+            reply = original(method, target, headers, *body)
             with self._lock:
                 self.replies.append((target, reply.status, reply.headers["request-id"]))
                 for pending in self._actions:

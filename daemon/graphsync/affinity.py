@@ -73,8 +73,11 @@ class Affinity:
         """The daemon's :class:`graphsync.pool.Delay`: a head start unless first, plus the load share of a head start.
 
         Worked out once, when the slot queues the try: what a run learns later in the slot counts from the next slot
-        on, as what a replica knows is a slot old anyway.
+        on, as what a replica knows is a slot old anyway. None for an urgent try (a change notification): whichever
+        replica got the notification runs it now.
         """
+        if attempt.urgent:
+            return Delays(0.0, 0.0)
         head = head_start(attempt.job)
         return Delays(0.0 if self.first(attempt.job.name, attempt.tenant) else head, head)
 

@@ -19,6 +19,7 @@ from graphsync.limits import MAX_CONCURRENCY
 # azure, msal or rich (scripts call the command line per request). Each command imports what it uses when it runs.
 if TYPE_CHECKING:
     from graphsync.config import JobSettings, Settings
+    from graphsync.graph import GraphClient
     from graphsync.jobs import JobRunner
     from graphsync.storage import BlobStore
     from graphsync.tokencache import TokenCaches
@@ -147,6 +148,11 @@ def _token_caches(settings: Settings) -> tuple[BlobStore, TokenCaches]:
 
 def _job_runner(settings: Settings) -> JobRunner:
     """The composition root of a sync: token caches, the Graph client, the output, the job locks."""
+    return _runner_parts(settings)[0]
+
+
+def _runner_parts(settings: Settings) -> tuple[JobRunner, GraphClient, BlobStore]:
+    """The runner, and the Graph client and storage it runs on (the notification companion shares them)."""
     from graphsync.graph import GraphClient
     from graphsync.jobs import JobRunner
     from graphsync.sinks import sink_from_settings
@@ -163,7 +169,8 @@ def _job_runner(settings: Settings) -> JobRunner:
     )
     stores = WorkStores(settings.output.work_directory)
     tables = tables_from_settings(settings)
-    return JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores, tables=tables)
+    runner = JobRunner(graph=graph, sink=sink_from_settings(settings), locks=store, stores=stores, tables=tables)
+    return runner, graph, store
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
@@ -191,12 +198,19 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from graphsync.health import HealthServer
     from graphsync.scheduler import Daemon
 
-    runner = _job_runner(settings)
+    runner, graph, store = _runner_parts(settings)
     host, port = settings.metrics.host, settings.metrics.port
     health = (
         (lambda daemon: HealthServer(host, port, live=daemon.live, ready=daemon.ready)) if port is not None else None
     )
-    return Daemon(settings, runner, health=health).run()
+    companion = None
+    if settings.notifications is not None:
+        from graphsync.notify import NotificationService
+
+        def companion(daemon: Daemon) -> NotificationService:
+            return NotificationService(settings, daemon.hurry, graph, store, replica=runner.replica)
+
+    return Daemon(settings, runner, health=health, companion=companion).run()
 
 
 def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSettings, str]]:

@@ -146,8 +146,30 @@ class GraphClient:
 
     def get_json(self, tenant: str, url: str, *, minimal: bool = False) -> dict[str, Any]:
         """GET ``url`` with a token for ``tenant``; on 401 get a fresh token once and try again."""
+        response = self._authorized(tenant, "GET", url, minimal=minimal)
+        if response.status_code != 200:
+            raise self._error("GET", url, response)
+        body = self._json(url, response)
+        if body is None:
+            raise MalformedResponse(f"GET {_path(url)}: response is not a JSON object; {_ids(response)}")
+        return body
+
+    def send(self, tenant: str, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """A write (``POST``, ``PATCH``, ``DELETE``: subscriptions) with the token handling of :meth:`get_json`.
+
+        Returns the JSON object answered, or ``None`` for an empty answer (204); any other status than 2xx raises
+        :class:`GraphError` with the status, so that a caller can tell a 404 (gone) from a failure.
+        """
+        response = self._authorized(tenant, method, url, body=body)
+        if not 200 <= response.status_code < 300:
+            raise self._error(method, url, response)
+        return self._json(url, response, method=method) if response.content else None
+
+    def _authorized(
+        self, tenant: str, method: str, url: str, *, minimal: bool = False, body: dict[str, Any] | None = None
+    ) -> requests.Response:
         token = self._tokens.acquire(tenant)
-        response = self._send(url, token.token, minimal)
+        response = self._send(method, url, token.token, minimal=minimal, body=body)
         if response.status_code == 401:
             log.info(
                 "Graph rejected the access token for tenant %s (401); getting a fresh one",
@@ -155,20 +177,23 @@ class GraphClient:
                 extra={"tenant": tenant},
             )
             token = self._tokens.acquire(tenant, rejected=token.token)
-            response = self._send(url, token.token, minimal)
-        if response.status_code != 200:
-            raise self._error(url, response)
+            response = self._send(method, url, token.token, minimal=minimal, body=body)
+        return response
+
+    @staticmethod
+    def _json(url: str, response: requests.Response, *, method: str = "GET") -> dict[str, Any] | None:
+        """The response's JSON object; ``None`` if it is JSON but not an object; MalformedResponse if not JSON."""
         try:
             body = response.json()
         except (ValueError, json.JSONDecodeError) as exc:
             raise MalformedResponse(
-                f"GET {_path(url)}: response is not valid JSON ({exc.__class__.__name__}); {_ids(response)}"
+                f"{method} {_path(url)}: response is not valid JSON ({exc.__class__.__name__}); {_ids(response)}"
             ) from None
-        if not isinstance(body, dict):
-            raise MalformedResponse(f"GET {_path(url)}: response is not a JSON object; {_ids(response)}")
-        return body
+        return body if isinstance(body, dict) else None
 
-    def _send(self, url: str, token: str, minimal: bool) -> requests.Response:
+    def _send(
+        self, method: str, url: str, token: str, *, minimal: bool, body: dict[str, Any] | None
+    ) -> requests.Response:
         headers = {
             "Authorization": f"Bearer {token}",
             "Accept": "application/json",
@@ -179,18 +204,18 @@ class GraphClient:
         if minimal:
             headers["Prefer"] = "return=minimal"
         try:
-            response = self._session.get(url, headers=headers, timeout=self._timeout)
+            response = self._session.request(method, url, headers=headers, json=body, timeout=self._timeout)
         except requests.RequestException as exc:
             GRAPH_REQUESTS.labels("error").inc()
             raise GraphError(
-                f"GET {_path(url)}: {type(exc).__name__} (client-request-id {headers['client-request-id']})"
+                f"{method} {_path(url)}: {type(exc).__name__} (client-request-id {headers['client-request-id']})"
             ) from None
         GRAPH_REQUESTS.labels(str(response.status_code)).inc()
         return response
 
-    def _error(self, url: str, response: requests.Response) -> GraphError:
+    def _error(self, method: str, url: str, response: requests.Response) -> GraphError:
         code, message = _graph_error(response)
-        text = f"GET {_path(url)}: HTTP {response.status_code} {code or ''}: {message}; {_ids(response)}"
+        text = f"{method} {_path(url)}: HTTP {response.status_code} {code or ''}: {message}; {_ids(response)}"
         log.warning(
             "Graph call failed: %s",
             text,

@@ -84,3 +84,37 @@ TABLE_BYTES_WRITTEN = Counter(
     "Bytes of data files the table commits added (data and change data files), by table.",
     ["table"],
 )
+NOTIFICATIONS_RECEIVED = Counter(
+    "graphsync_notifications_received_total",
+    "Graph notifications accepted (clientState verified), by kind: change, or the lifecycle event "
+    "(reauthorizationRequired, subscriptionRemoved, missed).",
+    ["tenant", "job", "kind"],
+)
+NOTIFICATIONS_REJECTED = Counter(
+    "graphsync_notifications_rejected_total",
+    "Requests to the notification endpoint refused without effect, by reason (client_state, unknown_subscription, "
+    "malformed, too_large, validation, method, path).",
+    ["reason"],
+)
+NOTIFICATION_LAST = Gauge(
+    "graphsync_notification_last_timestamp_seconds",
+    "Unix time of the last notification this replica accepted for the job's subscription.",
+    ["tenant", "job"],
+)
+NOTIFICATION_DELAY = Histogram(
+    "graphsync_notification_round_delay_seconds",
+    "From a change notification's arrival at this replica to the end of the round that served it (a round here, "
+    "or one another replica started after the notification came).",
+    ["tenant", "job"],
+    buckets=(1, 2, 5, 10, 30, 60, 300, 900),
+)
+SUBSCRIPTION_OPERATIONS = Counter(
+    "graphsync_subscription_operations_total",
+    "Graph subscription calls by operation (create, renew, delete) and result (ok, failed).",
+    ["tenant", "job", "operation", "result"],
+)
+SUBSCRIPTION_EXPIRY = Gauge(
+    "graphsync_subscription_expiration_timestamp_seconds",
+    "Unix time at which the job's Graph subscription expires, as this replica last read or renewed it.",
+    ["tenant", "job"],
+)

@@ -47,10 +47,27 @@ class Try:
     tenant: str
     not_before: float = 0.0
     slot: float | None = None
+    urgent: bool = False
+    """A change notification's try: ``slot`` is when the notification came, and the owner adds no head start."""
 
     @property
     def pair(self) -> tuple[str, str]:
         return self.tenant, self.job.name
+
+    def merged(self, pending: Try) -> Try:
+        """This try and one still pending for the pair as one: due at the earlier time, serving the later slot.
+
+        A run that starts after both slots serves both; keeping only the newer try could drop a notification that
+        came after the slot it replaces, and keeping only the later due time would hold back an urgent one.
+        """
+        slots = [slot for slot in (self.slot, pending.slot) if slot is not None]
+        return Try(
+            self.job,
+            self.tenant,
+            min(self.not_before, pending.not_before),
+            max(slots) if slots else None,
+            self.urgent or pending.urgent,
+        )
 
 
 class Delays(NamedTuple):
@@ -140,9 +157,13 @@ class RunPool:
             return len(self._running)
 
     def put(self, attempt: Try) -> None:
-        """Add a try; one still pending for the same pair is replaced (a later slot supersedes an earlier one)."""
-        fixed, scale = self._delay.of(attempt)  # outside the lock: the owner's delay may take its own
+        """Add a try; one still pending for the same pair is merged with it (:meth:`Try.merged`)."""
         with self._changed:
+            if (pending := self._pending.get(attempt.pair)) is not None:
+                attempt = attempt.merged(pending.attempt)  # the replaced entry is dropped when it tops its heap
+            # Under the lock, so that two puts for one pair cannot both merge with the same pending try. The owner's
+            # delay may take a lock of its own, but never calls into the pool while holding it.
+            fixed, scale = self._delay.of(attempt)
             self._seq += 1
             queued = _Queued(attempt.not_before + fixed, self._seq, scale, attempt)
             self._pending[attempt.pair] = queued

@@ -4,6 +4,10 @@ APScheduler only keeps time: at each slot (fleet-wide, aligned to an epoch; :mod
 pair to the bounded pool of :mod:`graphsync.pool` as a try that comes due after the pair's jitter, plus a head
 start when another replica ran it last, plus a little per run in flight (:mod:`graphsync.affinity`). Waiting costs
 no worker: a worker takes a try only when it is due, so the jitter never holds back other pairs.
+
+A companion (the change-notification service, :mod:`graphsync.notify`) may hand the pool urgent tries between
+slots (:meth:`Daemon.hurry`); one that finds the pair running on another replica is tried again shortly, because
+that run may have started before the notification came.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -29,11 +34,22 @@ from graphsync.systemd import Notifier
 if TYPE_CHECKING:
     from graphsync.config import JobSettings, Settings
     from graphsync.health import HealthServer
-    from graphsync.jobs import JobRunner
+    from graphsync.jobs import JobRunner, RunResult
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
+URGENT_RETRY_SECONDS = 1.0  # an urgent try that found its pair busy elsewhere looks again this much later
+
+
+class Companion(Protocol):
+    """Runs beside the scheduler while the daemon runs, and hears how each try ended."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def ran(self, attempt: Try, result: RunResult) -> None: ...
 
 
 class Daemon:
@@ -44,6 +60,7 @@ class Daemon:
         *,
         notifier: Notifier | None = None,
         health: Callable[[Daemon], HealthServer] | None = None,
+        companion: Callable[[Daemon], Companion] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
@@ -85,6 +102,7 @@ class Daemon:
                     name=f"{name} (first run)",
                 )
         self._health = health(self) if health else None
+        self._companion = companion(self) if companion else None
 
     def live(self) -> tuple[bool, str]:
         age = self._clock() - self._last_beat
@@ -106,6 +124,8 @@ class Daemon:
             self._health.start()
         self._pool.start()
         self._scheduler.start()
+        if self._companion:
+            self._companion.start()
         self._notifier.ready()
         self._beat()
         # Added only now, so that no heartbeat (WATCHDOG=1) can reach systemd before READY=1.
@@ -126,6 +146,8 @@ class Daemon:
         self._notifier.stopping()
         log.info("stopping: waiting up to %.0f s for running jobs to reach a page boundary", STOP_GRACE_SECONDS)
         self._scheduler.shutdown(wait=False)
+        if self._companion:
+            self._companion.stop()
         self._pool.wake()
         finished = self._pool.join(STOP_GRACE_SECONDS)
         if self._health:
@@ -149,6 +171,10 @@ class Daemon:
         not_before = max(now, slot + slot_jitter(job, f"{tenant}/{job.name}", slot))
         self._pool.put(Try(job, tenant, not_before, slot))
 
+    def hurry(self, job: JobSettings, tenant: str, *, after: float, not_before: float) -> None:
+        """Run the pair at ``not_before`` unless a run that started at or after ``after`` serves it (anywhere)."""
+        self._pool.put(Try(job, tenant, not_before, after, urgent=True))
+
     def _run(self, attempt: Try) -> None:
         job, tenant = attempt.job, attempt.tenant
         if self._stop.is_set():  # a stop that came just now
@@ -158,3 +184,7 @@ class Daemon:
         slot = attempt.slot if attempt.slot is not None else slot_start(job, self._clock())
         result = self._runner.run(job, tenant, due_after=slot, stop=self._stop, peek=peek)
         self._affinity.learn(job.name, tenant, result.runner)
+        if attempt.urgent and result.status == "busy":  # that run may have started before the notification
+            self._pool.put(replace(attempt, not_before=self._clock() + URGENT_RETRY_SECONDS))
+        if self._companion:
+            self._companion.ran(attempt, result)

@@ -80,6 +80,7 @@ import trustme
 
 from tests.fakes.entra import FakeEntra, tenant_id
 from tests.fakes.https import FakeHttpServer, Knob, LoopbackHttpsServer
+from tests.fakes.subscriptions import FakeSubscriptions, SubscriptionError
 
 __all__ = [
     "LOG_TIMES",
@@ -318,6 +319,7 @@ class FakeGraph(LoopbackHttpsServer):
         )
         self._reports_limit: tuple[int, float] | None = None
         self._report_times: dict[str, collections.deque[float]] = {}
+        self.subscriptions = FakeSubscriptions(self)  # /v1.0/subscriptions and webhook delivery
         self._latency_seconds = 0.0
         self._storms: dict[str, tuple[float, str]] = {}  # tenant key -> (until, Retry-After)
         self._hangs: dict[str, float] = {}  # tenant key -> until
@@ -713,7 +715,7 @@ class FakeGraph(LoopbackHttpsServer):
 
     # -- request handling (server threads) -------------------------------------------------
 
-    def _handle(self, method: str, target: str, headers: Mapping[str, str]) -> _Reply:
+    def _handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes = b"") -> _Reply:
         received = time.time()
         split = urlsplit(target)
         query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
@@ -727,7 +729,7 @@ class FakeGraph(LoopbackHttpsServer):
                 reply = (
                     self._storm(key, request_id, client_request_id)
                     or self._fault(tenant, request_id, client_request_id)
-                    or self._serve(method, split.path, query, headers, token, tenant)
+                    or self._serve(method, split.path, query, headers, token, tenant, body)
                 )
         except _GraphError as exc:
             reply = _Reply(exc.status, _error_body(exc.code, exc.message, request_id, client_request_id), exc.headers)
@@ -808,6 +810,7 @@ class FakeGraph(LoopbackHttpsServer):
         headers: Mapping[str, str],
         token: str | None,
         tenant: str | None,
+        body: bytes = b"",
     ) -> _Reply:
         if not token:
             raise _GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
@@ -818,6 +821,12 @@ class FakeGraph(LoopbackHttpsServer):
             raise _GraphError(400, "BadRequest", f"Invalid version: {parts[0] if parts else ''}")
         if len(parts) < 2 or len(parts) > 3:
             raise _GraphError(400, "BadRequest", f"Resource not found for the segment '{path}'.")
+        if parts[1] == "subscriptions":
+            try:
+                status, answer = self.subscriptions.answer(method, parts[2:], body, tenant_id(tenant))
+            except SubscriptionError as exc:
+                raise _GraphError(exc.status, exc.code, exc.message) from None
+            return _Reply(status, b"" if answer is None else _json(answer))
         if method != "GET":
             raise _GraphError(405, "Request_BadRequest", f"The HTTP method '{method}' is not supported here.")
         tkey = tenant_id(tenant)
@@ -1364,10 +1373,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        body = self.rfile.read(length) if length else b""
         headers = {name.lower(): value for name, value in self.headers.items()}
-        reply = self.server.fake._handle(self.command, self.path, headers)
+        reply = self.server.fake._handle(self.command, self.path, headers, body)
         self.send_response(reply.status)
         for name, value in reply.headers.items():
             self.send_header(name, value)
@@ -1528,5 +1536,5 @@ def mutate(graph: FakeGraph, tenant: str, rng: random.Random, *, changes: int = 
 @pytest.fixture
 def fake_graph(ca: trustme.CA, fake_entra: FakeEntra) -> Iterator[FakeGraph]:
     """A started fake Graph accepting the tokens ``fake_entra`` issues; stopped at teardown."""
-    with FakeGraph(ca, fake_entra) as graph:
+    with FakeGraph(ca, fake_entra) as graph, contextlib.closing(graph.subscriptions):
         yield graph

@@ -52,6 +52,7 @@ from graphsync.config.fields import (
     unique,
 )
 from graphsync.config.jobkinds import LOG_CURSORS, cursor_problem, expand_problem
+from graphsync.config.notifications import NotificationSettings
 from graphsync.limits import MAX_CONCURRENCY
 from graphsync.schedule import check_crontab, check_interval, interval_seconds
 
@@ -380,6 +381,7 @@ class Settings(BaseSettings):
     output: OutputSettings = Field(default_factory=OutputSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+    notifications: NotificationSettings | None = None
     jobs: list[JobSettings] = []
 
     @classmethod

@@ -4,7 +4,8 @@ Each source records which key each variable set, so the error report can name th
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeGuard, get_origin
+from types import UnionType
+from typing import Any, TypeGuard, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -32,7 +33,12 @@ def is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
 
 
 def _nests(annotation: Any) -> bool:
-    """Whether pydantic-settings puts GRAPHSYNC_<FIELD>__* variables into this field (not so for a scalar)."""
+    """Whether pydantic-settings puts GRAPHSYNC_<FIELD>__* variables into this field (not so for a scalar).
+
+    An optional section (``NotificationSettings | None``) nests like a required one.
+    """
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_nests(arg) for arg in get_args(annotation) if arg is not type(None))
     return is_model(annotation) or get_origin(annotation) is list
 
 
