@@ -81,6 +81,26 @@ def test_second_process_gets_its_token_from_the_blob(
     assert fake_entra.discovery_requests() == 1, "the second process should not even build an MSAL client"
 
 
+def test_access_token_prints_the_shared_token_for_scripts_and_nothing_else(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_entra: FakeEntra
+) -> None:
+    """`curl -H "Authorization: Bearer $(graphsync token --access-token)"`: stdout is the token alone, a valid one
+    from the shared blob (no second identity-provider request), and stderr never holds it."""
+    config = str(graphsync_config())
+    first = run_graphsync("token", "--json", "--access-token", "--config", config)
+    second = run_graphsync("token", "--access-token", "--config", config)
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    issued = fake_entra.token_requests()
+    assert len(issued) == 1 and issued[0].access_token is not None
+    assert _report(first.stdout)["access_token"] == issued[0].access_token
+    assert second.stdout == issued[0].access_token + "\n"
+    assert fake_entra.is_valid(second.stdout.strip())
+    assert issued[0].access_token not in first.stderr + second.stderr
+    plain = run_graphsync("token", "--json", "--config", config)
+    assert "access_token" not in _report(plain.stdout) and issued[0].access_token not in plain.stdout
+
+
 # -- 2. ten processes at once ------------------------------------------------------------------------------
 
 

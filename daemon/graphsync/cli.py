@@ -55,10 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser(
         "token",
         parents=[common],
-        help="acquire a token through the shared cache and say where it came from (never prints the token)",
+        help="acquire a token through the shared cache and say where it came from (the token itself only when "
+        "asked with --access-token)",
     )
     token.add_argument("--tenant", help="tenant to acquire for (default: the only configured tenant)")
     token.add_argument("--json", action="store_true", help="end with one JSON object: tenant, source, expires_on")
+    token.add_argument(
+        "--access-token",
+        action="store_true",
+        help="print the access token itself on standard output, for scripts: "
+        '`curl -H "Authorization: Bearer $(graphsync token --access-token)"`; with --json, as "access_token"',
+    )
     run = commands.add_parser(
         "run", parents=[common], help="run the daemon: every job on its schedule, coordinated with the other replicas"
     )
@@ -184,8 +191,14 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     except TokenError as exc:
         print(f"graphsync: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    # The token goes to standard output only when asked for, and never to a log or to standard error.
     if args.json:
-        print(json.dumps({"tenant": tenant, "source": token.source, "expires_on": token.expires_on}))
+        report: dict[str, object] = {"tenant": tenant, "source": token.source, "expires_on": token.expires_on}
+        if args.access_token:
+            report["access_token"] = token.token
+        print(json.dumps(report))
+    elif args.access_token:
+        print(token.token)
     else:
         expires = display_utc(token.expires_on)
         print(f"tenant {tenant}: token from {token.source.replace('_', ' ')}, expires {expires}")
