@@ -516,6 +516,37 @@ def test_a_replica_with_a_working_token_does_not_wait_for_another_replicas_refre
     assert len(fake_entra.token_requests()) == requests + 1, "one refresh, no request from the bystander"
 
 
+def test_a_hung_storage_account_never_stalls_tokens_served_from_memory(
+    graphsync_config: WriteConfig, fake_entra: FakeEntra
+) -> None:
+    import socket
+
+    with socket.socket() as hung:  # accepts connections, never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}/devstoreaccount1"
+        config = graphsync_config(
+            extra={
+                "storage": {
+                    "connection_string": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                    f"AccountKey={base64.b64encode(b'k' * 32).decode()};BlobEndpoint={endpoint};",
+                    "timeout_seconds": 2.0,
+                }
+            }
+        )
+        caches = _caches(config)
+        assert caches.acquire(TENANT).source == "identity_provider"  # pays the storage timeouts once
+        latencies = []
+        for _ in range(40):
+            started = time.monotonic()
+            assert caches.acquire(TENANT).source == "memory"
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.1)
+    # A call that waited on the hung account would wait out a storage timeout (2 s); one from memory takes
+    # microseconds, and half the timeout is a margin no scheduling hiccup of a loaded machine reaches.
+    assert max(latencies) < 1.0, max(latencies)
+
+
 def test_a_credential_file_gone_during_a_refresh_keeps_the_working_token(
     ca: trustme.CA,
     graphsync_config: WriteConfig,
