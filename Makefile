@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml constraints.txt package.json package-lock.json
 
 setup: $(STAMP)
 
+# Two workers, a file each at a time (session fixtures such as the wheel build stay one per worker): most integration
+# tests wait on sleeps, latencies and child processes, so two overlap well on 2 cores. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+
 test: lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not integration"

@@ -2,7 +2,8 @@
 
 Run as ``python -m tests.replica --config PATH --duration S --interval S``. Each acquisition prints one JSON line
 (time, tenant, source, expires_on — never the token), so tests and the benchmark can count where tokens came from
-across real, separate processes.
+across real, separate processes. ``asked`` is the wall clock just before the call: a token's time left is promised
+as of some instant inside the call, so only ``expires_on - asked`` bounds it from below on a loaded machine.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ def main() -> None:
     end = time.monotonic() + args.duration
     while time.monotonic() < end:
         for tenant in caches.tenants:
-            started = time.perf_counter()
+            asked, started = time.time(), time.perf_counter()
             token = caches.acquire(tenant)
             print(
                 json.dumps(
                     {
                         "time": time.time(),
+                        "asked": asked,
                         "tenant": tenant,
                         "source": token.source,
                         "expires_on": token.expires_on,

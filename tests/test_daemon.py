@@ -62,11 +62,15 @@ class Replica:
         self.process.send_signal(signal.SIGTERM)
         try:
             code = self.process.wait(timeout=timeout + 5)
+        except subprocess.TimeoutExpired:  # the caller's assertion fails on the code and time; the log says why
+            self.process.kill()
+            code = self.process.wait()
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
             self._file.close()
         return code, time.monotonic() - started
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
@@ -106,6 +110,31 @@ def _assert_snapshots_match(graph: FakeGraph, output: Path, tenants: list[str]) 
             assert got == _truth(graph, tenant, job, select), f"{tenant}/{job} snapshot differs from the directory"
 
 
+def _ready_at(replica: Replica, timeout: float = 60) -> float:
+    """When the replica's scheduler started (its log says so): a loaded machine can take many seconds to get there."""
+
+    def ready() -> float | None:
+        return next(
+            (_log_time(r["time"]) for r in replica.records() if r["message"].startswith("scheduler running")), None
+        )
+
+    _wait_for(lambda: ready() is not None, timeout, f"{replica.log.name} to start its scheduler")
+    when = ready()
+    assert when is not None
+    return when
+
+
+def _first_full_slot(fleet: list[Replica], every: int) -> int:
+    """The first slot that begins with every replica up: slow starts on a loaded machine never make a slot look
+    missed."""
+    return int(max(_ready_at(replica) for replica in fleet) // every) + 1
+
+
+def _sleep_past(slot: int, every: int) -> None:
+    """Until ``slot`` has ended: every run it fired has started by then (a try starts at most 40 % into its slot)."""
+    time.sleep(max(0.0, (slot + 1) * every + 1 - time.time()))
+
+
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -122,14 +151,18 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 def test_three_replicas_run_each_job_once_per_interval_and_share_tokens(
     graphsync_config: WriteConfig, fake_graph: FakeGraph, fake_entra: FakeEntra, replicas, tmp_path: Path
 ) -> None:
-    usable = 20
+    every, usable = 5, 10
     fake_entra.expires_in = 300 + usable
     for seed, tenant in enumerate(TENANTS):
         populate(fake_graph, tenant, users=300, groups=12, seed=seed)
     output = tmp_path / "out"
     config = graphsync_config(
         tenants=TENANTS,
-        extra={"graph": {"endpoint": fake_graph.base_url}, "output": {"directory": str(output)}, "jobs": _jobs("5s")},
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(output)},
+            "jobs": _jobs(f"{every}s"),
+        },
     )
     fleet = [replicas(config) for _ in range(3)]
     started = time.time()
@@ -144,13 +177,15 @@ def test_three_replicas_run_each_job_once_per_interval_and_share_tokens(
 
     mutator = threading.Thread(target=change_the_directory)
     mutator.start()
-    time.sleep(45)
+    first = _first_full_slot(fleet, every)
+    full = range(first, first + 6)
+    _sleep_past(full[3], every)  # four whole slots of a changing directory
     stop_mutating.set()
     mutator.join()
-    time.sleep(15)  # let every (tenant, job) run at least twice after the last change
+    _sleep_past(full[-1], every)  # and two without changes: every (tenant, job) has run after the last one
     for replica in fleet:
         code, took = replica.stop()
-        assert code == 0 and took < 10
+        assert code == 0 and took < 10, f"exit {code} {took:.1f} s after SIGTERM:\n{replica.tail()}"
     elapsed = time.time() - started
 
     runs: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -161,10 +196,13 @@ def test_three_replicas_run_each_job_once_per_interval_and_share_tokens(
     assert set(runs) == {(tenant, job) for tenant in TENANTS for job in ("users", "groups")}
     for pair, times in runs.items():
         times.sort()
-        slots = [int(t // 5) for t in times]
-        assert len(slots) == len(set(slots)), f"{pair} ran twice in one 5 s slot: {times}"
-        assert min(b - a for a, b in itertools.pairwise(times)) >= 2.5, f"{pair}: {times}"
-        assert len(times) >= elapsed / 5 - 3, f"{pair} ran only {len(times)} times in {elapsed:.0f} s"
+        slots = [int(t // every) for t in times]
+        assert len(slots) == len(set(slots)), f"{pair} ran twice in one {every} s slot: {times}"
+        assert set(full) <= set(slots), f"{pair} missed a slot: {slots} of {list(full)}"
+        # By design runs of a pair are 2.5 s apart or more (a start-up run comes in the first half of its slot, a
+        # slot's try at most 40 % into it); two replicas running it back to back would be well under a second
+        # apart. A loaded machine was seen to start a run a second late: 1 s keeps that noise apart from a double.
+        assert min(b - a for a, b in itertools.pairwise(times)) >= 1.0, f"{pair}: {times}"
     served_by = {replica.log.name for replica in fleet for r in replica.records() if r.get("run_id")}
     assert len(served_by) >= 2, "the work should be spread over the fleet, not pinned to one replica"
 
@@ -376,23 +414,22 @@ def test_three_replicas_share_120_tenants_evenly_and_run_every_pair_once_per_slo
         },
     )
     fleet = [replicas(config) for _ in range(3)]
-    started = time.time()
-    time.sleep(6 * every)
+    first = _first_full_slot(fleet, every)
+    full = range(first, first + 3)
+    _sleep_past(full[-1], every)
     for replica in fleet:
         code, took = replica.stop()
-        assert code == 0 and took < 10
-    ended = time.time()
+        assert code == 0 and took < 10, f"exit {code} {took:.1f} s after SIGTERM:\n{replica.tail()}"
 
     starts = [_starts(replica) for replica in fleet]
     slots: dict[str, list[int]] = defaultdict(list)
     for tenant, _, when in itertools.chain(*starts):
         slots[tenant].append(int(when // every))
-    full = range(int(started // every) + 2, int(ended // every))  # slots the whole fleet was up for, after the first
     for tenant in names:
         assert len(slots[tenant]) == len(set(slots[tenant])), f"{tenant} ran twice in one slot: {sorted(slots[tenant])}"
         assert set(full) <= set(slots[tenant]), f"{tenant} missed a slot: {sorted(slots[tenant])} of {list(full)}"
-    runs = [len(replica_starts) for replica_starts in starts]
-    assert max(runs) / (sum(runs) / len(runs)) <= 1.3, f"runs per replica: {runs}"
+    runs = [sum(int(when // every) in full for _, _, when in replica_starts) for replica_starts in starts]
+    assert max(runs) / (sum(runs) / len(runs)) <= 1.3, f"runs per replica in the full slots: {runs}"
 
 
 def test_the_last_runner_keeps_its_pair_and_a_killed_replicas_pair_moves_after_the_head_start_once(
@@ -441,9 +478,21 @@ def test_the_last_runner_keeps_its_pair_and_a_killed_replicas_pair_moves_after_t
     skips = [r["message"] for r in b.records() if " skipped: already ran at " in r["message"]]
     assert any(names_of[a] in message for message in skips), "the other replica skips, naming who ran"
 
-    # Kill a (no lease held: mid-slot, after its run), then b takes its pair after the head start, once a slot.
-    _wait_for(lambda: time.time() % every > 2.5, every, "the middle of a slot")
+    # Kill a (no lease held: after its run of this slot has ended, a second or more before the next slot), then b
+    # takes its pair after the head start, once a slot.
     [[dead_pair]] = [[tenant for tenant in names if owners[tenant] == [a]]]
+
+    def between_runs() -> bool:
+        now = time.time()
+        return now % every < every - 1 and any(
+            r.get("tenant") == dead_pair
+            and r.get("run_id")
+            and " objects, " in r["message"]
+            and int(_log_time(r["time"]) // every) == int(now // every)
+            for r in a.records()
+        )
+
+    _wait_for(between_runs, 3 * every, "a's run of its pair to end")
     a.process.kill()
     a.process.wait()
     killed_slot = int(time.time() // every)

@@ -87,7 +87,7 @@ def assert_no_partial_files(output: Path) -> None:
 # -- the time of a sync follows the slowest tenant ---------------------------------------------------------
 
 
-def test_sync_over_50_tenants_takes_at_most_a_quarter_of_the_serial_latency(
+def test_sync_over_50_tenants_runs_8_at_once_and_takes_at_most_half_the_serial_latency(
     graphsync_config: WriteConfig,
     fake_graph: FakeGraph,
     fake_entra: FakeEntra,
@@ -110,7 +110,11 @@ def test_sync_over_50_tenants_takes_at_most_a_quarter_of_the_serial_latency(
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     serial = len(fake_graph.requests) * GRAPH_LATENCY + len(fake_entra.token_requests()) * ENTRA_LATENCY
     assert len(fake_graph.requests) == 250 and serial >= 75
-    assert wall <= 0.25 * serial, f"{wall:.1f} s for a serial sum of latencies of {serial:.1f} s"
+    # The overlap is counted, not timed: the pool had [run] concurrency = 8 requests in flight at once, never more.
+    # The wall time only has to rule out a hidden serialization; 8 at once take about 1/8 of the serial sum, so
+    # half of it holds on a machine several times slower than this one under load.
+    assert fake_graph.max_concurrent_requests() == 8
+    assert wall <= 0.5 * serial, f"{wall:.1f} s for a serial sum of latencies of {serial:.1f} s"
     assert started_once_each(result.stderr) == dict.fromkeys(names, 1)
     for tenant in names:
         assert snapshot(output, tenant) == truth(fake_graph, tenant)
@@ -144,7 +148,6 @@ def test_a_throttled_or_hanging_tenant_delays_nobody_else_and_sigterm_still_stop
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the other tenants did not finish"
         time.sleep(0.1)
-    others_done = time.monotonic() - started
     assert process.poll() is None, "the troubled tenant is still running"
     assert fake_graph.max_concurrent_requests(stuck) >= 1, "the troubled tenant did start"
 
@@ -153,8 +156,7 @@ def test_a_throttled_or_hanging_tenant_delays_nobody_else_and_sigterm_still_stop
     stdout, stderr = process.communicate(timeout=15)
     took = time.monotonic() - signalled
 
-    # 11 tenants of 3 pages at 0.1 s, 8 at once, need a few seconds; the trouble lasts a minute.
-    assert others_done < 15, f"the others took {others_done:.1f} s"
+    # The others finished inside the 30 s deadline above while the trouble lasts a minute: nobody waited for it.
     assert took < 10, f"exited {took:.1f} s after SIGTERM"
     assert process.returncode == 1, stdout + stderr[-3000:]
     rows = summary_rows(stdout)

@@ -288,11 +288,11 @@ def test_a_round_with_k_changes_stages_only_their_chunks_and_equals_a_fresh_seri
         assert not exports.snapshot_requests(relay.records(), "users", "GET"), "a warm store downloads nothing"
 
 
-# -- two replicas, 30 random rounds ----------------------------------------------------------------------------
+# -- two replicas, 15 random rounds ----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_two_replicas_alternating_over_30_random_rounds_publish_exact_snapshots_and_fetch_only_changed_chunks(
+def test_two_replicas_alternating_over_15_random_rounds_publish_exact_snapshots_and_fetch_only_changed_chunks(
     hosts: Hosts,
     fake_graph: FakeGraph,
     relay: StorageRelay,
@@ -305,7 +305,9 @@ def test_two_replicas_alternating_over_30_random_rounds_publish_exact_snapshots_
     known: dict[tuple[str, str], dict[str, int]] = {}  # (replica, job) -> blocks its store holds
     rng = random.Random(30)
     stale_rounds = cold_rounds = 0
-    for round_no in range(30):
+    # Seeded, so the walk is the same every time: its rounds have a replica catch up on a stale store 5 times and
+    # run without a store 5 times.
+    for round_no in range(15):
         if round_no:
             mutate(fake_graph, TENANT, rng, changes=rng.choice((1, 5, 20, 60)))
         replica = rng.choice(replicas)
