@@ -50,7 +50,7 @@ class Replica:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "graphsync", "run", "--config", str(config)],
             cwd=REPO_ROOT,
-            env=os.environ | env,
+            env=os.environ | {"PYTHONFAULTHANDLER": "1"} | env,  # SIGABRT dumps every thread's stack into the log
             stdout=self._file,
             stderr=subprocess.STDOUT,
             text=True,
@@ -63,14 +63,20 @@ class Replica:
         try:
             code = self.process.wait(timeout=timeout + 5)
         except subprocess.TimeoutExpired:  # the caller's assertion fails on the code and time; the log says why
-            self.process.kill()
+            self.process.send_signal(signal.SIGABRT)  # faulthandler: where each thread was stuck, for the log
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
             code = self.process.wait()
         finally:
             self._file.close()
         return code, time.monotonic() - started
 
     def tail(self) -> str:
-        return self.log.read_text()[-3000:]
+        text = self.log.read_text()
+        stacks = text.find("Fatal Python error")  # a stop that hung: show the thread dump whole
+        return text[stacks:][-20000:] if stacks >= 0 else text[-3000:]
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
