@@ -50,6 +50,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "timestamps",
                 "health",
                 "systemd",
+                "jsoncodec",
+                "prefetch",
             }
         ),
     ),

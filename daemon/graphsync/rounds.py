@@ -18,15 +18,17 @@ then a full round compared with what the delta round left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
+from graphsync.prefetch import StoppedWaiting, read_ahead
 from graphsync.publication import Publication, Published, Refreshed, publish, refresh
 from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
@@ -40,6 +42,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, str, int, int], None]
 """Called after every page with (tenant, job, pages so far, records so far)."""
+
+MAX_TOUCHED = 10_000
+"""A delta round that received more ids than this cuts the whole snapshot again instead of around each: by then
+that costs about as much, and memory stays bounded whatever the round's size."""
 
 
 class RunInterrupted(Exception):
@@ -59,7 +65,16 @@ class Round:
     refreshed: Refreshed | None = None
     publication: Publication | None = None
     drift: Drift | None = None  # set by a reconciling round: how far the published snapshot was from it
-    touched: set[str] = field(default_factory=set)  # ids of the records received: where the chunks may change
+    # Ids of the records a delta round received, where the chunks may change; None: the whole snapshot may.
+    touched: set[str] | None = field(default_factory=set)
+
+    def touch(self, ids: Iterable[str]) -> None:
+        """Note ``ids`` as received; a full round cuts everything anyway and keeps none (memory stays flat)."""
+        if self.full or self.touched is None:
+            return
+        self.touched.update(ids)
+        if len(self.touched) > MAX_TOUCHED:
+            self.touched = None
 
 
 def saved_query(job: JobSettings) -> dict[str, Any]:
@@ -244,21 +259,33 @@ class RoundRunner:
         interrupted: Callable[[], bool],
         progress: Progress | None,
     ) -> str | None:
-        """Stream pages into the working store and the change file; return the round's delta link."""
-        for page in self._graph.pages(tenant, url, minimal=not done.full):
-            for record in page.objects:
-                _check_record(record, job.resource)
-                changes.write(encode(_change(record)))
-            store.apply(page.objects, defaults=_new_object_defaults(job))
-            done.touched.update(record["id"] for record in page.objects)
-            done.pages += 1
-            done.changes += len(page.objects)
-            if progress:
-                progress(tenant, job.name, done.pages, done.changes)
-            if page.delta_link:
-                return page.delta_link
-            if interrupted():
-                raise RunInterrupted("stopped between pages")
+        """Stream pages into the working store and the change file; return the round's delta link.
+
+        Graph is asked for the next page while this one is applied (:func:`read_ahead`); each record is serialized
+        once, for its change line, which the store reuses where the object is exactly the record.
+        """
+        pages = read_ahead(
+            self._graph.pages(tenant, url, minimal=not done.full), interrupted=interrupted, name=f"pages {tenant}"
+        )
+        try:
+            with contextlib.closing(pages):
+                for page in pages:
+                    for record in page.objects:
+                        _check_record(record, job.resource)
+                    lines = [encode(_change(record)) for record in page.objects]
+                    changes.write(b"".join(lines))
+                    store.apply(page.objects, defaults=_new_object_defaults(job), lines=lines)
+                    done.touch(record["id"] for record in page.objects)
+                    done.pages += 1
+                    done.changes += len(page.objects)
+                    if progress:
+                        progress(tenant, job.name, done.pages, done.changes)
+                    if page.delta_link:
+                        return page.delta_link
+                    if interrupted():
+                        raise RunInterrupted("stopped between pages")
+        except StoppedWaiting as exc:
+            raise RunInterrupted(str(exc)) from None
         return None
 
 

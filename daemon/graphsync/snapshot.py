@@ -16,14 +16,15 @@ commit together, or not at all.
 from __future__ import annotations
 
 import contextlib
-import json
+import itertools
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from graphsync.chunking import ChunkRef
+from graphsync.jsoncodec import dumps, loads
 
 MEMBERS_DELTA = "members@delta"
 MEMBERS = "members"
@@ -49,14 +50,79 @@ def _manager(entries: list[dict[str, Any]]) -> str | None:
     return current[-1] if current else None
 
 
-def _dumps(obj: dict[str, Any]) -> str:
-    """Compact with sorted keys, so equal objects are equal text (and the store holds what the snapshot prints)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-
-
 def encode(obj: dict[str, Any]) -> bytes:
-    """One JSON line."""
-    return _dumps(obj).encode() + b"\n"
+    """One JSON line: compact with sorted keys, so equal objects are equal text (and the store holds what the
+    snapshot prints); :mod:`graphsync.jsoncodec` keeps it the standard library's text."""
+    return dumps(obj) + b"\n"
+
+
+_DROP_MEMBERS = "DELETE FROM members WHERE object_id = ?"
+_ADD_MEMBER = "INSERT OR IGNORE INTO members VALUES (?, ?)"
+_REMOVE_MEMBER = "DELETE FROM members WHERE object_id = ? AND member_id = ?"
+
+
+@dataclass
+class _Merged:
+    """An object after this page's records so far: ``None`` once removed."""
+
+    obj: dict[str, Any] | None
+    has_members: bool
+    line: bytes | None = None  # its record's change line, while the object is exactly that record
+
+
+class _PageMerge:
+    """A page's records folded, in order, into the rows to write: Graph's delta semantics (see the module).
+
+    ``stored``: ``id -> (body, has_members)`` of the objects the store holds among the page's ids.
+    """
+
+    def __init__(self, stored: Mapping[str, tuple[str, bool]], defaults: Mapping[str, Any]) -> None:
+        self._stored = stored
+        self._defaults = defaults
+        self._objects: dict[str, _Merged] = {}
+        self.member_changes: list[tuple[str, tuple[str, ...]]] = []  # (statement, arguments), in record order
+
+    def add(self, record: dict[str, Any], line: bytes | None) -> None:
+        object_id = record["id"]
+        if "@removed" in record:
+            self._objects[object_id] = _Merged(None, False)
+            self.member_changes.append((_DROP_MEMBERS, (object_id,)))
+            return
+        current = self._objects.get(object_id)
+        fresh = False
+        if current is not None and current.obj is not None:
+            obj, has_members = current.obj, current.has_members
+        elif current is None and object_id in self._stored:
+            body, has_members = self._stored[object_id]
+            obj = loads(body)
+        else:  # new, or removed earlier on this page
+            obj, has_members, fresh = dict(self._defaults), False, True
+        changes = record.get(MEMBERS_DELTA)
+        obj.update((key, value) for key, value in record.items() if key not in _LINKS)
+        if MANAGER_DELTA in record:
+            obj[MANAGER] = _manager(record[MANAGER_DELTA])
+        exact = fresh and not _LINKS & record.keys() and self._defaults.keys() <= record.keys()
+        self._objects[object_id] = _Merged(obj, has_members or changes is not None, line if exact else None)
+        for change in changes or ():
+            if "@removed" in change:
+                self.member_changes.append((_REMOVE_MEMBER, (object_id, change["id"])))
+            else:
+                self.member_changes.append((_ADD_MEMBER, (object_id, change["id"])))
+
+    def removed(self) -> list[tuple[str]]:
+        return [(object_id,) for object_id, merged in self._objects.items() if merged.obj is None]
+
+    def kept(self) -> list[tuple[str, str, int]]:
+        """``(id, body, has_members)`` of every object the page leaves in the store."""
+        return [
+            (
+                object_id,
+                (merged.line[:-1] if merged.line is not None else dumps(merged.obj)).decode(),
+                int(merged.has_members),
+            )
+            for object_id, merged in self._objects.items()
+            if merged.obj is not None
+        ]
 
 
 @dataclass(frozen=True)
@@ -116,7 +182,7 @@ class SnapshotStore:
     def load(self, lines: Iterable[bytes]) -> None:
         """Add the objects of snapshot lines (one JSON object per line); all of them or, on a bad line, none."""
         with self._step():
-            for obj in map(json.loads, filter(bytes.strip, lines)):
+            for obj in map(loads, filter(bytes.strip, lines)):
                 members = obj.pop(MEMBERS, None) if isinstance(obj.get(MEMBERS), list) else None
                 self._put(obj, has_members=members is not None)
                 if members:
@@ -124,39 +190,43 @@ class SnapshotStore:
                         "INSERT OR IGNORE INTO members VALUES (?, ?)", ((obj["id"], member) for member in members)
                     )
 
-    def apply(self, records: Iterable[dict[str, Any]], *, defaults: Mapping[str, Any] | None = None) -> None:
+    def apply(
+        self,
+        records: Sequence[dict[str, Any]],
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        lines: Sequence[bytes] | None = None,
+    ) -> None:
         """Apply a page of records atomically; never replaces a stored object by a partial one.
 
         ``defaults``: what an object the store does not hold yet starts with, for properties its record may lack
         (a user without a manager carries no ``manager@delta`` at all, yet its line must say ``"manager": null``
-        whether it came in a full round or a delta round).
+        whether it came in a full round or a delta round). ``lines``: the records' change-file lines (:func:`encode`
+        of each), reused as the stored text of an object that is exactly its record: serialized once, not twice.
+
+        A page costs a few statements, not a few per record: the objects it names are read in one query, merged
+        in order (:class:`_PageMerge`), and written with ``executemany``.
         """
+        ids = {record["id"] for record in records}
+        rows = self._db.execute(
+            "SELECT id, body, has_members FROM objects WHERE id IN (SELECT value FROM json_each(?))",
+            (dumps(sorted(ids)).decode(),),
+        )
+        merge = _PageMerge({object_id: (body, bool(has)) for object_id, body, has in rows}, defaults or {})
+        for index, record in enumerate(records):
+            merge.add(record, lines[index] if lines is not None else None)
         with self._step():
-            for record in records:
-                object_id = record["id"]
-                if "@removed" in record:
-                    self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
-                    self._db.execute("DELETE FROM members WHERE object_id = ?", (object_id,))
-                    continue
-                row = self._db.execute("SELECT body, has_members FROM objects WHERE id = ?", (object_id,)).fetchone()
-                stored = json.loads(row[0]) if row else dict(defaults or {})
-                changes = record.get(MEMBERS_DELTA)
-                stored.update((key, value) for key, value in record.items() if key not in _LINKS)
-                if MANAGER_DELTA in record:
-                    stored[MANAGER] = _manager(record[MANAGER_DELTA])
-                self._put(stored, has_members=bool(row and row[1]) or changes is not None)
-                for change in changes or ():
-                    if "@removed" in change:
-                        self._db.execute(
-                            "DELETE FROM members WHERE object_id = ? AND member_id = ?", (object_id, change["id"])
-                        )
-                    else:
-                        self._db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (object_id, change["id"]))
+            self._db.executemany("DELETE FROM objects WHERE id = ?", merge.removed())
+            self._db.executemany(
+                "INSERT OR REPLACE INTO objects (id, body, has_members) VALUES (?, ?, ?)", merge.kept()
+            )
+            for statement, group in itertools.groupby(merge.member_changes, key=lambda change: change[0]):
+                self._db.executemany(statement, (arguments for _, arguments in group))
 
     def _put(self, obj: dict[str, Any], *, has_members: bool) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO objects (id, body, has_members) VALUES (?, ?, ?)",
-            (obj["id"], _dumps(obj), int(has_members)),
+            (obj["id"], dumps(obj).decode(), int(has_members)),
         )
 
     def clear(self) -> None:
@@ -198,7 +268,7 @@ class SnapshotStore:
             if not has_members:
                 yield object_id, body.encode() + b"\n"
                 continue
-            obj = json.loads(body)
+            obj = loads(body)
             obj[MEMBERS] = [
                 m
                 for (m,) in members.execute(
