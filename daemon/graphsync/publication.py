@@ -20,10 +20,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import tempfile
 from collections import deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import IO
 
 from graphsync.chunking import (
     MAX_BLOCKS,
@@ -213,6 +215,39 @@ def _read_whole(
     return Refreshed(warm=False, bytes_read=size)
 
 
+class _Spool:
+    """The bytes of the chunks cut from scratch, written to a temporary file beside the store as they are cut, so
+    that the sink's reads take them from there instead of serializing the store a second time. Memory holds
+    one chunk; the sinks read chunks in list order (skipping committed ones), so the file is read in order too.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._chunks: list[ChunkRef] = []  # the chunks whose bytes are in the file, in order
+        self._position = self._offset = 0  # the next of them, and where its bytes start
+
+    def cut(self, entries: Iterable[tuple[str, bytes]], level: int) -> list[ChunkRef]:
+        """:func:`chunk_lines`, keeping each chunk's bytes."""
+        for chunk in chunk_lines(entries, level):
+            self._file.write(chunk.data)
+            self._chunks.append(chunk.ref)
+        return self._chunks
+
+    def read(self, chunk: ChunkRef) -> bytes | None:
+        """``chunk``'s bytes if it was cut here and is asked for in order, else None (then the caller serializes
+        it from the store)."""
+        while self._position < len(self._chunks) and self._chunks[self._position] is not chunk:
+            self._offset += self._chunks[self._position].size
+            self._position += 1
+        if self._position == len(self._chunks):
+            return None
+        self._file.seek(self._offset)
+        data = self._file.read(chunk.size)
+        self._offset += chunk.size
+        self._position += 1
+        return data
+
+
 def publish(
     store: SnapshotStore,
     sink: Sink,
@@ -229,6 +264,21 @@ def publish(
     ``touched``: the ids this round changed, added or removed (``None`` after a full round). Runs inside the
     caller's store transaction; on success the store is tagged with the new version.
     """
+    with tempfile.TemporaryFile(dir=store.path.parent) as spool:
+        return _publish(store, sink, tenant, job, version, previous, touched, query, _Spool(spool))
+
+
+def _publish(
+    store: SnapshotStore,
+    sink: Sink,
+    tenant: str,
+    job: str,
+    version: str | None,
+    previous: Published | None,
+    touched: Collection[str] | None,
+    query: str,
+    spool: _Spool,
+) -> Publication:
     level = choose_level(store.count(), previous.level if previous else None)
     if (
         previous is not None
@@ -239,7 +289,7 @@ def publish(
     ):
         chunks = list(recut(previous.chunks, touched, store.entries_after, level))
     else:
-        chunks = [chunk.ref for chunk in chunk_lines(store.entries(), level)]
+        chunks = spool.cut(store.entries(), level)
     if len(chunks) > MAX_BLOCKS:
         raise SnapshotTooLarge(f"{len(chunks)} chunks at level {level}: more than Azure's {MAX_BLOCKS} blocks")
     size = sum(chunk.size for chunk in chunks)
@@ -249,8 +299,10 @@ def publish(
     uploaded: list[int] = []
 
     def read(chunk: ChunkRef) -> bytes:
-        data = b"".join(line for _, line in store.entries(chunk.first_id, chunk.last_id))
-        if block_id(data) != chunk.block_id:  # the store changed between the two passes: a bug, never publish it
+        data = spool.read(chunk)
+        if data is None:
+            data = b"".join(line for _, line in store.entries(chunk.first_id, chunk.last_id))
+        if block_id(data) != chunk.block_id:  # the store or the spool changed under us: a bug, never publish it
             raise RuntimeError(f"chunk {chunk.first_id}..{chunk.last_id} serialized differently twice")
         uploaded.append(len(data))
         return data

@@ -306,12 +306,15 @@ def _log_publication(tenant: str, job: str, publication: Publication) -> None:
     )
 
 
+_LINK_PROPERTIES = frozenset({MEMBERS_DELTA, MANAGER_DELTA})
+
+
 def _check_record(record: Any, resource: str) -> None:
     """What the working store relies on: a string id, and link changes (members, manager) that are objects with ids."""
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
         raise MalformedResponse(f"a record in {resource} has no string 'id'")
-    for link in (MEMBERS_DELTA, MANAGER_DELTA):
-        entries = record.get(link, [])
+    for link in _LINK_PROPERTIES & record.keys():  # most records carry neither
+        entries = record[link]
         if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries
         ):

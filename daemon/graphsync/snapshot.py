@@ -56,73 +56,58 @@ def encode(obj: dict[str, Any]) -> bytes:
     return dumps(obj) + b"\n"
 
 
+# A page's writes, in two ordered streams: the objects (one statement per record) and the members.
+_UPSERT = (
+    "INSERT INTO objects (id, body, has_members) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE"
+    " SET body = graphsync_merge(body, ?), has_members = has_members OR excluded.has_members"
+)
+_DELETE = "DELETE FROM objects WHERE id = ?"
 _DROP_MEMBERS = "DELETE FROM members WHERE object_id = ?"
 _ADD_MEMBER = "INSERT OR IGNORE INTO members VALUES (?, ?)"
 _REMOVE_MEMBER = "DELETE FROM members WHERE object_id = ? AND member_id = ?"
 
-
-@dataclass
-class _Merged:
-    """An object after this page's records so far: ``None`` once removed."""
-
-    obj: dict[str, Any] | None
-    has_members: bool
-    line: bytes | None = None  # its record's change line, while the object is exactly that record
+Writes = list[tuple[str, tuple[Any, ...]]]  # (statement, arguments), in record order
 
 
-class _PageMerge:
-    """A page's records folded, in order, into the rows to write: Graph's delta semantics (see the module).
+def _merge(stored: str, patch: str) -> str:
+    """``graphsync_merge(body, patch)`` in SQL: what a record (``patch``, without its links) makes of a stored
+    object. Absent properties stay, ``null`` clears, others replace: Graph's delta semantics."""
+    obj = loads(stored)
+    obj.update(loads(patch))
+    return dumps(obj).decode()
 
-    ``stored``: ``id -> (body, has_members)`` of the objects the store holds among the page's ids.
-    """
 
-    def __init__(self, stored: Mapping[str, tuple[str, bool]], defaults: Mapping[str, Any]) -> None:
-        self._stored = stored
-        self._defaults = defaults
-        self._objects: dict[str, _Merged] = {}
-        self.member_changes: list[tuple[str, tuple[str, ...]]] = []  # (statement, arguments), in record order
-
-    def add(self, record: dict[str, Any], line: bytes | None) -> None:
+def _page_writes(
+    records: Sequence[dict[str, Any]], lines: Sequence[bytes] | None, defaults: Mapping[str, Any]
+) -> tuple[Writes, Writes]:
+    """The statements that apply ``records`` in order: an upsert (a new object is ``defaults`` and its record; a
+    stored one merges the record in, :func:`_merge`) or a delete per record, and the member changes."""
+    objects: Writes = []
+    members: Writes = []
+    for index, record in enumerate(records):
         object_id = record["id"]
         if "@removed" in record:
-            self._objects[object_id] = _Merged(None, False)
-            self.member_changes.append((_DROP_MEMBERS, (object_id,)))
-            return
-        current = self._objects.get(object_id)
-        fresh = False
-        if current is not None and current.obj is not None:
-            obj, has_members = current.obj, current.has_members
-        elif current is None and object_id in self._stored:
-            body, has_members = self._stored[object_id]
-            obj = loads(body)
-        else:  # new, or removed earlier on this page
-            obj, has_members, fresh = dict(self._defaults), False, True
+            objects.append((_DELETE, (object_id,)))
+            members.append((_DROP_MEMBERS, (object_id,)))
+            continue
         changes = record.get(MEMBERS_DELTA)
-        obj.update((key, value) for key, value in record.items() if key not in _LINKS)
-        if MANAGER_DELTA in record:
-            obj[MANAGER] = _manager(record[MANAGER_DELTA])
-        exact = fresh and not _LINKS & record.keys() and self._defaults.keys() <= record.keys()
-        self._objects[object_id] = _Merged(obj, has_members or changes is not None, line if exact else None)
+        if lines is not None and changes is None and MANAGER_DELTA not in record:
+            patch_obj, patch = record, lines[index][:-1].decode()  # the record is its own patch: its change line
+        else:
+            patch_obj = {key: value for key, value in record.items() if key not in _LINKS}
+            if MANAGER_DELTA in record:
+                patch_obj[MANAGER] = _manager(record[MANAGER_DELTA])
+            patch = dumps(patch_obj).decode()
+        new = (
+            patch if not defaults or defaults.keys() <= patch_obj.keys() else dumps({**defaults, **patch_obj}).decode()
+        )
+        objects.append((_UPSERT, (object_id, new, int(changes is not None), patch)))
         for change in changes or ():
             if "@removed" in change:
-                self.member_changes.append((_REMOVE_MEMBER, (object_id, change["id"])))
+                members.append((_REMOVE_MEMBER, (object_id, change["id"])))
             else:
-                self.member_changes.append((_ADD_MEMBER, (object_id, change["id"])))
-
-    def removed(self) -> list[tuple[str]]:
-        return [(object_id,) for object_id, merged in self._objects.items() if merged.obj is None]
-
-    def kept(self) -> list[tuple[str, str, int]]:
-        """``(id, body, has_members)`` of every object the page leaves in the store."""
-        return [
-            (
-                object_id,
-                (merged.line[:-1] if merged.line is not None else dumps(merged.obj)).decode(),
-                int(merged.has_members),
-            )
-            for object_id, merged in self._objects.items()
-            if merged.obj is not None
-        ]
+                members.append((_ADD_MEMBER, (object_id, change["id"])))
+    return objects, members
 
 
 @dataclass(frozen=True)
@@ -145,6 +130,7 @@ class SnapshotStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.create_function("graphsync_merge", 2, _merge, deterministic=True)
         try:
             for statement in _SCHEMA:
                 self._db.execute(statement)
@@ -202,26 +188,18 @@ class SnapshotStore:
         ``defaults``: what an object the store does not hold yet starts with, for properties its record may lack
         (a user without a manager carries no ``manager@delta`` at all, yet its line must say ``"manager": null``
         whether it came in a full round or a delta round). ``lines``: the records' change-file lines (:func:`encode`
-        of each), reused as the stored text of an object that is exactly its record: serialized once, not twice.
+        of each), reused as the stored text of a record that needs no change: serialized once, not twice.
 
-        A page costs a few statements, not a few per record: the objects it names are read in one query, merged
-        in order (:class:`_PageMerge`), and written with ``executemany``.
+        A page costs a few ``executemany`` calls, not a few statements per record: each record is one upsert (or
+        delete), whose conflict merges it into the stored object in SQL (``graphsync_merge``), so a new object is
+        never looked up first. Objects and members are separate tables, so their two streams of writes each keep
+        the records' order without interleaving.
         """
-        ids = {record["id"] for record in records}
-        rows = self._db.execute(
-            "SELECT id, body, has_members FROM objects WHERE id IN (SELECT value FROM json_each(?))",
-            (dumps(sorted(ids)).decode(),),
-        )
-        merge = _PageMerge({object_id: (body, bool(has)) for object_id, body, has in rows}, defaults or {})
-        for index, record in enumerate(records):
-            merge.add(record, lines[index] if lines is not None else None)
+        objects, members = _page_writes(records, lines, defaults or {})
         with self._step():
-            self._db.executemany("DELETE FROM objects WHERE id = ?", merge.removed())
-            self._db.executemany(
-                "INSERT OR REPLACE INTO objects (id, body, has_members) VALUES (?, ?, ?)", merge.kept()
-            )
-            for statement, group in itertools.groupby(merge.member_changes, key=lambda change: change[0]):
-                self._db.executemany(statement, (arguments for _, arguments in group))
+            for writes in (objects, members):
+                for statement, group in itertools.groupby(writes, key=lambda write: write[0]):
+                    self._db.executemany(statement, (arguments for _, arguments in group))
 
     def _put(self, obj: dict[str, Any], *, has_members: bool) -> None:
         self._db.execute(
