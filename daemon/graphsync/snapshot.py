@@ -78,7 +78,7 @@ def _merge(stored: str, patch: str) -> str:
 
 
 def _page_writes(
-    records: Sequence[dict[str, Any]], lines: Sequence[bytes] | None, defaults: Mapping[str, Any]
+    records: Iterable[dict[str, Any]], lines: Sequence[bytes] | None, defaults: Mapping[str, Any]
 ) -> tuple[Writes, Writes]:
     """The statements that apply ``records`` in order: an upsert (a new object is ``defaults`` and its record; a
     stored one merges the record in, :func:`_merge`) or a delete per record, and the member changes."""
@@ -178,7 +178,7 @@ class SnapshotStore:
 
     def apply(
         self,
-        records: Sequence[dict[str, Any]],
+        records: Iterable[dict[str, Any]],
         *,
         defaults: Mapping[str, Any] | None = None,
         lines: Sequence[bytes] | None = None,
