@@ -273,7 +273,7 @@ class RoundRunner:
                     for record in page.objects:
                         _check_record(record, job.resource)
                     lines = [encode(_change(record)) for record in page.objects]
-                    changes.write(b"".join(lines))
+                    changes.writelines(lines)
                     store.apply(page.objects, defaults=_new_object_defaults(job), lines=lines)
                     done.touch(record["id"] for record in page.objects)
                     done.pages += 1
