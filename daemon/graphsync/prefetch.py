@@ -6,9 +6,10 @@ two pages at most whatever the collection's size. What the source raises reaches
 happened, after the pages before it, so a bad page fails the round exactly as without read-ahead.
 
 The thread is a daemon thread: a process that exits (a stop that outlasted its grace) does not wait for it. When
-the caller stops early (an error, a stop), the thread starts no further request; a request already in flight ends
-on its own (its timeout bounds it), its page is dropped, and the connection goes back to the session's pool with
-the response read whole. The source is closed on the thread that ran it, as a generator requires.
+the caller stops early (an error, a stop), the thread asks for no further item; a call already in flight ends on
+its own (its timeout and retries bound it, a ``Retry-After`` included), its page is dropped, and the connection goes
+back to the session's pool with the response read whole. The source is closed on the thread that ran it, as a
+generator requires.
 """
 
 from __future__ import annotations
