@@ -17,9 +17,16 @@ process that called ``exec`` into the new program's ``ru_maxrss``, so a child sp
 Throughput is given twice, both measured from outside the child: end to end (spawn to exit: interpreter start,
 imports, token and lock included, what ``graphsync sync`` costs an operator) and from the first Graph request to
 exit (the paging phase, which is what grows with N). The snapshot must have exactly N lines, or the run fails.
+Each graphsync run has a fresh working store of its own (``[output] work_directory`` in the bench's temporary
+directory): its size on disk is reported, and no other run or process shares it.
 
-Run from the repository root: ``.venv/bin/python bench/sync.py`` (``--sizes 10000,100000``). Needs the test
-extras (trustme, pytest) and Azurite (``npm ci``), like the tests.
+``--latency SECONDS`` makes the fake Graph wait that long before answering each request, as a distant Graph does
+(0.3-1 s a page): a full round then costs at least the sum of its pages' latencies, and the report compares the
+paging phase with that sum (graphsync fetches the next page while it applies the current one).
+
+Run from the repository root: ``.venv/bin/python bench/sync.py`` (``--sizes 10000,100000``; ``--sizes 1000000
+--repeat 1`` for a million users, about 1 GiB in the fake Graph and a few minutes; ``--latency 0.3``). Needs the
+test extras (trustme, pytest) and Azurite (``npm ci``), like the tests.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -132,6 +141,7 @@ class Measurement:
     graph_errors: int
     peak_rss_kib: int
     cpu_seconds: float
+    store_bytes: int = 0  # graphsync: the working store's size on disk after the run
 
     @property
     def objects_per_second(self) -> float:
@@ -167,6 +177,7 @@ def summarize(runs: list[Measurement]) -> Measurement:
         graph_errors=sum(r.graph_errors for r in runs),
         peak_rss_kib=max(r.peak_rss_kib for r in runs),
         cpu_seconds=statistics.median(r.cpu_seconds for r in runs),
+        store_bytes=max(r.store_bytes for r in runs),
     )
 
 
@@ -238,15 +249,20 @@ class Bench:
         return self._measurement("baseline", size, repeat, run)
 
     def graphsync(self, size: int, repeat: int) -> Measurement:
-        """A full sync: a fresh output directory and container each time, so there is no delta link to resume."""
-        output = self.workdir / f"out-{size}-{repeat}"
-        config = self._write_config(size, repeat, output)
+        """A full sync: a fresh output directory, working store and container each time, so there is no delta link
+        to resume and no store to start from. Both are deleted once measured (a million users take ~1 GiB)."""
+        output, work = self.workdir / f"out-{size}-{repeat}", self.workdir / f"work-{size}-{repeat}"
+        config = self._write_config(size, repeat, output, work)
         command = [sys.executable, "-m", "graphsync", "sync", "--config", str(config)]
         self.commands["graphsync"] = command
         self.graph.reset_records()
         run = self._run("graphsync", size, repeat, command, self.env)
         self._check_output(size, repeat, output)
-        return self._measurement("graphsync", size, repeat, run)
+        measurement = self._measurement("graphsync", size, repeat, run)
+        measurement.store_bytes = sum(path.stat().st_size for path in work.rglob("store.sqlite*"))
+        shutil.rmtree(output)
+        shutil.rmtree(work)
+        return measurement
 
     def _token(self, tenant: str) -> str:
         import requests
@@ -268,7 +284,7 @@ class Bench:
             raise BenchFailure(f"the fake Entra refused a token for {tenant}: {response.status_code} {response.text}")
         return response.json()["access_token"]
 
-    def _write_config(self, size: int, repeat: int, output: Path) -> Path:
+    def _write_config(self, size: int, repeat: int, output: Path, work: Path) -> Path:
         from azure.storage.blob import BlobServiceClient
 
         from tests.conftest import dumps_toml
@@ -290,7 +306,7 @@ class Bench:
                     },
                     "storage": {"connection_string": self.azurite.connection_string, "container": container},
                     "graph": {"endpoint": self.graph.base_url},
-                    "output": {"directory": str(output)},
+                    "output": {"directory": str(output), "work_directory": str(work)},
                     "jobs": [{"name": JOB, "resource": "users", "delta": True, "select": SELECT, "every": "1h"}],
                 }
             )
@@ -329,11 +345,12 @@ class Bench:
                 stderr=stderr,
                 start_new_session=True,
             )
+        timeout = self.args.timeout + 2 * math.ceil(size / PAGE_SIZE) * self.args.latency  # --timeout plus paging
         try:
-            process.wait(timeout=self.args.timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop_group(process)
-            raise self._failure(mode, size, repeat, f"did not finish within {self.args.timeout:g} s") from None
+            raise self._failure(mode, size, repeat, f"did not finish within {timeout:g} s") from None
         except BaseException:  # Ctrl-C: the child is in its own session and did not get the SIGINT
             _stop_group(process)
             raise
@@ -387,6 +404,42 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
 
 def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}x" if denominator else "-"
+
+
+def _latency_table(args: argparse.Namespace, results: dict[int, dict[str, Measurement]]) -> Any:
+    """A full round's paging phase against the sum of its pages' latencies: what Graph alone makes it cost."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=f"A full round with {args.latency:g} s of Graph latency a page, median of {args.repeat} (paging = the "
+        "child's first Graph request to its exit, publication included; sum = answered pages x latency)",
+        box=box.MARKDOWN,
+        title_justify="left",
+    )
+    for heading in (
+        "objects",
+        "pages",
+        "sum of latencies s",
+        "graphsync s",
+        "graphsync / sum",
+        "baseline s",
+        "baseline / sum",
+    ):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for size in args.sizes:
+        g, b = results[size]["graphsync"], results[size]["baseline"]
+        total = g.pages * args.latency
+        table.add_row(
+            f"{size:,}",
+            str(g.pages),
+            f"{total:.1f}",
+            f"{g.phase_seconds:.1f}",
+            _ratio(g.phase_seconds, total),
+            f"{b.phase_seconds:.1f}",
+            _ratio(b.phase_seconds, b.pages * args.latency),
+        )
+    return table
 
 
 def report(
@@ -481,6 +534,7 @@ def report(
         "graphsync / baseline",
         f"graphsync vs {smallest:,}",
         f"baseline vs {smallest:,}",
+        "working store on disk MiB",
     ):
         memory.add_column(heading, justify="right", no_wrap=True)
     for size in args.sizes:
@@ -493,8 +547,11 @@ def report(
             _ratio(g.peak_rss_kib, b.peak_rss_kib),
             _ratio(g.peak_rss_kib, g0.peak_rss_kib),
             _ratio(b.peak_rss_kib, b0.peak_rss_kib),
+            f"{g.store_bytes / 2**20:.1f}",
         )
     console.print(memory)
+    if args.latency:
+        console.print(_latency_table(args, results))
 
     largest = args.sizes[-1]
     problems = []
@@ -574,10 +631,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs of each client per size (medians of times, highest peak RSS); default 3",
     )
     parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds the fake Graph waits before answering each request, as a distant Graph; default 0",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=300.0,
-        help="seconds a single child run may take before it is stopped; default 300",
+        help="seconds a single child run may take before it is stopped, beyond twice its pages' latency; default 300",
     )
     add_json_option(parser)
     # Internal: the baseline child.
@@ -588,8 +651,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.repeat < 1:
-        print("--repeat must be at least 1", file=sys.stderr)
+    if args.repeat < 1 or args.latency < 0:
+        print("--repeat must be at least 1, --latency at least 0", file=sys.stderr)
         return 2
     if args.child == "baseline":
         return _baseline_main(args.url)
@@ -610,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             azurite = start_azurite(stack, workdir)
             entra = stack.enter_context(FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET))
             graph = stack.enter_context(FakeGraph(ca, entra, page_size=PAGE_SIZE))
+            graph.latency_seconds = args.latency
             for size in args.sizes:
                 print(f"populating the fake Graph with {size:,} users ...", file=sys.stderr, flush=True)
                 populate(graph, tenant_for(size), size, 0, seed=size)
@@ -639,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(argv),
         "parameters": (
             f"sizes {','.join(str(s) for s in args.sizes)}; {args.repeat} repeats of each run, "
-            f"alternating; page size {PAGE_SIZE}; users from "
+            f"alternating; page size {PAGE_SIZE}; Graph latency {args.latency:g} s a request; users from "
             f"tests.fakes.graph.populate, one tenant per size; delta round with $select={','.join(SELECT)}"
         ),
         "graphsync child": shlex.join(commands["graphsync"]),

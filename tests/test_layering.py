@@ -52,6 +52,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "timestamps",
                 "health",
                 "systemd",
+                "jsoncodec",
+                "prefetch",
             }
         ),
     ),

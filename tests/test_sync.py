@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
+from graphsync.pool import STOP_GRACE_SECONDS
 from tests.fakes.graph import FakeGraph, GraphRequest, mutate, populate
 
 if TYPE_CHECKING:
@@ -490,6 +492,61 @@ def test_a_truncated_page_fails_the_run_and_changes_nothing(
     assert request_id in state["last_error"]
     assert sync_users.output.change_files("users") == files_before
 
+    sync_users.sync_and_check(touched=touched_ids(done))
+
+
+def test_sigterm_while_graph_holds_the_page_fetched_ahead_stops_the_round_and_advances_nothing(
+    sync_users: Harness,
+    fake_graph: FakeGraph,
+    out_dir: Path,
+    own_work_directory: Path,
+    start_graphsync: StartGraphsync,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Graph holds page 3 of a delta round, which the run asked for while it applied page 2, and SIGTERM comes:
+    the run stops at once (not when the page comes), publishes nothing, saves no cursor, leaves no change file, no
+    temp file and its working store as it was; the next run is an ordinary, exact delta round."""
+    populate(fake_graph, TENANT, users=500, groups=0, seed=31)
+    sync_users.sync_and_check(full=True)
+    job_dir = out_dir / TENANT / "users"
+    before = {name: (job_dir / name).read_bytes() for name in ("snapshot.jsonl", "state.json")}
+    files_before = sync_users.output.change_files("users")
+    store = own_work_directory / TENANT / "users" / "store.sqlite"
+    store_before = store.read_bytes()
+
+    done = mutate(fake_graph, TENANT, random.Random(32), changes=60)
+    fake_graph.page_size = 3  # a delta round of many pages
+    held = threading.Event()
+    arrivals: list[str] = []
+    handle = fake_graph._handle
+
+    def holding_page_3(method: str, target: str, headers: Mapping[str, str]) -> Any:
+        arrivals.append(target)
+        if len(arrivals) == 3:
+            fake_graph.hang(TENANT, 60)  # this request, and any after it, wait unanswered
+            held.set()
+        return handle(method, target, headers)
+
+    monkeypatch.setattr(fake_graph, "_handle", holding_page_3)
+    process = start_graphsync("sync", "--config", str(sync_users.config))
+    assert held.wait(60), "the run never asked for page 3"
+    time.sleep(0.5)  # page 2 is applied meanwhile; the run now waits for page 3
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    stdout, stderr = process.communicate(timeout=30)
+    took = time.monotonic() - signalled
+
+    assert process.returncode == 1, stdout + stderr
+    assert took < STOP_GRACE_SECONDS, f"exited {took:.1f} s after SIGTERM: it waited for the held page"
+    assert "stopped: stopped while the next page was being fetched" in stdout, stdout
+    assert "Traceback" not in stderr, stderr
+    assert len(arrivals) == 3, "nothing was asked for after the held page"
+    assert {name: (job_dir / name).read_bytes() for name in before} == before
+    assert sync_users.output.change_files("users") == files_before  # also: no temp file in the output
+    assert store.read_bytes() == store_before, "the working store moved"
+    assert not [p for p in store.parent.iterdir() if p.name not in ("store.sqlite", "store.lock")]
+
+    fake_graph.hang(TENANT, 0)
     sync_users.sync_and_check(touched=touched_ids(done))
 
 

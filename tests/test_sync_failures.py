@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +16,7 @@ from graphsync.config import load_settings
 from graphsync.graph import GraphClient
 from graphsync.jobs import JobRunner, lock_blob
 from graphsync.sinks import sink_from_settings
+from graphsync.snapshot import SnapshotStore
 from graphsync.storage import BlobStore
 from graphsync.tokencache import TokenCaches
 from graphsync.workstore import WorkStores
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 
 TENANT = "contoso.onmicrosoft.com"
 SELECT = ["id", "displayName", "mail"]
+TRUNCATED = b'{"value": [{"id": "x"'
 
 
 def _config(graphsync_config: WriteConfig, graph: FakeGraph, output: Path, jobs: list[str] | None = None) -> Path:
@@ -138,3 +143,74 @@ def test_a_refused_token_fails_every_run_cleanly_and_is_recorded(
         state = json.loads((output / TENANT / job / "state.json").read_text())
         assert "AADSTS7000215" in state["last_error"]
         assert not (output / TENANT / job / "snapshot.jsonl").exists()
+
+
+def _store_state(work: Path) -> tuple[dict[str, str], bytes]:
+    """A working store's tag and the snapshot it would print, read with plain sqlite3 and the store's own reader."""
+    path = WorkStores(work).path(TENANT, "users")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    store = SnapshotStore(path)
+    try:
+        return meta, b"".join(store.lines())
+    finally:
+        store.close()
+
+
+def test_a_truncated_page_fetched_ahead_fails_the_run_after_the_page_before_it_and_advances_nothing(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, tmp_path: Path
+) -> None:
+    """The 4th page of a delta round comes back cut off while the round is still applying the 3rd (read-ahead):
+    the error surfaces in page order, nothing after the bad page is fetched, and no output or store advances."""
+    populate(fake_graph, TENANT, users=500, groups=0, seed=21)
+    output, work = tmp_path / "out", tmp_path / "work"
+    settings = load_settings(_config(graphsync_config, fake_graph, output))
+    store = BlobStore.from_settings(settings.storage)
+    graph = GraphClient(settings.graph.endpoint, "v1.0", TokenCaches.from_settings(settings, store))
+    [job] = settings.jobs
+    runner = JobRunner(
+        graph=graph, sink=sink_from_settings(settings), locks=store, stores=WorkStores(work), replica="replica-a"
+    )
+    assert runner.run(job, TENANT).status == "ok"
+    job_dir = output / TENANT / "users"
+    snapshot, state = (job_dir / "snapshot.jsonl").read_bytes(), json.loads((job_dir / "state.json").read_text())
+    changes = sorted(p.name for p in (job_dir / "changes").iterdir())
+    store_before = _store_state(work)
+    assert store_before[1] == snapshot
+
+    mutate(fake_graph, TENANT, random.Random(22), changes=60)
+    fake_graph.page_size = 3  # a delta round of many pages
+    mark = len(fake_graph.requests)
+    seen: list[tuple[int, int]] = []  # (pages applied, pages Graph had answered by then)
+
+    def answered() -> int:
+        return len(fake_graph.requests) - mark
+
+    def wait_for(pages: int) -> None:
+        deadline = time.monotonic() + 20
+        while answered() < pages:
+            assert time.monotonic() < deadline, f"page {pages} was not fetched while the round applied the one before"
+            time.sleep(0.01)
+
+    def applying(tenant: str, job_name: str, pages: int, records: int) -> None:
+        wait_for(pages + 1)  # the next page arrives while this run is still here, applying this one
+        if pages == 2:  # page 3 is in: the next request, page 4, will be cut off
+            fake_graph.fail_next(1, body=TRUNCATED, tenant=TENANT)
+        seen.append((pages, answered()))
+
+    result = runner.run(job, TENANT, progress=applying)
+
+    assert result.status == "failed" and "not valid JSON" in result.message, result.message
+    assert seen == [(1, 2), (2, 3), (3, 4)], "each page was fetched while the one before it was applied"
+    assert answered() == 4, "nothing was fetched after the truncated page"
+    assert fake_graph.requests[-1].status == 200  # cut off, not an HTTP error
+    assert (job_dir / "snapshot.jsonl").read_bytes() == snapshot
+    state_after = json.loads((job_dir / "state.json").read_text())
+    assert state_after["delta_link"] == state["delta_link"] and state_after["last_error"] == result.message
+    assert sorted(p.name for p in (job_dir / "changes").iterdir()) == changes
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.endswith("-journal")]
+    assert _store_state(work) == store_before, "the working store moved"
+
+    fake_graph.page_size = 100
+    assert runner.run(job, TENANT).status == "ok"
+    assert _snapshot(output) == _truth(fake_graph)

@@ -7,7 +7,6 @@ that a delta token is dead, and errors that carry the ids a support case needs.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from graphsync.identity import retrying_session
+from graphsync.jsoncodec import loads
 from graphsync.metrics import GRAPH_REQUESTS, GRAPH_THROTTLED
 from graphsync.text import first_line
 from graphsync.tokencache import AccessToken
@@ -184,8 +184,8 @@ class GraphClient:
     def _json(url: str, response: requests.Response, *, method: str = "GET") -> dict[str, Any] | None:
         """The response's JSON object; ``None`` if it is JSON but not an object; MalformedResponse if not JSON."""
         try:
-            body = response.json()
-        except (ValueError, json.JSONDecodeError) as exc:
+            body = loads(response.content)
+        except ValueError as exc:  # json.JSONDecodeError and orjson.JSONDecodeError are ValueErrors
             raise MalformedResponse(
                 f"{method} {_path(url)}: response is not valid JSON ({exc.__class__.__name__}); {_ids(response)}"
             ) from None

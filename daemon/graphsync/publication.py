@@ -8,9 +8,11 @@ Two directions:
   read); else (a local directory, or a blob whose blocks are not whole lines) it loads the whole snapshot.
 - :func:`publish` cuts the store into content-defined chunks — again only around the objects the round touched,
   when the store holds the published version's chunks — and hands the sink the new list, unless it equals the
-  published one (then nothing is written). The sink uploads only the chunks the published version lacks; their
-  bytes are serialized a second time, from the store, just for those chunks, so memory holds one chunk at a time.
-  A host without a store skips :func:`refresh` and publishes from a partial store (:mod:`graphsync.coldstore`).
+  published one (then nothing is written). The sink uploads only the chunks the published version lacks. Chunks
+  cut from scratch are kept on disk as they are cut (list and bytes, :class:`_Spool`), so they are serialized
+  once; chunks cut again around touched objects are serialized a second time, from the store, just for those
+  chunks. Memory holds one chunk at a time either way. A host without a store skips :func:`refresh` and publishes
+  from a partial store (:mod:`graphsync.coldstore`).
 
 A store is never trusted over the published version: the tag is set in the same SQLite transaction as the
 content it describes, and only to a version that was read or written in this run.
@@ -21,11 +23,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections import deque
-from collections.abc import Collection, Container, Iterator, Sequence
+import os
+import tempfile
+from collections import OrderedDict, deque
+from collections.abc import Collection, Container, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import IO, Protocol, overload
 
 from graphsync.chunking import (
     MAX_BLOCKS,
@@ -37,6 +41,7 @@ from graphsync.chunking import (
     infer_level,
     recut,
 )
+from graphsync.jsoncodec import dumps, loads
 from graphsync.sinks import Sink, SnapshotBlocks
 from graphsync.snapshot import SnapshotStore, StoreTag
 from graphsync.storage import WriteConflict
@@ -243,6 +248,72 @@ class PartialStore(Protocol):
         ...
 
 
+class _Spool(Sequence[ChunkRef]):
+    """The chunks cut from scratch, kept on disk beside the store instead of in memory: their list (a JSON line
+    each) and their bytes. So memory holds one chunk whatever the snapshot's size (a million objects make ~16,000
+    chunks), and the sink's reads take the bytes from here instead of serializing the store a second time.
+
+    The sinks call ``read`` for a chunk right after iterating to it; the last :data:`RECENT` chunks iterated are
+    remembered with their place in the file. Any other chunk is not found (``None``), and the caller serializes
+    it from the store: slower, never wrong.
+    """
+
+    RECENT = 64
+
+    def __init__(self, refs: IO[bytes], data: IO[bytes]) -> None:
+        self._refs, self._data = refs, data
+        self._count = 0
+        self._recent: OrderedDict[str, int] = OrderedDict()  # block id -> where its bytes start in ``data``
+
+    def cut(self, entries: Iterable[tuple[str, bytes]], level: int) -> Sequence[ChunkRef]:
+        """:func:`chunk_lines`, kept here."""
+        for chunk in chunk_lines(entries, level):
+            ref = chunk.ref
+            self._refs.write(dumps([ref.block_id, ref.first_id, ref.last_id, ref.count, ref.size]) + b"\n")
+            self._data.write(chunk.data)
+            self._count += 1
+        self._refs.flush()
+        self._data.flush()
+        return self
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> ChunkRef: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ChunkRef]: ...
+
+    def __getitem__(self, index: int | slice) -> ChunkRef | Sequence[ChunkRef]:
+        """By position (reads the list up to there; publication only iterates)."""
+        if isinstance(index, slice):
+            return list(self)[index]
+        position = index + self._count if index < 0 else index
+        if not 0 <= position < self._count:
+            raise IndexError(index)
+        return next(itertools.islice(self, position, None))
+
+    def __iter__(self) -> Iterator[ChunkRef]:
+        """Each chunk in order, read with ``pread``: iterations do not share a file position."""
+        fd, position, offset, pending = self._refs.fileno(), 0, 0, b""
+        while block := os.pread(fd, 1 << 16, position):
+            position += len(block)
+            *lines, pending = (pending + block).split(b"\n")
+            for line in lines:
+                ref = ChunkRef(*loads(line))
+                self._recent[ref.block_id] = offset
+                if len(self._recent) > self.RECENT:
+                    self._recent.popitem(last=False)
+                offset += ref.size
+                yield ref
+
+    def read(self, chunk: ChunkRef) -> bytes | None:
+        """``chunk``'s bytes if it was iterated to lately, else None."""
+        offset = self._recent.get(chunk.block_id)
+        return None if offset is None else os.pread(self._data.fileno(), chunk.size, offset)
+
+
 def publish(
     store: SnapshotStore,
     sink: Sink,
@@ -261,7 +332,24 @@ def publish(
     caller's store transaction; on success the store is tagged with the new version, unless it is ``partial``:
     a store holding only some chunks equals no version, and the next round on this host starts cold again.
     """
+    with tempfile.TemporaryFile(dir=store.path.parent) as refs, tempfile.TemporaryFile(dir=store.path.parent) as data:
+        return _publish(store, sink, tenant, job, version, previous, touched, query, partial, _Spool(refs, data))
+
+
+def _publish(
+    store: SnapshotStore,
+    sink: Sink,
+    tenant: str,
+    job: str,
+    version: str | None,
+    previous: Published | None,
+    touched: Collection[str] | None,
+    query: str,
+    partial: PartialStore | None,
+    spool: _Spool,
+) -> Publication:
     level = choose_level(partial.objects() if partial else store.count(), previous.level if previous else None)
+    chunks: Sequence[ChunkRef]
     if (
         previous is not None
         and previous.chunks is not None
@@ -274,23 +362,32 @@ def publish(
     else:
         if partial:
             partial.load_all()
-        chunks = [chunk.ref for chunk in chunk_lines(store.entries(), level)]
+        chunks = spool.cut(store.entries(), level)
     if len(chunks) > MAX_BLOCKS:
         raise SnapshotTooLarge(f"{len(chunks)} chunks at level {level}: more than Azure's {MAX_BLOCKS} blocks")
     size = sum(chunk.size for chunk in chunks)
-    if previous is not None and version is not None and [chunk.block_id for chunk in chunks] == previous.block_ids:
+    if (
+        previous is not None
+        and version is not None
+        and len(chunks) == len(previous.block_ids)
+        and all(chunk.block_id == block for chunk, block in zip(chunks, previous.block_ids, strict=True))
+    ):
         store.set_tag(None if partial else StoreTag(version, query, level), chunks)
         return Publication(version, changed=False, chunks=len(chunks), size=size)
-    uploaded: list[int] = []
+    uploaded_chunks = uploaded_bytes = 0
 
     def read(chunk: ChunkRef) -> bytes:
-        data = b"".join(line for _, line in store.entries(chunk.first_id, chunk.last_id))
-        if block_id(data) != chunk.block_id:  # the store changed between the two passes: a bug, never publish it
+        nonlocal uploaded_chunks, uploaded_bytes
+        data = spool.read(chunk)
+        if data is None:
+            data = b"".join(line for _, line in store.entries(chunk.first_id, chunk.last_id))
+        if block_id(data) != chunk.block_id:  # the store or the spool changed under us: a bug, never publish it
             raise RuntimeError(f"chunk {chunk.first_id}..{chunk.last_id} serialized differently twice")
-        uploaded.append(len(data))
+        uploaded_chunks += 1
+        uploaded_bytes += len(data)
         return data
 
     committed = frozenset(previous.block_ids if previous else ())
     new_version = sink.write_snapshot(tenant, job, chunks, read, if_version=version, committed=committed)
     store.set_tag(None if partial else StoreTag(new_version, query, level), chunks)
-    return Publication(new_version, True, len(chunks), size, len(uploaded), sum(uploaded))
+    return Publication(new_version, True, len(chunks), size, uploaded_chunks, uploaded_bytes)

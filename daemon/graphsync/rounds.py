@@ -20,17 +20,19 @@ then a full round compared with what the delta round left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.coldstore import PartialSnapshot, prepare
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
+from graphsync.prefetch import StoppedWaiting, read_ahead
 from graphsync.publication import Publication, Published, Refreshed, publish
 from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, str, int, int], None]
 """Called after every page with (tenant, job, pages so far, records so far)."""
+
+MAX_TOUCHED = 10_000
+"""A delta round that received more ids than this cuts the whole snapshot again instead of around each: by then
+that costs about as much, and memory stays bounded whatever the round's size."""
 
 
 class RunInterrupted(Exception):
@@ -64,7 +70,16 @@ class Round:
     refreshed: Refreshed | None = None
     publication: Publication | None = None
     drift: Drift | None = None  # set by a reconciling round: how far the published snapshot was from it
-    touched: set[str] = field(default_factory=set)  # ids of the records received: where the chunks may change
+    # Ids of the records a delta round received, where the chunks may change; None: the whole snapshot may.
+    touched: set[str] | None = field(default_factory=set)
+
+    def touch(self, ids: Iterable[str]) -> None:
+        """Note ``ids`` as received; a full round cuts everything anyway and keeps none (memory stays flat)."""
+        if self.full or self.touched is None:
+            return
+        self.touched.update(ids)
+        if len(self.touched) > MAX_TOUCHED:
+            self.touched = None
 
 
 def saved_query(job: JobSettings) -> dict[str, Any]:
@@ -255,23 +270,35 @@ class RoundRunner:
         progress: Progress | None,
         partial: PartialSnapshot | None,
     ) -> str | None:
-        """Stream pages into the working store and the change file; return the round's delta link."""
-        for page in self._graph.pages(tenant, url, minimal=not done.full):
-            for record in page.objects:
-                _check_record(record, job.resource)
-                changes.write(encode(_change(record)))
-            if partial is not None:  # the objects a page changes must be in the store before it applies
-                partial.load_covering(page.objects)
-            store.apply(page.objects, defaults=_new_object_defaults(job))
-            done.touched.update(record["id"] for record in page.objects)
-            done.pages += 1
-            done.changes += len(page.objects)
-            if progress:
-                progress(tenant, job.name, done.pages, done.changes)
-            if page.delta_link:
-                return page.delta_link
-            if interrupted():
-                raise RunInterrupted("stopped between pages")
+        """Stream pages into the working store and the change file; return the round's delta link.
+
+        Graph is asked for the next page while this one is applied (:func:`read_ahead`); each record is serialized
+        once, for its change line, which the store reuses where the object is exactly the record.
+        """
+        pages = read_ahead(
+            self._graph.pages(tenant, url, minimal=not done.full), interrupted=interrupted, name=f"pages {tenant}"
+        )
+        try:
+            with contextlib.closing(pages):
+                for page in pages:
+                    for record in page.objects:
+                        _check_record(record, job.resource)
+                    lines = [encode(_change(record)) for record in page.objects]
+                    changes.writelines(lines)
+                    if partial is not None:  # the objects a page changes must be in the store before it applies
+                        partial.load_covering(page.objects)
+                    store.apply(page.objects, defaults=_new_object_defaults(job), lines=lines)
+                    done.touch(record["id"] for record in page.objects)
+                    done.pages += 1
+                    done.changes += len(page.objects)
+                    if progress:
+                        progress(tenant, job.name, done.pages, done.changes)
+                    if page.delta_link:
+                        return page.delta_link
+                    if interrupted():
+                        raise RunInterrupted("stopped between pages")
+        except StoppedWaiting as exc:
+            raise RunInterrupted(str(exc)) from None
         return None
 
 
@@ -292,13 +319,16 @@ def _log_publication(tenant: str, job: str, publication: Publication) -> None:
     )
 
 
+_LINK_PROPERTIES = frozenset({MEMBERS_DELTA, OWNERS_DELTA, MANAGER_DELTA})
+
+
 def _check_record(record: Any, resource: str) -> None:
     """What the working store relies on: a string id, and link changes (members, owners, manager) that are objects
     with ids."""
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
         raise MalformedResponse(f"a record in {resource} has no string 'id'")
-    for link in (MEMBERS_DELTA, OWNERS_DELTA, MANAGER_DELTA):
-        entries = record.get(link, [])
+    for link in _LINK_PROPERTIES & record.keys():  # most records carry neither
+        entries = record[link]
         if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries
         ):

@@ -17,14 +17,15 @@ commit together, or not at all.
 from __future__ import annotations
 
 import contextlib
-import json
+import itertools
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from graphsync.chunking import ChunkRef
+from graphsync.jsoncodec import dumps, loads
 
 MEMBERS_DELTA = "members@delta"
 MEMBERS = "members"
@@ -69,14 +70,63 @@ def _manager(entries: list[dict[str, Any]]) -> str | None:
     return current[-1] if current else None
 
 
-def _dumps(obj: dict[str, Any]) -> str:
-    """Compact with sorted keys, so equal objects are equal text (and the store holds what the snapshot prints)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-
-
 def encode(obj: dict[str, Any]) -> bytes:
-    """One JSON line."""
-    return _dumps(obj).encode() + b"\n"
+    """One JSON line: compact with sorted keys, so equal objects are equal text (and the store holds what the
+    snapshot prints); :mod:`graphsync.jsoncodec` keeps it the standard library's text."""
+    return dumps(obj) + b"\n"
+
+
+# A page's writes, in two ordered streams: the objects (one statement per record) and the links (members, owners).
+_UPSERT = (
+    "INSERT INTO objects (id, body, has_members) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE"
+    " SET body = graphsync_merge(body, ?), has_members = coalesce(has_members, 0) | excluded.has_members"
+)
+_DELETE = "DELETE FROM objects WHERE id = ?"
+_DROP_LINKS = {link: f"DELETE FROM {link.table} WHERE object_id = ?" for link in _LIST_LINKS}
+_ADD_LINK = {link: f"INSERT OR IGNORE INTO {link.table} VALUES (?, ?)" for link in _LIST_LINKS}
+_REMOVE_LINK = {link: f"DELETE FROM {link.table} WHERE object_id = ? AND member_id = ?" for link in _LIST_LINKS}
+
+Writes = list[tuple[str, tuple[Any, ...]]]  # (statement, arguments), in record order
+
+
+def _merge(stored: str, patch: str) -> str:
+    """``graphsync_merge(body, patch)`` in SQL: what a record (``patch``, without its links) makes of a stored
+    object. Absent properties stay, ``null`` clears, others replace: Graph's delta semantics."""
+    obj = loads(stored)
+    obj.update(loads(patch))
+    return dumps(obj).decode()
+
+
+def _page_writes(
+    records: Iterable[dict[str, Any]], lines: Sequence[bytes] | None, defaults: Mapping[str, Any]
+) -> tuple[Writes, Writes]:
+    """The statements that apply ``records`` in order: an upsert (a new object is ``defaults`` and its record; a
+    stored one merges the record in, :func:`_merge`) or a delete per record, and the link changes."""
+    objects: Writes = []
+    links: Writes = []
+    for index, record in enumerate(records):
+        object_id = record["id"]
+        if "@removed" in record:
+            objects.append((_DELETE, (object_id,)))
+            links.extend((_DROP_LINKS[link], (object_id,)) for link in _LIST_LINKS)
+            continue
+        carried = [link for link in _LIST_LINKS if link.delta in record]
+        if lines is not None and not carried and MANAGER_DELTA not in record:
+            patch_obj, patch = record, lines[index][:-1].decode()  # the record is its own patch: its change line
+        else:
+            patch_obj = {key: value for key, value in record.items() if key not in _LINKS}
+            if MANAGER_DELTA in record:
+                patch_obj[MANAGER] = _manager(record[MANAGER_DELTA])
+            patch = dumps(patch_obj).decode()
+        new = (
+            patch if not defaults or defaults.keys() <= patch_obj.keys() else dumps({**defaults, **patch_obj}).decode()
+        )
+        objects.append((_UPSERT, (object_id, new, sum(link.bit for link in carried), patch)))
+        for link in carried:
+            for change in record[link.delta]:
+                statement = _REMOVE_LINK[link] if "@removed" in change else _ADD_LINK[link]
+                links.append((statement, (object_id, change["id"])))
+    return objects, links
 
 
 @dataclass(frozen=True)
@@ -93,12 +143,14 @@ class SnapshotStore:
 
     ``objects.body`` holds an object without its members and owners; ``has_members`` says which of those lists
     the object carries (a bit each, see :class:`_ListLink`: an object carries one once any of its ``<link>@delta``
-    arrived, even an empty one). ``meta`` holds the tag, ``chunks`` the published snapshot's chunks in order.
+    arrived, even an empty one). ``meta`` holds the
+    tag, ``chunks`` the published snapshot's chunks in order.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.create_function("graphsync_merge", 2, _merge, deterministic=True)
         try:
             for statement in _SCHEMA:
                 self._db.execute(statement)
@@ -136,53 +188,42 @@ class SnapshotStore:
     def load(self, lines: Iterable[bytes]) -> None:
         """Add the objects of snapshot lines (one JSON object per line); all of them or, on a bad line, none."""
         with self._step():
-            for obj in map(json.loads, filter(bytes.strip, lines)):
+            for obj in map(loads, filter(bytes.strip, lines)):
                 lists = {link: obj.pop(link.name) for link in _LIST_LINKS if isinstance(obj.get(link.name), list)}
                 self._put(obj, lists=sum(link.bit for link in lists))
                 for link, ids in lists.items():
-                    self._db.executemany(
-                        f"INSERT OR IGNORE INTO {link.table} VALUES (?, ?)", ((obj["id"], linked) for linked in ids)
-                    )
+                    self._db.executemany(_ADD_LINK[link], ((obj["id"], linked) for linked in ids))
 
-    def apply(self, records: Iterable[dict[str, Any]], *, defaults: Mapping[str, Any] | None = None) -> None:
+    def apply(
+        self,
+        records: Iterable[dict[str, Any]],
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        lines: Sequence[bytes] | None = None,
+    ) -> None:
         """Apply a page of records atomically; never replaces a stored object by a partial one.
 
         ``defaults``: what an object the store does not hold yet starts with, for properties its record may lack
         (a user without a manager carries no ``manager@delta`` at all, yet its line must say ``"manager": null``
-        whether it came in a full round or a delta round).
+        whether it came in a full round or a delta round). ``lines``: the records' change-file lines (:func:`encode`
+        of each), reused as the stored text of a record that needs no change: serialized once, not twice.
+
+        A page costs a few ``executemany`` calls, not a few statements per record: each record is one upsert (or
+        delete), whose conflict merges it into the stored object in SQL (``graphsync_merge``), so a new object is
+        never looked up first. Objects and links are separate tables, so their two streams of writes each keep
+        the records' order without interleaving.
         """
+        objects, links = _page_writes(records, lines, defaults or {})
         with self._step():
-            for record in records:
-                object_id = record["id"]
-                if "@removed" in record:
-                    self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
-                    for link in _LIST_LINKS:
-                        self._db.execute(f"DELETE FROM {link.table} WHERE object_id = ?", (object_id,))
-                    continue
-                row = self._db.execute("SELECT body, has_members FROM objects WHERE id = ?", (object_id,)).fetchone()
-                stored = json.loads(row[0]) if row else dict(defaults or {})
-                stored.update((key, value) for key, value in record.items() if key not in _LINKS)
-                if MANAGER_DELTA in record:
-                    stored[MANAGER] = _manager(record[MANAGER_DELTA])
-                carried = [link for link in _LIST_LINKS if link.delta in record]
-                self._put(stored, lists=((row[1] or 0) if row else 0) | sum(link.bit for link in carried))
-                for link in carried:
-                    for change in record[link.delta]:
-                        if "@removed" in change:
-                            self._db.execute(
-                                f"DELETE FROM {link.table} WHERE object_id = ? AND member_id = ?",
-                                (object_id, change["id"]),
-                            )
-                        else:
-                            self._db.execute(
-                                f"INSERT OR IGNORE INTO {link.table} VALUES (?, ?)", (object_id, change["id"])
-                            )
+            for writes in (objects, links):
+                for statement, group in itertools.groupby(writes, key=lambda write: write[0]):
+                    self._db.executemany(statement, (arguments for _, arguments in group))
 
     def _put(self, obj: dict[str, Any], *, lists: int) -> None:
         """Store ``obj``; ``lists``: the bits of the link lists it carries (see :class:`_ListLink`)."""
         self._db.execute(
             "INSERT OR REPLACE INTO objects (id, body, has_members) VALUES (?, ?, ?)",
-            (obj["id"], _dumps(obj), lists),
+            (obj["id"], dumps(obj).decode(), lists),
         )
 
     def clear(self) -> None:
@@ -225,7 +266,7 @@ class SnapshotStore:
             if not lists:
                 yield object_id, body.encode() + b"\n"
                 continue
-            obj = json.loads(body)
+            obj = loads(body)
             for link in _LIST_LINKS:
                 if lists & link.bit:
                     query = f"SELECT member_id FROM {link.table} WHERE object_id = ? ORDER BY member_id"

@@ -33,7 +33,9 @@ class AppliedRound:
     tenant: str
     job: JobSettings
     full: bool  # a full round: the tenant's rows are replaced by the store's
-    touched: Collection[str]  # ids the round's records named (a delta round: the only rows that can change)
+    # ids the round's records named (a delta round: the only rows that can change); None when the round did not
+    # keep them (too many to hold: graphsync.rounds.MAX_TOUCHED), then they are read from ``changes``
+    touched: Collection[str] | None
     store: SnapshotStore  # the working store after the round, equal to the published snapshot
     changes: IO[bytes]  # the round's change lines, as in its change file, read from the start
     started: float  # Unix time the round started: its rows' valid_from, and its version in the tables

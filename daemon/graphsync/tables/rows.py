@@ -11,10 +11,10 @@ only for the rows it names; a full round for all of the tenant's rows, so what i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.tables.layout import ID, MANAGER, MANAGER_ID, Column, TableSpec
 
@@ -42,12 +42,23 @@ def everything(key: Key) -> bool:
 def entity_rows(applied: AppliedRound, spec: TableSpec) -> Wanted:
     """The collection's rows: every object after a full round, else those the round's records named."""
     if applied.full:
-        entries: Iterable[tuple[str, bytes]] = applied.store.entries()
-    else:
-        entries = (entry for oid in applied.touched for entry in applied.store.entries(oid, oid))
-    rows: dict[Key, Values] = {(oid,): _values(json.loads(line), spec) for oid, line in entries}
-    touched = frozenset(applied.touched)
-    return Wanted(rows, everything if applied.full else lambda key: key[0] in touched)
+        rows: dict[Key, Values] = {(oid,): _values(json.loads(line), spec) for oid, line in applied.store.entries()}
+        return Wanted(rows, everything)
+    touched = frozenset(applied.touched if applied.touched is not None else _named(applied.changes))
+    entries = (entry for oid in touched for entry in applied.store.entries(oid, oid))
+    wanted: dict[Key, Values] = {(oid,): _values(json.loads(line), spec) for oid, line in entries}
+    return Wanted(wanted, lambda key: key[0] in touched)
+
+
+def _named(changes: IO[bytes]) -> Iterator[str]:
+    """The ids the round's change lines name, read from the start; the file is left at its start again."""
+    changes.seek(0)
+    try:
+        for line in changes:
+            if line.strip():
+                yield json.loads(line)[ID]
+    finally:
+        changes.seek(0)
 
 
 def _values(obj: dict[str, Any], spec: TableSpec) -> Values:
