@@ -219,3 +219,31 @@ def test_tries_whose_delays_scale_differently_start_in_the_order_of_their_whole_
     pool.start()
     assert pool.join(timeout=10)
     assert run.ran == [("a", "groups"), ("a", "users"), ("b", "devices")]
+
+
+def test_puts_for_a_pair_waiting_on_its_busy_tenant_keep_one_parked_try_and_run_it_once() -> None:
+    """Notifications during a long run put the same pair again and again: the pool holds one try for it, not one per
+    put, and the pair runs once after the tenant's run ends."""
+    stop = threading.Event()
+    release = threading.Event()
+    ran: list[tuple[str, str]] = []
+
+    def run(attempt: Try) -> None:
+        ran.append(attempt.pair)
+        if attempt.job is GROUPS:
+            release.wait(10)
+
+    pool = RunPool(run, concurrency=2, per_tenant=1, stop=stop).start()
+    pool.put(Try(GROUPS, "t"))
+    deadline = time.monotonic() + 5
+    while not pool.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for _ in range(500):
+        pool.put(Try(USERS, "t"))
+        pool.wake()
+    time.sleep(0.3)  # workers look at the heap and park what they cannot start
+    assert sum(len(parked) for parked in pool._parked.values()) <= 1
+    release.set()
+    pool.close()
+    assert pool.join(10)
+    assert ran == [("t", "groups"), ("t", "users")]

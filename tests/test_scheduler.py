@@ -118,3 +118,20 @@ def test_a_try_taken_late_still_serves_the_slot_it_fired_for(tmp_path: Path) -> 
     now[0] = fired + 65  # the workers were busy; the try is taken at 12:01:05
     daemon._run(tries[0])
     assert runner.due_after == [fired]
+
+
+def test_an_urgent_try_that_finds_its_pair_busy_backs_off_with_the_notifications_age_up_to_30_s() -> None:
+    """A notification during another replica's hour-long round must not cost a lease attempt a second."""
+    from graphsync.scheduler import URGENT_RETRY_MAX_SECONDS, URGENT_RETRY_SECONDS, _urgent_retry
+
+    job = JobSettings(name="users", resource="users", delta=True, every="15m")
+    came = 1_000.0
+    waits = []
+    now = came + 0.5
+    while now < came + 3600:
+        wait = _urgent_retry(Try(job, "t", now, came, urgent=True), now)
+        waits.append(wait)
+        now += wait
+    assert waits[0] == URGENT_RETRY_SECONDS
+    assert waits == sorted(waits) and max(waits) == URGENT_RETRY_MAX_SECONDS
+    assert len(waits) < 140, f"{len(waits)} looks in an hour"

@@ -137,7 +137,9 @@ class RunPool:
         self._changed = threading.Condition()
         self._pending: dict[tuple[str, str], _Queued] = {}  # the one live entry of each pair
         self._heaps: dict[float, list[_Queued]] = {}  # scale -> tries that may start, maybe replaced ones
-        self._parked: dict[str, list[_Queued]] = {}  # tenant -> tries that may not start until one of its runs ends
+        # tenant -> pair -> the try that may not start until one of the tenant's runs ends (one per pair: a put while
+        # it waits replaces it, so notifications during a long run park nothing more)
+        self._parked: dict[str, dict[tuple[str, str], _Queued]] = {}
         self._seq = 0
         self._running: set[tuple[str, str]] = set()
         self._per_tenant_running: dict[str, int] = {}
@@ -203,7 +205,7 @@ class RunPool:
                 with self._changed:
                     self._running.discard(attempt.pair)
                     self._per_tenant_running[attempt.tenant] -= 1
-                    for queued in self._parked.pop(attempt.tenant, []):
+                    for queued in self._parked.pop(attempt.tenant, {}).values():
                         heapq.heappush(self._heaps.setdefault(queued.scale, []), queued)
 
     def _take(self) -> Try | None:
@@ -241,7 +243,7 @@ class RunPool:
         if self._pending.get(attempt.pair) is not queued:
             return False
         if attempt.pair in self._running or self._per_tenant_running.get(attempt.tenant, 0) >= self._per_tenant:
-            self._parked.setdefault(attempt.tenant, []).append(queued)
+            self._parked.setdefault(attempt.tenant, {})[attempt.pair] = queued
             return False
         return True
 

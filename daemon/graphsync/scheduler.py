@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
-URGENT_RETRY_SECONDS = 1.0  # an urgent try that found its pair busy elsewhere looks again this much later
+URGENT_RETRY_SECONDS = 1.0  # an urgent try that found its pair busy elsewhere looks again at least this much later
+URGENT_RETRY_MAX_SECONDS = 30.0  # and at most this much later
 
 
 class Companion(Protocol):
@@ -185,6 +186,14 @@ class Daemon:
         result = self._runner.run(job, tenant, due_after=slot, stop=self._stop, peek=peek)
         self._affinity.learn(job.name, tenant, result.runner)
         if attempt.urgent and result.status == "busy":  # that run may have started before the notification
-            self._pool.put(replace(attempt, not_before=self._clock() + URGENT_RETRY_SECONDS))
+            self._pool.put(replace(attempt, not_before=self._clock() + _urgent_retry(attempt, self._clock())))
         if self._companion:
             self._companion.ran(attempt, result)
+
+
+def _urgent_retry(attempt: Try, now: float) -> float:
+    """How long an urgent try waits before it looks again at a pair another replica is running: half the time since
+    the notification came, between :data:`URGENT_RETRY_SECONDS` and :data:`URGENT_RETRY_MAX_SECONDS`, so a
+    notification during an hour-long full round costs a few dozen lease attempts, not one a second."""
+    since = now - attempt.slot if attempt.slot is not None else 0.0
+    return min(URGENT_RETRY_MAX_SECONDS, max(URGENT_RETRY_SECONDS, since / 2))

@@ -117,11 +117,6 @@ class SharedCache:
             uniform=clocks.uniform,
         )
 
-    @property
-    def storage_ready(self) -> bool:
-        """Whether storage is worth asking now (it answered last time, or its backoff has ended)."""
-        return self._storage_backoff.ready()
-
     # -- reading --------------------------------------------------------------------------------------------
 
     def sync(self) -> None:
