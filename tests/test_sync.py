@@ -520,12 +520,12 @@ def test_sigterm_while_graph_holds_the_page_fetched_ahead_stops_the_round_and_ad
     arrivals: list[str] = []
     handle = fake_graph._handle
 
-    def holding_page_3(method: str, target: str, headers: Mapping[str, str]) -> Any:
+    def holding_page_3(method: str, target: str, headers: Mapping[str, str], *body: bytes) -> Any:
         arrivals.append(target)
         if len(arrivals) == 3:
             fake_graph.hang(TENANT, 60)  # this request, and any after it, wait unanswered
             held.set()
-        return handle(method, target, headers)
+        return handle(method, target, headers, *body)
 
     monkeypatch.setattr(fake_graph, "_handle", holding_page_3)
     process = start_graphsync("sync", "--config", str(sync_users.config))

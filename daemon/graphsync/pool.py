@@ -58,13 +58,16 @@ class Try:
         """This try and one still pending for the pair as one: due at the earlier time, serving the later slot.
 
         A run that starts after both slots serves both; keeping only the newer try could drop a notification that
-        came after the slot it replaces, and keeping only the later due time would hold back an urgent one.
+        came after the slot it replaces, and keeping only the later due time would hold back an urgent one. Two
+        urgent tries are due when the newer one says: its owner chose that time knowing the older one (a burst of
+        notifications waits until it has been quiet a moment, up to a bound; see :mod:`graphsync.notify.service`).
         """
         slots = [slot for slot in (self.slot, pending.slot) if slot is not None]
+        both_urgent = self.urgent and pending.urgent
         return Try(
             self.job,
             self.tenant,
-            min(self.not_before, pending.not_before),
+            self.not_before if both_urgent else min(self.not_before, pending.not_before),
             max(slots) if slots else None,
             self.urgent or pending.urgent,
         )

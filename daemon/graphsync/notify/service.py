@@ -3,11 +3,13 @@
 It serves the endpoint, looks after subscriptions each ``check_every`` slot, and turns what Graph says into tries:
 
 - a change notification for (tenant, job) asks the daemon for an urgent try due ``debounce_seconds`` after it came,
-  serving every run started after it came (``Daemon.hurry``). The pool merges tries of a pair that is waiting, and
-  never runs a pair twice at once; the job lease does the same fleet-wide. So a burst within the debounce window
-  makes one round, and notifications that come while it runs make one more round after it, whichever replicas
-  they reached: a replica whose try finds the round running elsewhere looks again shortly, and skips if that
-  round (or a later one) started after its notification;
+  serving every run started after it came (``Daemon.hurry``). Each notification of a burst moves that time on
+  (the round waits until the burst has been quiet ``debounce_seconds``), but never past :data:`BURST_WAIT`
+  debounces after the burst's first notification, so a steady stream still gets a round every few seconds. The
+  pool merges tries of a pair that is waiting, and never runs a pair twice at once; the job lease does the same
+  fleet-wide. So a burst makes one round, and notifications that come while it runs make one more round after
+  it, whichever replicas they reached: a replica whose try finds the round running elsewhere looks again shortly,
+  and skips if that round (or a later one) started after its notification;
 - ``missed`` is a catch-up round at once (a delta round fetches whatever the notifications did not say);
 - ``reauthorizationRequired`` renews the subscription now, ``subscriptionRemoved`` creates it again and then runs
   a catch-up round; both on a worker thread, never in the request.
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BURST_WAIT = 3  # debounces after a burst's first notification, at most, before its round is due
 ACTION_RETRY_SECONDS = 2.0  # a lifecycle action that found the tenant busy is tried again this much later
 ACTION_ATTEMPTS = 10
 FAILURE_RETRY_SECONDS = 30.0  # a maintenance with a failed call (e.g. the handshake reached no replica) retries
@@ -128,9 +131,9 @@ class NotificationService:
             NOTIFICATIONS_RECEIVED.labels(tenant, job, note.event or "change").inc()
             NOTIFICATION_LAST.labels(tenant, job).set(received)
             if note.event is None:
-                self._run_soon(tenant, job, received, received + self._config.debounce_seconds)
+                self._run_soon(tenant, job, received, debounce=self._config.debounce_seconds)
             elif note.event == "missed":
-                self._run_soon(tenant, job, received, received)
+                self._run_soon(tenant, job, received)
             else:
                 action: Action = "renew" if note.event == "reauthorizationRequired" else "recreate"
                 self._work.put((tenant, job, action, 0))
@@ -150,18 +153,21 @@ class NotificationService:
                 self._waiting[pair] = (last, last)
         NOTIFICATION_DELAY.labels(*pair).observe(self._clock() - first)
 
-    def _run_soon(self, tenant: str, job_name: str, received: float, not_before: float) -> None:
+    def _run_soon(self, tenant: str, job_name: str, received: float, *, debounce: float = 0.0) -> None:
+        """Ask for a round serving a notification ``received`` now: ``debounce`` after it, or after the first one
+        still waiting if that is sooner than :data:`BURST_WAIT` debounces (see the module docstring)."""
         job = self._jobs.get(job_name)
         if job is None:  # a subscription of a job no longer configured; the next maintenance deletes it
             return
         with self._waiting_lock:
             first, _ = self._waiting.get((tenant, job_name), (received, received))
-            self._waiting[tenant, job_name] = (min(first, received), received)
+            first = min(first, received)
+            self._waiting[tenant, job_name] = (first, received)
+        not_before = min(received + debounce, first + BURST_WAIT * debounce)
         self._hurry(job, tenant, after=received, not_before=not_before)
 
     def _catch_up(self, tenant: str, job: str) -> None:
-        now = self._clock()
-        self._run_soon(tenant, job, now, now)
+        self._run_soon(tenant, job, self._clock())
 
     def _request_refresh(self) -> None:
         self._work.put(("", "", None, 0))
