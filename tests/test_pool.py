@@ -91,7 +91,6 @@ def test_a_merged_try_comes_due_at_the_earlier_time_and_serves_the_later_slot() 
     assert Try(USERS, "a").merged(Try(USERS, "a", 5.0)) == Try(USERS, "a", 0.0, None)
 
 
-
 def test_two_urgent_tries_are_due_when_the_newer_says_so_a_burst_waits_until_it_is_quiet() -> None:
     """The notification service moves a burst's round on with each notification (up to a bound it keeps): the
     newer urgent try's time wins, whichever is earlier, and it serves the latest notification."""
@@ -100,6 +99,7 @@ def test_two_urgent_tries_are_due_when_the_newer_says_so_a_burst_waits_until_it_
     assert later.merged(first) == Try(USERS, "a", 101.8, 100.8, urgent=True)
     catch_up = Try(USERS, "a", not_before=100.9, slot=100.9, urgent=True)  # `missed`: due at once
     assert catch_up.merged(later) == Try(USERS, "a", 100.9, 100.9, urgent=True)
+
 
 class PerRunInFlight:
     """A delay of ``seconds`` per run in flight, counting what the pool asks of it."""
