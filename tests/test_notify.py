@@ -42,10 +42,14 @@ class Hurries:
     """What the service asked the daemon to run: (job, tenant, after, not_before)."""
 
     calls: list[tuple[str, str, float, float]] = field(default_factory=list)
+    notified: list[float | None] = field(default_factory=list)  # when the notification asking for each came
     changed: threading.Event = field(default_factory=threading.Event)
 
-    def __call__(self, job: JobSettings, tenant: str, *, after: float, not_before: float) -> None:
+    def __call__(
+        self, job: JobSettings, tenant: str, *, after: float, not_before: float, notified: float | None = None
+    ) -> None:
         self.calls.append((job.name, tenant, after, not_before))
+        self.notified.append(notified)
         self.changed.set()
 
     def wait_for(self, count: int, timeout: float = 10) -> None:

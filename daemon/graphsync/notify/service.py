@@ -50,9 +50,12 @@ FAILURE_RETRY_SECONDS = 30.0  # a maintenance with a failed call (e.g. the hands
 
 
 class Hurry(Protocol):
-    """``Daemon.hurry``: run the pair at ``not_before`` unless a run started at or after ``after`` serves it."""
+    """``Daemon.hurry``: run the pair at ``not_before`` unless a run started at or after ``after`` serves it;
+    ``notified`` (when a notification asked for it) is recorded by the run."""
 
-    def __call__(self, job: JobSettings, tenant: str, *, after: float, not_before: float) -> None: ...
+    def __call__(
+        self, job: JobSettings, tenant: str, *, after: float, not_before: float, notified: float | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,9 @@ class NotificationService:
             NOTIFICATIONS_RECEIVED.labels(tenant, job, note.event or "change").inc()
             NOTIFICATION_LAST.labels(tenant, job).set(received)
             if note.event is None:
-                self._run_soon(tenant, job, received, received + self._config.debounce_seconds)
+                self._run_soon(tenant, job, received, received + self._config.debounce_seconds, notified=True)
             elif note.event == "missed":
-                self._run_soon(tenant, job, received, received)
+                self._run_soon(tenant, job, received, received, notified=True)
             else:
                 action: Action = "renew" if note.event == "reauthorizationRequired" else "recreate"
                 self._work.put((tenant, job, action, 0))
@@ -150,14 +153,16 @@ class NotificationService:
                 self._waiting[pair] = (last, last)
         NOTIFICATION_DELAY.labels(*pair).observe(self._clock() - first)
 
-    def _run_soon(self, tenant: str, job_name: str, received: float, not_before: float) -> None:
+    def _run_soon(
+        self, tenant: str, job_name: str, received: float, not_before: float, *, notified: bool = False
+    ) -> None:
         job = self._jobs.get(job_name)
         if job is None:  # a subscription of a job no longer configured; the next maintenance deletes it
             return
         with self._waiting_lock:
             first, _ = self._waiting.get((tenant, job_name), (received, received))
             self._waiting[tenant, job_name] = (min(first, received), received)
-        self._hurry(job, tenant, after=received, not_before=not_before)
+        self._hurry(job, tenant, after=received, not_before=not_before, notified=received if notified else None)
 
     def _catch_up(self, tenant: str, job: str) -> None:
         now = self._clock()
