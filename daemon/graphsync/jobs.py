@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from graphsync.graph import GraphClient, GraphError
 from graphsync.identity import TokenError
 from graphsync.logrounds import LogRoundRunner
-from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
+from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED, ROUNDS_WITH_CHANGES
 from graphsync.reconcile import LAST_FULL_ROUND, export_reconciliation, reconciliation_due, report_drift
 from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
@@ -324,6 +324,8 @@ class JobRunner:
         extra = {"tenant": result.tenant, "job": result.job, "run_id": result.run_id}
         if result.status == "ok":
             OBJECTS_SYNCED.labels(result.tenant, result.job).inc(result.changes)
+            if result.changes and not result.full:
+                ROUNDS_WITH_CHANGES.labels(result.tenant, result.job).inc()
             JOB_LAST_SUCCESS.labels(result.tenant, result.job).set(self._clock())
             log.info(
                 "run %s of %s/%s: %d objects, %d changes in %.1f s%s",

@@ -29,7 +29,12 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from graphsync.graph import GraphClient
-from graphsync.metrics import NOTIFICATION_DELAY, NOTIFICATION_LAST, NOTIFICATIONS_RECEIVED
+from graphsync.metrics import (
+    NOTIFICATION_DELAY,
+    NOTIFICATION_LAST,
+    NOTIFICATIONS_RECEIVED,
+    SUBSCRIPTION_RENEW_BEFORE,
+)
 from graphsync.notify.directory import Directory
 from graphsync.notify.endpoint import Notification, NotificationEndpoint
 from graphsync.notify.manager import Action, SubscriptionManager
@@ -114,6 +119,7 @@ class NotificationService:
         ]
 
     def start(self) -> None:
+        SUBSCRIPTION_RENEW_BEFORE.set(self._config.renew_before_seconds)
         self.endpoint.start()
         for thread in self._threads:
             thread.start()
