@@ -108,19 +108,7 @@ class SubscriptionManager:
         slot, so each exports the fleet's view, and the alerts still see it when the replica that maintains the
         subscriptions is gone."""
         self._learn(record)
-        tenant, jobs = record.tenant, set(record.subscriptions) | set(record.errors)
-        for job in self._exported.get(tenant, set()) - jobs:
-            for gauge in (SUBSCRIPTION_EXPIRY, SUBSCRIPTION_FAILING):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(tenant, job)
-        for job in jobs:
-            SUBSCRIPTION_FAILING.labels(tenant, job).set(1 if job in record.errors else 0)
-            if (sub := record.subscriptions.get(job)) is not None:
-                SUBSCRIPTION_EXPIRY.labels(tenant, job).set(sub.expires)
-            else:
-                with contextlib.suppress(KeyError):
-                    SUBSCRIPTION_EXPIRY.remove(tenant, job)
-        self._exported[tenant] = jobs
+        self._exported[record.tenant] = _export(record, self._exported.get(record.tenant, set()))
 
     def _reconcile(self, record: TenantRecord, actions: Mapping[str, Action], lost: Callable[[], bool]) -> None:
         tenant, wanted = record.tenant, subscribable(self._settings, record.tenant)
@@ -222,6 +210,23 @@ class SubscriptionManager:
             raise
         SUBSCRIPTION_OPERATIONS.labels(tenant, job, operation, "ok").inc()
         return answer or {}
+
+
+def _export(record: TenantRecord, before: set[str]) -> set[str]:
+    """Set the record's subscription gauges, remove those of jobs it no longer names; the jobs it names."""
+    tenant, jobs = record.tenant, set(record.subscriptions) | set(record.errors)
+    for job in before - jobs:
+        for gauge in (SUBSCRIPTION_EXPIRY, SUBSCRIPTION_FAILING):
+            with contextlib.suppress(KeyError):
+                gauge.remove(tenant, job)
+    for job in jobs:
+        SUBSCRIPTION_FAILING.labels(tenant, job).set(1 if job in record.errors else 0)
+        if (sub := record.subscriptions.get(job)) is not None:
+            SUBSCRIPTION_EXPIRY.labels(tenant, job).set(sub.expires)
+        else:
+            with contextlib.suppress(KeyError):
+                SUBSCRIPTION_EXPIRY.remove(tenant, job)
+    return jobs
 
 
 def _served(record: TenantRecord, slot: float | None) -> bool:
