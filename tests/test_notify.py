@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from graphsync.config import JobSettings, Settings, load_settings
 from graphsync.graph import GraphClient
+from graphsync.metrics import SUBSCRIPTION_EXPIRY
 from graphsync.notify import NotificationService
 from graphsync.notify.records import record_blob
 from graphsync.schedule import slot_start
 from graphsync.storage import BlobContent, BlobStore
+from graphsync.timestamps import epoch
 from graphsync.tokencache import TokenCaches
 from tests.fakes.azurite import free_port
 
@@ -42,10 +45,14 @@ class Hurries:
     """What the service asked the daemon to run: (job, tenant, after, not_before)."""
 
     calls: list[tuple[str, str, float, float]] = field(default_factory=list)
+    notified: list[float | None] = field(default_factory=list)  # when the notification asking for each came
     changed: threading.Event = field(default_factory=threading.Event)
 
-    def __call__(self, job: JobSettings, tenant: str, *, after: float, not_before: float) -> None:
+    def __call__(
+        self, job: JobSettings, tenant: str, *, after: float, not_before: float, notified: float | None = None
+    ) -> None:
         self.calls.append((job.name, tenant, after, not_before))
+        self.notified.append(notified)
         self.changed.set()
 
     def wait_for(self, count: int, timeout: float = 10) -> None:
@@ -235,3 +242,28 @@ def test_client_states_are_sealed_in_storage_when_a_key_is_configured(notify: Bu
     assert other.service.manager.maintain(TENANT, 0.0) == "served", "another replica reads the sealed record"
     entry = other.service.directory.entry(TENANT, "users")
     assert entry is not None and entry.client_state in states
+
+
+def _sample(name: str, job: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"tenant": TENANT, "job": job})
+
+
+def test_every_replica_exports_the_records_expiry_and_failures_also_one_that_found_the_slot_served(
+    notify: Build,
+) -> None:
+    """The alerts read these gauges: they must hold when the replica that maintained the record is gone."""
+    unreachable = notify(extra={"notification_url": f"http://127.0.0.1:{free_port()}/graph/notifications"})
+    assert unreachable.service.manager.maintain(TENANT, 0.0) == "incomplete", "the handshake reached nothing"
+    assert _sample("graphsync_subscription_failing", "users") == 1
+    assert _sample("graphsync_subscription_expiration_timestamp_seconds", "users") is None
+
+    a, b = notify(), notify()
+    slot = time.time()
+    assert a.service.manager.maintain(TENANT, slot) == "done"
+    expiry = {s["resource"]: s["expirationDateTime"] for s in a.graph.subscriptions.active()}
+    SUBSCRIPTION_EXPIRY.labels(TENANT, "users").set(0)  # as if only the maintaining replica had set it
+
+    assert b.service.manager.maintain(TENANT, slot) == "served"
+    assert _sample("graphsync_subscription_failing", "users") == 0
+    exported = _sample("graphsync_subscription_expiration_timestamp_seconds", "users")
+    assert exported == pytest.approx(epoch(expiry["users"]), abs=0.01)

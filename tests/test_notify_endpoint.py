@@ -8,7 +8,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +27,7 @@ class Endpoint:
 
     def __init__(self) -> None:
         self.delivered: list[tuple[list[Notification], float]] = []
-        self.refreshes = 0
+        self.refreshes: list[Callable[[], None]] = []  # each re-read asked for, and what ends it
         self.directory = Directory(self._refresh)
         record = TenantRecord(TENANT)
         record.subscriptions["users"] = Subscription("sub-1", "users", SECRET, 2e9, "u", "l", 0.0)
@@ -42,8 +42,8 @@ class Endpoint:
         )
         self.url = f"http://127.0.0.1:{self.server.address[1]}/graph/notifications"
 
-    def _refresh(self) -> None:
-        self.refreshes += 1
+    def _refresh(self, done: Callable[[], None]) -> None:
+        self.refreshes.append(done)
 
     def post(self, body: bytes, *, url: str | None = None, method: str = "POST") -> tuple[int, str, Any]:
         request = urllib.request.Request(url or self.url, data=body, method=method)
@@ -131,16 +131,32 @@ def test_a_mixed_batch_with_one_forgery_is_refused_whole(endpoint: Endpoint) -> 
     assert endpoint.delivered == []
 
 
-def test_an_unknown_subscription_is_retried_after_one_refresh_then_refused(endpoint: Endpoint) -> None:
-    """Another replica may have just created it: one re-read of the records and a 503 (Graph redelivers);
-    an id still unknown right after is refused, and refusing it reads nothing more."""
+def test_an_unknown_subscription_is_retried_until_one_refresh_ends_then_refused(endpoint: Endpoint) -> None:
+    """Another replica may have just created it: one re-read of the records and 503s (Graph redelivers) while it
+    is under way, however many unknown ids come; an id still unknown after it ended is refused, and refusing it
+    reads nothing more."""
     first = endpoint.post(_notification(subscription="sub-new"))
-    again = endpoint.post(_notification(subscription="sub-new"))
-
+    during = [endpoint.post(_notification(subscription=f"sub-unknown-{n}"))[0] for n in range(5)]
     assert (first[0], first[2].get("Retry-After")) == (503, "2")
-    assert again[0] == 403
-    assert endpoint.refreshes == 1
+    assert during == [503] * 5, "a re-read is under way: ask Graph to come back, never refuse yet"
+    assert len(endpoint.refreshes) == 1
+
+    endpoint.refreshes[0]()  # the re-read ends without having found it
+    assert endpoint.post(_notification(subscription="sub-new"))[0] == 403
+    assert len(endpoint.refreshes) == 1
     assert endpoint.delivered == []
+
+
+def test_a_subscription_the_refresh_finds_is_accepted_when_graph_delivers_again(endpoint: Endpoint) -> None:
+    """The second subscription another replica created reaches this replica first: 503, then accepted."""
+    assert endpoint.post(_notification(subscription="sub-2"))[0] == 503
+    record = TenantRecord(TENANT)
+    record.subscriptions["users"] = Subscription("sub-1", "users", SECRET, 2e9, "u", "l", 0.0)
+    record.subscriptions["groups"] = Subscription("sub-2", "groups", SECRET, 2e9, "u", "l", 0.0)
+    endpoint.directory.learn(record)
+    endpoint.refreshes[0]()
+    assert endpoint.post(_notification(subscription="sub-2"))[0] == 202
+    assert len(endpoint.delivered) == 1
 
 
 def test_a_client_that_sends_a_huge_length_gets_413_without_the_body_being_read(endpoint: Endpoint) -> None:

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate.utils as kubernetes_validate
 import pytest
@@ -44,6 +45,7 @@ import yaml
 
 import graphsync
 from graphsync.config import ConfigError, FederatedCredential, load_settings
+from graphsync.config.notifications import NotificationSettings
 from tests.conftest import REPO_ROOT, Azurite, dumps_toml
 from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
 from tests.fakes.graph import FakeGraph
@@ -1184,7 +1186,38 @@ def test_strict_validation_would_catch_a_misspelled_field() -> None:
 
 def test_kubernetes_files_are_the_expected_set() -> None:
     kinds = sorted(doc["kind"] for docs in manifests().values() for doc in docs)
-    assert kinds == ["ConfigMap", "CronJob", "Deployment", "PodDisruptionBudget", "Secret", "ServiceAccount"]
+    assert kinds == [
+        "ConfigMap",
+        "CronJob",
+        "Deployment",
+        "Ingress",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
+
+
+def test_the_ingress_routes_the_notification_url_and_its_lifecycle_path_to_each_daemons_notification_port() -> None:
+    """The configmap's (commented) notification_url, as the Ingress, the Service and the Deployment see it."""
+    deployment, service, ingress = manifest("Deployment"), manifest("Service"), manifest("Ingress")
+    [url] = re.findall(r'^\s*#?\s*notification_url = "([^"]+)"$', manifest("ConfigMap")["data"]["config.toml"], re.M)
+    settings = NotificationSettings(notification_url=url)  # https, as Graph requires
+    container_ports = {port["name"]: port["containerPort"] for port in graphsync_container(deployment)["ports"]}
+    assert container_ports["notifications"] == settings.port
+    assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
+    service_ports = {port["name"]: port["targetPort"] for port in service["spec"]["ports"]}
+    host = urlsplit(url).hostname
+    assert [host] == [h for tls in ingress["spec"]["tls"] for h in tls["hosts"]], "TLS ends at the Ingress"
+    [rule] = [rule for rule in ingress["spec"]["rules"] if rule["host"] == host]
+    assert not [key for key in ingress["metadata"].get("annotations", {}) if "rewrite" in key], "paths pass unchanged"
+    for path in (urlsplit(url).path, urlsplit(settings.lifecycle).path):
+        [route] = [
+            r for r in rule["http"]["paths"] if r["pathType"] == "Prefix" and f"{path}/".startswith(f"{r['path']}/")
+        ]
+        backend = route["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"]
+        assert service_ports[backend["port"]["name"]] == "notifications", f"{path} reaches the notification port"
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "CronJob"])

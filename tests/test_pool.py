@@ -101,6 +101,16 @@ def test_two_urgent_tries_are_due_when_the_newer_says_so_a_burst_waits_until_it_
     assert catch_up.merged(later) == Try(USERS, "a", 100.9, 100.9, urgent=True)
 
 
+def test_a_merged_try_keeps_the_latest_notification_it_serves() -> None:
+    first = Try(USERS, "a", not_before=101.0, slot=100.0, urgent=True, notified=100.0)
+    second = Try(USERS, "a", not_before=103.0, slot=102.0, urgent=True, notified=102.0)
+    catch_up = Try(USERS, "a", not_before=104.0, slot=104.0, urgent=True)
+
+    assert first.merged(second).notified == second.merged(first).notified == 102.0
+    assert catch_up.merged(first).notified == 100.0, "a catch-up round has no notification of its own"
+    assert Try(USERS, "a").merged(catch_up).notified is None
+
+
 class PerRunInFlight:
     """A delay of ``seconds`` per run in flight, counting what the pool asks of it."""
 

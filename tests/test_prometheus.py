@@ -195,13 +195,19 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_running_d
 ) -> None:
     tenant = "contoso.onmicrosoft.com"
     populate(fake_graph, tenant, users=20, groups=2)
-    port = free_port()
+    port, endpoint = free_port(), free_port()
     config = graphsync_config(
         extra={
             "graph": {"endpoint": fake_graph.base_url},
             "output": {"directory": str(tmp_path / "out")},
             "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "1h"}],
             "metrics": {"port": port},
+            # on, so the metrics of change notifications are exported as a daemon that uses them exports them
+            "notifications": {
+                "notification_url": f"http://127.0.0.1:{endpoint}/graph/notifications",
+                "host": "127.0.0.1",
+                "port": endpoint,
+            },
         }
     )
     start_graphsync("run", "--config", str(config))

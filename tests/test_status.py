@@ -7,18 +7,27 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from graphsync.config import load_settings
+from graphsync.notify.records import SubscriptionRecords
+from graphsync.storage import BlobStore
+from graphsync.timestamps import epoch
+from tests import test_daemon
 from tests.conftest import REPO_ROOT
+from tests.fakes.azurite import free_port
 from tests.fakes.entra import CLIENT_SECRET, FakeEntra
 from tests.fakes.graph import FakeGraph, populate
+from tests.fakes.proxy import RoundRobinProxy
 
 if TYPE_CHECKING:
     from tests.conftest import RunGraphsync, WriteConfig
 
 TENANT = "contoso.onmicrosoft.com"
+replicas = test_daemon.replicas  # the fixture that starts `graphsync run` processes
 
 
 def _status(run_graphsync: RunGraphsync, config: Path) -> dict:
@@ -99,3 +108,63 @@ def test_status_reports_cache_jobs_lock_holder_and_stale_delta_tokens(
     state_file.write_text(json.dumps(state))
     [job] = _status(run_graphsync, config)["jobs"]
     assert any("delta token expires after 7 days" in warning for warning in job["warnings"])
+
+
+def test_status_shows_each_subscription_its_expiry_last_notification_and_error_never_its_client_state(
+    graphsync_config: WriteConfig,
+    run_graphsync: RunGraphsync,
+    fake_graph: FakeGraph,
+    replicas: Any,
+    tmp_path: Path,
+) -> None:
+    """A daemon whose public notification URL first reaches nothing (the ingress not routed yet), then its
+    endpoint: status shows the failed creation, then the subscription and the notification a change brought."""
+    populate(fake_graph, TENANT, users=20, groups=0)
+    output, public, port = tmp_path / "out", free_port(), free_port()
+    config = graphsync_config(
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(output)},
+            "notifications": {
+                "notification_url": f"http://127.0.0.1:{public}/graph/notifications",
+                "host": "127.0.0.1",
+                "port": port,
+                "check_every": "10s",  # a failed creation is tried again within 3 s
+            },
+            "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "1d"}],
+        }
+    )
+    records = SubscriptionRecords(BlobStore.from_settings(load_settings(config, {}).storage), [])
+    replica = replicas(config)
+    _wait_for(lambda: records.read(TENANT).errors, 20, "the failed creation to be recorded")
+
+    [line] = _status(run_graphsync, config)["subscriptions"]
+    assert (line["tenant"], line["job"], line["resource"]) == (TENANT, "users", "users")
+    assert line["expires"] is None and line["last_notification"] is None
+    assert "validation" in line["error"]
+    assert line["warnings"] == ["no subscription yet: changes reach the export on its schedule only"]
+
+    with RoundRobinProxy([("127.0.0.1", port)], public):
+        _wait_for(lambda: fake_graph.subscriptions.active(), 20, "the subscription")
+        _wait_for(lambda: (output / TENANT / "users" / "state.json").exists(), 20, "the first round")
+        changed = time.time()
+        fake_graph.update(TENANT, "users", next(iter(fake_graph.objects(TENANT, "users"))), displayName="notified")
+        _wait_for(lambda: "notified" in (output / TENANT / "users" / "snapshot.jsonl").read_text(), 20, "the export")
+        [subscription] = fake_graph.subscriptions.active()
+        result = run_graphsync("status", "--json", "--config", str(config))
+        text = run_graphsync("status", "--config", str(config))
+
+    assert subscription["clientState"] not in result.stdout + result.stderr + text.stdout + text.stderr
+    [line] = json.loads(result.stdout.strip().splitlines()[-1])["subscriptions"]
+    assert line["subscription_id"] == subscription["id"] and line["error"] is None and line["warnings"] == []
+    assert abs(epoch(line["expires"]) - (changed + 29 * 86400)) < 60
+    assert changed - 0.01 <= epoch(line["last_notification"]) <= time.time()
+    assert line["maintained_by"].endswith(f"-{replica.process.pid}")
+    assert "change notification subscriptions" in text.stdout and subscription["id"] not in text.stdout
+
+
+def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)

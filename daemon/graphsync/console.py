@@ -139,6 +139,26 @@ def print_status(report: dict[str, Any]) -> None:
             j["lock_holder"] or "-",
         )
     console.print(jobs)
+    if report.get("subscriptions"):
+        console.print(_subscriptions(report["subscriptions"]))
+
+
+def _subscriptions(lines: list[dict[str, Any]]) -> Table:
+    table = Table(title="change notification subscriptions")
+    for column in ("tenant", "job", "resource", "expires", "last notification", "maintained", "error"):
+        table.add_column(column)
+    for s in lines:
+        maintained = f"{s['maintained_at']} by {s['maintained_by']}" if s.get("maintained_at") else "-"
+        table.add_row(
+            s["tenant"],
+            s.get("job") or "-",
+            s.get("resource") or "-",
+            s.get("expires") or "-",
+            s.get("last_notification") or "never",
+            maintained,
+            (s.get("error") or "") + "".join(f"\n⚠ {w}" for w in s.get("warnings", [])),
+        )
+    return table
 
 
 def _snapshot_size(job: dict[str, Any]) -> str:

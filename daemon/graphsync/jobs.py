@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from graphsync.graph import GraphClient, GraphError
 from graphsync.identity import TokenError
 from graphsync.logrounds import LogRoundRunner
-from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
+from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED, ROUNDS_WITH_CHANGES
 from graphsync.reconcile import LAST_FULL_ROUND, export_reconciliation, reconciliation_due, report_drift
 from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
@@ -47,6 +47,22 @@ WAIT_POLL_SECONDS = 2.0
 def replica_name() -> str:
     """How this process names itself in lock blobs and state files: host and pid."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _notified(state: dict[str, Any], notified: float | None) -> dict[str, str]:
+    """``last_notification`` for state.json when this run served a newer change notification than it records.
+
+    Kept here because a round that serves a notification writes state.json anyway: any replica (and ``graphsync
+    status``) reads the time at no extra storage call, where a record of each replica's last notification would
+    cost writes. A notification whose try found a later round already done elsewhere is not recorded: that
+    round's own notifications are, so the time shown may be a little older than the newest notification.
+    """
+    if notified is None:
+        return {}
+    recorded = state.get("last_notification")
+    if isinstance(recorded, str) and epoch(recorded) >= notified:
+        return {}
+    return {"last_notification": iso_utc(notified, timespec="milliseconds")}
 
 
 def lock_blob(tenant: str, job: str) -> str:
@@ -99,13 +115,15 @@ class JobRunner:
         stop: threading.Event | None = None,
         progress: Progress | None = None,
         peek: bool = False,
+        notified: float | None = None,
     ) -> RunResult:
         """Run ``job`` for ``tenant`` unless another replica is running it (``busy``, or wait with ``wait``) or it
         already succeeded after ``due_after`` (``skipped``).
 
         ``peek``: the caller expects another replica to have served the slot already (it ran the job last), so
         state.json is read first, without the lease: a served slot is then skipped for one storage call instead of
-        taking, checking and releasing the lease.
+        taking, checking and releasing the lease. ``notified``: when the change notification that asked for this
+        run came; a successful run records it as ``last_notification`` in state.json (see :func:`_notified`).
         """
         stop = stop or threading.Event()
         if stop.is_set():  # handed out as the stop came: start nothing, not even a lease
@@ -131,7 +149,9 @@ class JobRunner:
             message = f"running on another replica ({holder or 'unknown'})"
             return self._finish(RunResult(tenant, job.name, "busy", message=message, runner=holder))
         with lease:  # renewed in the background; a lost lease stops the run before it publishes
-            return self._run_locked(job, tenant, due_after, lease, lambda: stop.is_set() or lease.lost, progress)
+            return self._run_locked(
+                job, tenant, due_after, lease, lambda: stop.is_set() or lease.lost, progress, notified
+            )
 
     def _holder(self, job: JobSettings, tenant: str) -> str | None:
         """Who holds the job's lease, as its lock blob's metadata names it; ``None`` when that cannot be read."""
@@ -166,6 +186,7 @@ class JobRunner:
         lease: BlobLease,
         interrupted: Callable[[], bool],
         progress: Progress | None,
+        notified: float | None,
     ) -> RunResult:
         try:
             state, etag = self._sink.read_state(tenant, job.name)
@@ -236,6 +257,7 @@ class JobRunner:
                 "replica": self.replica,
                 "last_error": None,
             }
+            | _notified(state, notified)
             | fields,
         )
         if not saved:  # the data is published and safe; the next run fetches these changes again
@@ -302,6 +324,8 @@ class JobRunner:
         extra = {"tenant": result.tenant, "job": result.job, "run_id": result.run_id}
         if result.status == "ok":
             OBJECTS_SYNCED.labels(result.tenant, result.job).inc(result.changes)
+            if result.changes and not result.full:
+                ROUNDS_WITH_CHANGES.labels(result.tenant, result.job).inc()
             JOB_LAST_SUCCESS.labels(result.tenant, result.job).set(self._clock())
             log.info(
                 "run %s of %s/%s: %d objects, %d changes in %.1f s%s",

@@ -115,6 +115,24 @@ SUBSCRIPTION_OPERATIONS = Counter(
 )
 SUBSCRIPTION_EXPIRY = Gauge(
     "graphsync_subscription_expiration_timestamp_seconds",
-    "Unix time at which the job's Graph subscription expires, as this replica last read or renewed it.",
+    "Unix time at which the job's Graph subscription expires, as this replica last read or renewed it (every "
+    "replica reads the tenant's subscription record each check_every).",
+    ["tenant", "job"],
+)
+SUBSCRIPTION_FAILING = Gauge(
+    "graphsync_subscription_failing",
+    "1 while the tenant's subscription record holds an error for the job (its last create or renew failed), else "
+    "0; as this replica last read or wrote the record.",
+    ["tenant", "job"],
+)
+SUBSCRIPTION_RENEW_BEFORE = Gauge(
+    "graphsync_subscription_renew_before_seconds",
+    "[notifications] renew_before: how long before expiry a subscription is renewed. A subscription with less than "
+    "half of it left is overdue.",
+)
+ROUNDS_WITH_CHANGES = Counter(
+    "graphsync_job_rounds_with_changes_total",
+    "Successful rounds that found at least one change, full rounds (first, resync, reconciliation) not counted: "
+    "how busy a tenant's directory is, whether notifications or the schedule started the rounds.",
     ["tenant", "job"],
 )

@@ -49,6 +49,8 @@ class Try:
     slot: float | None = None
     urgent: bool = False
     """A change notification's try: ``slot`` is when the notification came, and the owner adds no head start."""
+    notified: float | None = None
+    """When the notification this try serves came, if one asked for it (a catch-up round has none)."""
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -64,12 +66,14 @@ class Try:
         """
         slots = [slot for slot in (self.slot, pending.slot) if slot is not None]
         both_urgent = self.urgent and pending.urgent
+        notified = [time for time in (self.notified, pending.notified) if time is not None]
         return Try(
             self.job,
             self.tenant,
             self.not_before if both_urgent else min(self.not_before, pending.not_before),
             max(slots) if slots else None,
             self.urgent or pending.urgent,
+            max(notified) if notified else None,
         )
 
 

@@ -172,9 +172,12 @@ class Daemon:
         not_before = max(now, slot + slot_jitter(job, f"{tenant}/{job.name}", slot))
         self._pool.put(Try(job, tenant, not_before, slot))
 
-    def hurry(self, job: JobSettings, tenant: str, *, after: float, not_before: float) -> None:
-        """Run the pair at ``not_before`` unless a run that started at or after ``after`` serves it (anywhere)."""
-        self._pool.put(Try(job, tenant, not_before, after, urgent=True))
+    def hurry(
+        self, job: JobSettings, tenant: str, *, after: float, not_before: float, notified: float | None = None
+    ) -> None:
+        """Run the pair at ``not_before`` unless a run that started at or after ``after`` serves it (anywhere);
+        ``notified``: when the notification asking for it came, which the run records."""
+        self._pool.put(Try(job, tenant, not_before, after, urgent=True, notified=notified))
 
     def _run(self, attempt: Try) -> None:
         job, tenant = attempt.job, attempt.tenant
@@ -183,7 +186,7 @@ class Daemon:
         # Not first: the pair's last runner has probably served the slot already, so look before leasing.
         peek = not self._affinity.first(job.name, tenant)
         slot = attempt.slot if attempt.slot is not None else slot_start(job, self._clock())
-        result = self._runner.run(job, tenant, due_after=slot, stop=self._stop, peek=peek)
+        result = self._runner.run(job, tenant, due_after=slot, stop=self._stop, peek=peek, notified=attempt.notified)
         self._affinity.learn(job.name, tenant, result.runner)
         if attempt.urgent and result.status == "busy":  # that run may have started before the notification
             self._pool.put(replace(attempt, not_before=self._clock() + _urgent_retry(attempt, self._clock())))

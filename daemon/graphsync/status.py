@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from graphsync.jobs import lock_blob
+from graphsync.notify.manager import subscribable
+from graphsync.notify.records import RecordError, SubscriptionRecords, record_blob
 from graphsync.rounds import store_query
 from graphsync.schedule import trigger
 from graphsync.storage import StorageError
-from graphsync.timestamps import epoch
+from graphsync.timestamps import epoch, iso_utc
 
 if TYPE_CHECKING:
     from graphsync.config import Settings
@@ -30,13 +32,15 @@ def fleet_status(
 ) -> dict[str, Any]:
     """What ``graphsync status`` reports: each tenant's shared token cache and each job's state, fleet-wide, and
     whether this host holds a warm working store for it (one local file read, no storage call)."""
-    jobs = []
+    jobs: list[dict[str, Any]] = []
+    states: dict[tuple[str, str], dict[str, Any]] = {}
     for job in settings.jobs:
         for tenant in settings.job_tenants(job):
             try:
                 state = sink.read_state(tenant, job.name)[0] or {}
             except StorageError as exc:  # report it on this job's line; the other lines still help
                 state = {"last_error": f"state.json unreadable: {exc}"}
+            states[tenant, job.name] = state
             try:
                 holder = locks.lease_holder(lock_blob(tenant, job.name))
             except StorageError as exc:
@@ -72,4 +76,51 @@ def fleet_status(
                 }
             )
     tenants = [caches[tenant].inspect_blob() for tenant in caches.tenants]
-    return {"output": sink.describe(), "tenants": tenants, "jobs": jobs}
+    subscriptions = subscription_status(settings, locks, states, now) if settings.notifications else []
+    return {"output": sink.describe(), "tenants": tenants, "jobs": jobs, "subscriptions": subscriptions}
+
+
+def subscription_status(
+    settings: Settings, store: BlobStore, states: dict[tuple[str, str], dict[str, Any]], now: float
+) -> list[dict[str, Any]]:
+    """Each subscription the fleet keeps (or should keep), from ``subscriptions/<tenant>.json``: the resource, its
+    expiry, the last notification (state.json's ``last_notification``, written by the round that served it) and
+    the last error; never the ``clientState``. A tenant whose record cannot be read gets one line saying why."""
+    assert settings.notifications is not None
+    margin = settings.notifications.renew_before_seconds
+    records = SubscriptionRecords(store, settings.storage.encryption_keys)
+    lines: list[dict[str, Any]] = []
+    for tenant in settings.identity.tenants:
+        wanted = {name: job.resource for name, job in subscribable(settings, tenant).items()}
+        try:
+            record = records.read(tenant)
+        except (StorageError, RecordError) as exc:
+            lines.append({"tenant": tenant, "job": None, "error": f"{record_blob(tenant)} unreadable: {exc}"})
+            continue
+        for name in sorted(wanted.keys() | record.subscriptions.keys()):
+            sub = record.subscriptions.get(name)
+            warnings = []
+            if sub is None:
+                warnings.append("no subscription yet: changes reach the export on its schedule only")
+            elif sub.expires <= now:
+                warnings.append("expired: Graph sends no notifications until the next check creates it again")
+            elif sub.expires - now < margin / 2:
+                warnings.append("renewal is overdue: half the renew_before margin is gone")
+            if name not in wanted:
+                warnings.append("its job has no subscription in the configuration any more; the next check deletes it")
+            lines.append(
+                {
+                    "tenant": tenant,
+                    "job": name,
+                    "resource": sub.resource if sub else wanted[name],
+                    "subscription_id": sub.id if sub else None,
+                    "expires": iso_utc(sub.expires) if sub else None,
+                    "renewed": iso_utc(sub.renewed) if sub and sub.renewed else None,
+                    "last_notification": states.get((tenant, name), {}).get("last_notification"),
+                    "maintained_at": iso_utc(record.maintained_at) if record.maintained_at else None,
+                    "maintained_by": record.maintained_by,
+                    "error": record.errors.get(name),
+                    "warnings": warnings,
+                }
+            )
+    return lines

@@ -2,9 +2,10 @@
 
 Any replica behind the load balancer may receive a notification of a subscription another replica created. Each
 replica learns every tenant's record when it reads it (each maintenance slot, and after writing it); a notification
-of a subscription it does not know yet starts one re-read of all records (at most one per
-:data:`REFRESH_SECONDS`, so forged ids cannot make it hammer storage) and is answered "try again" (503): Graph
-redelivers for hours, by when the record is known. An id still unknown after a fresh read is refused (403).
+of a subscription it does not know yet starts one re-read of all records and is answered "try again" (503) until
+that read has finished: Graph redelivers for hours, by when the record is known. Unknown ids that come while a
+re-read is under way, or within :data:`REFRESH_SECONDS` after it ended, start no other (so forged ids cannot make
+it hammer storage); an id still unknown after a read that finished is refused (403).
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ class Refused(Enum):
 
 
 class Directory:
-    def __init__(self, refresh: Callable[[], None], *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._refresh = refresh
+    def __init__(
+        self, refresh: Callable[[Callable[[], None]], None], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._refresh = refresh  # re-read every record, then call the callable it is given
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._by_tenant: dict[str, set[str]] = {}
-        self._refreshed = float("-inf")
+        self._refreshed = float("-inf")  # when the last re-read ended
+        self._refreshing = False
 
     def learn(self, record: TenantRecord) -> None:
         """Replace what is known of ``record.tenant`` with what the record says."""
@@ -71,13 +75,19 @@ class Directory:
         with self._lock:
             entry = self._entries.get(subscription_id)
             if entry is None:
-                now = self._clock()
-                if now - self._refreshed < REFRESH_SECONDS:
+                if self._refreshing:
+                    return Refused.STALE
+                if self._clock() - self._refreshed < REFRESH_SECONDS:
                     return Refused.UNKNOWN
-                self._refreshed = now
+                self._refreshing = True
         if entry is None:
-            self._refresh()
+            self._refresh(self._refresh_ended)
             return Refused.STALE
         if not hmac.compare_digest(entry.client_state.encode(), client_state.encode()):
             return Refused.MISMATCH
         return entry
+
+    def _refresh_ended(self) -> None:
+        with self._lock:
+            self._refreshing = False
+            self._refreshed = self._clock()

@@ -13,6 +13,7 @@ let expire answers 404, and is created again, followed by a catch-up round since
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from graphsync.graph import GraphClient, GraphError
 from graphsync.identity import TokenError
-from graphsync.metrics import SUBSCRIPTION_EXPIRY, SUBSCRIPTION_OPERATIONS
+from graphsync.metrics import SUBSCRIPTION_EXPIRY, SUBSCRIPTION_FAILING, SUBSCRIPTION_OPERATIONS
 from graphsync.notify.records import Subscription, SubscriptionRecords, TenantRecord, lock_blob
 from graphsync.storage import BlobStore, WriteConflict
 from graphsync.timestamps import TICKS_PER_SECOND, graph_ticks, iso_utc
@@ -68,6 +69,7 @@ class SubscriptionManager:
         self._locks = locks
         self._replica = replica
         self._learn = learn
+        self._exported: dict[str, set[str]] = {}  # by tenant: the jobs whose subscription gauges are set
         self._catch_up = catch_up
         self._clock = clock
 
@@ -77,7 +79,7 @@ class SubscriptionManager:
         ``actions`` (from lifecycle notifications) are done now, whatever the slot. StorageError propagates.
         """
         record = self._records.read(tenant)
-        self._learn(record)
+        self._seen(record)
         if not actions and _served(record, slot):
             return "served"
         lease = self._locks.try_lease(lock_blob(tenant), LEASE_SECONDS)
@@ -98,8 +100,15 @@ class SubscriptionManager:
             except WriteConflict:
                 log.error("the subscription record of %s changed under this maintenance (lease lost?)", tenant)
                 return "busy"
-        self._learn(record)
+        self._seen(record)
         return "incomplete" if record.errors else "done"
+
+    def _seen(self, record: TenantRecord) -> None:
+        """What the record says, to the directory and to the gauges: every replica reads each tenant's record each
+        slot, so each exports the fleet's view, and the alerts still see it when the replica that maintains the
+        subscriptions is gone."""
+        self._learn(record)
+        self._exported[record.tenant] = _export(record, self._exported.get(record.tenant, set()))
 
     def _reconcile(self, record: TenantRecord, actions: Mapping[str, Action], lost: Callable[[], bool]) -> None:
         tenant, wanted = record.tenant, subscribable(self._settings, record.tenant)
@@ -123,8 +132,6 @@ class SubscriptionManager:
             except (GraphError, TokenError) as exc:
                 record.errors[name] = str(exc)
                 log.error("subscription of %s/%s: %s", tenant, name, exc, extra={"tenant": tenant, "job": name})
-            if (kept := record.subscriptions.get(name)) is not None:
-                SUBSCRIPTION_EXPIRY.labels(tenant, name).set(kept.expires)
 
     def _moved(self, sub: Subscription) -> bool:
         """Created for other URLs: Graph cannot add a lifecycle URL to a subscription, so it is made anew."""
@@ -203,6 +210,23 @@ class SubscriptionManager:
             raise
         SUBSCRIPTION_OPERATIONS.labels(tenant, job, operation, "ok").inc()
         return answer or {}
+
+
+def _export(record: TenantRecord, before: set[str]) -> set[str]:
+    """Set the record's subscription gauges, remove those of jobs it no longer names; the jobs it names."""
+    tenant, jobs = record.tenant, set(record.subscriptions) | set(record.errors)
+    for job in before - jobs:
+        for gauge in (SUBSCRIPTION_EXPIRY, SUBSCRIPTION_FAILING):
+            with contextlib.suppress(KeyError):
+                gauge.remove(tenant, job)
+    for job in jobs:
+        SUBSCRIPTION_FAILING.labels(tenant, job).set(1 if job in record.errors else 0)
+        if (sub := record.subscriptions.get(job)) is not None:
+            SUBSCRIPTION_EXPIRY.labels(tenant, job).set(sub.expires)
+        else:
+            with contextlib.suppress(KeyError):
+                SUBSCRIPTION_EXPIRY.remove(tenant, job)
+    return jobs
 
 
 def _served(record: TenantRecord, slot: float | None) -> bool:
