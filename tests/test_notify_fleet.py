@@ -99,8 +99,8 @@ def notify_fleet(
         fleet = [replicas(config, env={"GRAPHSYNC_NOTIFICATIONS__PORT": str(port)}) for port in ports]
         store = BlobStore.from_settings(load_settings(config, {}).storage)
         started = Fleet(fleet, proxy, tmp_path / "out", SubscriptionRecords(store, []))
-        _wait(lambda: len(started.names()) == USERS, 30, "the first run's snapshot")
-        _wait(lambda: len(fake_graph.subscriptions.active()) == 1, 30, "the fleet's one subscription")
+        _wait(lambda: len(started.names()) == USERS, 90, "the first run's snapshot")  # three replicas start, loaded
+        _wait(lambda: len(fake_graph.subscriptions.active()) == 1, 60, "the fleet's one subscription")
         return started
 
     yield start

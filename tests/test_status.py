@@ -96,7 +96,9 @@ def test_status_reports_cache_jobs_lock_holder_and_stale_delta_tokens(
     try:
         deadline = time.monotonic() + 20
         holder = None
-        while holder is None and time.monotonic() < deadline:
+        # The lock blob names its holder in metadata written just after the lease is taken: for a moment the new
+        # lease shows the previous holder's name (the first sync's), so wait for this sync's.
+        while not (holder or "").endswith(f"-{sync.pid}") and time.monotonic() < deadline:
             holder = _status(run_graphsync, config)["jobs"][0]["lock_holder"]
         assert holder is not None and holder.endswith(f"-{sync.pid}"), holder
     finally:
