@@ -170,7 +170,12 @@ def test_table_names_and_columns_follow_the_job() -> None:
         JobSettings(name="u", resource="users", delta=True, select=["mail"], expand=["manager"], every="5m")
     )
     assert managed is not None and managed.entity.columns[-1] == Column("manager_id", "string")
-    assert job_tables(JobSettings(name="s", resource="auditLogs/signIns", cursor="createdDateTime", every="5m")) is None
+    sign_ins = JobSettings(
+        name="s", resource="auditLogs/signIns", cursor="createdDateTime", select=["appId", "status"], every="5m"
+    )
+    log = job_tables(sign_ins).entity  # a log read by time: an append-only table, its time column typed
+    assert (log.name, log.keys, log.log_time, log.history) == ("sign_ins", ("id",), "createdDateTime", False)
+    assert log.columns == (Column("appId", "string"), Column("status", "json"), Column("createdDateTime", "timestamp"))
 
 
 def test_values_take_their_column_type_and_complex_ones_are_json() -> None:
@@ -227,7 +232,10 @@ def test_with_tables_a_job_needs_select_and_one_job_per_tenant_writes_a_table() 
     settings(
         {**users, "tenants": ["a.onmicrosoft.com"]}, {**users, "name": "b-users", "tenants": ["b.onmicrosoft.com"]}
     )
-    settings({"name": "sign-ins", "resource": "auditLogs/signIns", "cursor": "createdDateTime", "every": "5m"})
+    log = {"name": "sign-ins", "resource": "auditLogs/signIns", "cursor": "createdDateTime", "every": "5m"}
+    with pytest.raises(ValidationError, match=r"jobs\[0\]\.select: is required with output\.tables"):
+        settings(log)  # a log's table takes its columns from select too
+    settings({**log, "select": ["appId"]})
 
 
 def test_a_property_added_to_select_adds_a_column_without_rewriting_the_table(tmp_path: Path) -> None:

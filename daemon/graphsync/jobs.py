@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from graphsync.graph import GraphClient, GraphError
+from graphsync.config.jobkinds import LICENCES
+from graphsync.graph import GraphClient, GraphError, LicenceRequired
 from graphsync.identity import TokenError
 from graphsync.logrounds import LogRoundRunner
 from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
@@ -84,7 +85,7 @@ class JobRunner:
     ) -> None:
         self._sink = sink
         self._rounds = RoundRunner(graph=graph, sink=sink, stores=stores, tables=tables)
-        self._log_rounds = LogRoundRunner(graph=graph, sink=sink)
+        self._log_rounds = LogRoundRunner(graph=graph, sink=sink, tables=tables)
         self._locks = locks
         self.replica = replica or replica_name()
         self._clock = clock
@@ -211,6 +212,8 @@ class JobRunner:
             if not isinstance(exc, (GraphError, StorageError, TokenError, OSError)):
                 log.exception("unexpected failure in run %s of %s/%s", result.run_id, tenant, job.name)
             result.status, result.message = "failed", str(exc) or type(exc).__name__
+            if isinstance(exc, LicenceRequired):
+                result.message = licence_message(job, tenant, exc)
             self._save_state(
                 tenant,
                 job,
@@ -325,6 +328,15 @@ class JobRunner:
                 extra=extra,
             )
         return result
+
+
+def licence_message(job: JobSettings, tenant: str, exc: GraphError) -> str:
+    """Why a job fails for a tenant without the licence its collection needs, naming the licence and the way out."""
+    licence = LICENCES.get(job.resource, "a Microsoft Entra ID premium licence (P1 or P2)")
+    return (
+        f"{job.resource} needs {licence}, which tenant {tenant} lacks: license the tenant, or leave it out of job "
+        f"{job.name} (jobs.tenants); the tenant's other jobs are not affected ({exc})"
+    )
 
 
 def _export_recorded(tenant: str, job: str, state: dict[str, Any]) -> None:

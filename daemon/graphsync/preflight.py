@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import msal
 
-from graphsync.graph import GraphClient, GraphError
+from graphsync.config.jobkinds import LICENCES, SINGLETONS
+from graphsync.graph import GraphClient, GraphError, LicenceRequired
 from graphsync.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
 from graphsync.jobs import replica_name
 from graphsync.storage import BlobStore, StorageError, WriteConflict
@@ -158,6 +159,11 @@ def token_fix(exc: TokenError) -> str:
 
 
 def graph_fix(exc: GraphError, resource: str) -> str:
+    if isinstance(exc, LicenceRequired):
+        licence = LICENCES.get(resource, "a Microsoft Entra ID premium licence (P1 or P2)")
+        return (
+            f"{resource} needs {licence} in this tenant: license it, or leave the tenant out of the job (jobs.tenants)"
+        )
     if exc.status == 403:
         permission = GRAPH_PERMISSIONS.get(resource.split("/")[0].lower(), "the matching *.Read.All permission")
         return f"grant the application permission {permission} (Microsoft Graph, Application) and admin consent"
@@ -243,7 +249,7 @@ def _check_token(settings: Settings, tenant: str) -> Check:
 def _check_graph(graph: GraphClient, tenant: str, resource: str) -> Check:
     name = f"graph {tenant} {resource}"
     try:
-        graph.get_json(tenant, graph.collection_url(resource, top=1))
+        graph.get_json(tenant, graph.collection_url(resource, top=None if resource in SINGLETONS else 1))
     except TokenError as exc:
         return Check(name, False, str(exc), token_fix(exc))
     except GraphError as exc:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.coldstore import PartialSnapshot, prepare
+from graphsync.config.jobkinds import SINGLETONS
 from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
 from graphsync.publication import Publication, Published, Refreshed, publish
 from graphsync.reconcile import Drift, compare, saved_lines
@@ -256,7 +257,11 @@ class RoundRunner:
         partial: PartialSnapshot | None,
     ) -> str | None:
         """Stream pages into the working store and the change file; return the round's delta link."""
-        for page in self._graph.pages(tenant, url, minimal=not done.full):
+        if job.resource in SINGLETONS:
+            pages = self._graph.singleton(tenant, url, job.resource.rpartition("/")[2])
+        else:
+            pages = self._graph.pages(tenant, url, minimal=not done.full)
+        for page in pages:
             for record in page.objects:
                 _check_record(record, job.resource)
                 changes.write(encode(_change(record)))

@@ -39,6 +39,16 @@ class AppliedRound:
     started: float  # Unix time the round started: its rows' valid_from, and its version in the tables
 
 
+@dataclass(frozen=True)
+class LogRecords:
+    """The records a log run (sign-ins, audits) wrote to its change file: what its append-only table takes in."""
+
+    tenant: str
+    job: JobSettings
+    lines: IO[bytes]  # the change file's lines, read from the start
+    started: float  # Unix time the run started: its version in the table
+
+
 class RoundTables(Protocol):
     """What a round needs from the tables, whichever the implementation (none, or Delta Lake)."""
 
@@ -51,6 +61,10 @@ class RoundTables(Protocol):
         """Bring every table of the job up to date with the round, for its tenant; raise if that fails."""
         ...
 
+    def append(self, records: LogRecords) -> None:
+        """Add to the log's table the records it does not hold yet (by id), for their tenant; raise if that fails."""
+        ...
+
 
 class NoTables:
     """Tables off: nothing to do."""
@@ -59,6 +73,9 @@ class NoTables:
         return False
 
     def apply(self, applied: AppliedRound) -> None:
+        return None
+
+    def append(self, records: LogRecords) -> None:
         return None
 
 

@@ -39,10 +39,10 @@ from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_de
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from graphsync.metrics import TABLE_BYTES_WRITTEN, TABLE_COMMITS, TABLE_CONFLICTS_RETRIED
-from graphsync.tables import AppliedRound
-from graphsync.tables.layout import IS_CURRENT, TENANT_ID, VALID_FROM, VALID_TO, TableSpec, job_tables
+from graphsync.tables import AppliedRound, LogRecords
+from graphsync.tables.layout import ID, IS_CURRENT, TENANT_ID, VALID_FROM, VALID_TO, TableSpec, job_tables
 from graphsync.tables.location import TableLocation
-from graphsync.tables.rows import Key, Values, Wanted, edge_rows, entity_rows
+from graphsync.tables.rows import Key, Values, Wanted, edge_rows, entity_rows, log_rows
 
 if TYPE_CHECKING:
     from graphsync.config import JobSettings
@@ -94,7 +94,7 @@ class DeltaTables:
 
     def needs_full(self, tenant: str, job: JobSettings) -> bool:
         tables = job_tables(job)
-        if tables is None:
+        if tables.entity.log_time is not None:  # a log's table takes what each run reads; nothing to fill
             return False
         app = app_id(tenant, job.name)
         for spec in tables.all:
@@ -113,8 +113,6 @@ class DeltaTables:
 
     def apply(self, applied: AppliedRound) -> None:
         tables = job_tables(applied.job)
-        if tables is None:
-            return
         wanted = {tables.entity.name: entity_rows(applied, tables.entity)}
         if tables.edges:
             wanted |= edge_rows(applied, tables.edges)
@@ -125,6 +123,13 @@ class DeltaTables:
                 self._retrying(
                     spec.history_name, functools.partial(self._apply_history, spec, wanted[spec.name], commit)
                 )
+
+    def append(self, records: LogRecords) -> None:
+        spec = job_tables(records.job).entity
+        rows = log_rows(records.lines, spec)
+        if rows:
+            commit = _Commit(records.tenant, app_id(records.tenant, records.job.name), records.started)
+            self._retrying(spec.name, functools.partial(self._append_absent, spec, rows, commit))
 
     def open(self, name: str) -> DeltaTable | None:
         """The table as it is now, or ``None`` when there is none yet."""
@@ -194,6 +199,28 @@ class DeltaTables:
             .execute()
         )
         commit.count(table, spec.history_name, before)
+
+    def _append_absent(self, spec: TableSpec, rows: dict[Key, Values], commit: _Commit) -> None:
+        """Append the rows whose id the tenant's partition lacks: a run that reads records again (the overlap, or a
+        run repeated after a crash before its cursor was saved) adds nothing twice. Only rows at or after the
+        earliest time among ``rows`` are read: a record keeps its time, so an older row cannot be one of them."""
+        assert spec.log_time is not None
+        table = self._table(spec.name, _schema(spec), CURRENT_PROPERTIES)
+        commit.check(table, spec.name)
+        at = [column.name for column in spec.columns].index(spec.log_time)
+        times = [values[at] for values in rows.values() if values[at] is not None]
+        filters: list[tuple[str, str, Any]] = [(TENANT_ID, "=", commit.tenant)]
+        if times:
+            filters.append((spec.log_time, ">=", min(times)))
+        present = set(table.to_pyarrow_table(columns=[ID], filters=filters).column(ID).to_pylist())
+        new: list[SourceRow] = [(key, values, False) for key, values in rows.items() if key[0] not in present]
+        if not new:
+            commit.mark(table, spec.name)
+            return
+        data = _source(spec, commit.tenant, new, None, ())
+        before = _files(table)
+        write_deltalake(table, data, mode="append", commit_properties=commit.properties())
+        commit.count(table, spec.name, before)
 
     def _table(self, name: str, schema: pa.Schema, properties: dict[str, str]) -> DeltaTable:
         """The table, created if missing, with every column of ``schema`` (added if missing: no data rewritten)."""
@@ -295,11 +322,16 @@ def _difference(wanted: Wanted, current: dict[Key, Values]) -> tuple[dict[Key, V
     return upserts, deletes
 
 
-def _source(spec: TableSpec, tenant: str, rows: list[SourceRow], flag: str, extra: tuple[Any, ...]) -> pa.Table:
-    """The MERGE's source: one row per (key, values or None, flag), with ``extra`` history values appended."""
+def _source(spec: TableSpec, tenant: str, rows: list[SourceRow], flag: str | None, extra: tuple[Any, ...]) -> pa.Table:
+    """The MERGE's source: one row per (key, values or None, flag), with ``extra`` history values appended; without
+    ``flag``, the table's own columns (an append)."""
     empty = (None,) * len(spec.columns)
-    full_rows = [(tenant, *key, *(values or empty), *(extra if extra else ()), marker) for key, values, marker in rows]
-    fields = [*list(_schema(spec, history=bool(extra))), pa.field(flag, pa.bool_())]
+    marked = () if flag is None else (pa.field(flag, pa.bool_()),)
+    full_rows = [
+        (tenant, *key, *(values or empty), *(extra if extra else ()), *((marker,) if marked else ()))
+        for key, values, marker in rows
+    ]
+    fields = [*list(_schema(spec, history=bool(extra))), *marked]
     columns = list(zip(*full_rows, strict=True)) if full_rows else [() for _ in fields]
     return pa.table(
         [pa.array(column, field.type) for column, field in zip(columns, fields, strict=True)], pa.schema(fields)

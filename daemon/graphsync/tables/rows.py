@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.tables.layout import ID, MANAGER, MANAGER_ID, Column, TableSpec
 
@@ -48,6 +48,11 @@ def entity_rows(applied: AppliedRound, spec: TableSpec) -> Wanted:
     rows: dict[Key, Values] = {(oid,): _values(json.loads(line), spec) for oid, line in entries}
     touched = frozenset(applied.touched)
     return Wanted(rows, everything if applied.full else lambda key: key[0] in touched)
+
+
+def log_rows(lines: IO[bytes], spec: TableSpec) -> dict[Key, Values]:
+    """A log run's records as rows of its append-only table (a record read twice in the run is one row)."""
+    return {(obj[ID],): _values(obj, spec) for obj in (json.loads(line) for line in lines if line.strip())}
 
 
 def _values(obj: dict[str, Any], spec: TableSpec) -> Values:
