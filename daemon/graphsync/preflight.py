@@ -18,6 +18,7 @@ from graphsync.graph import GraphClient, GraphError, LicenceRequired
 from graphsync.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
 from graphsync.jobs import replica_name
 from graphsync.storage import BlobStore, StorageError, WriteConflict
+from graphsync.tables import probe_tables
 from graphsync.tokencache import TokenCaches
 
 if TYPE_CHECKING:
@@ -185,6 +186,8 @@ def run_checks(settings: Settings, config_file: Path | None) -> Iterator[Check]:
         check = _check_container(each)
         storage_ok &= check.ok
         yield check
+    if settings.output.tables:
+        yield _check_tables(settings)
     caches = TokenCaches.from_settings(settings, store)
     if storage_ok:
         for tenant in caches.tenants:
@@ -230,6 +233,25 @@ def _check_container(store: BlobStore) -> Check:
     except StorageError as exc:
         return Check(f"storage {store.container_name}", False, str(exc), storage_fix(exc))
     return Check(f"storage {store.container_name}", True, "reachable and writable")
+
+
+def _check_tables(settings: Settings) -> Check:
+    """Write and delete a probe table where the tables live, with delta-rs and its storage options: the very client
+    and credentials the rounds commit with (not the Azure SDK's)."""
+    try:
+        root = probe_tables(settings, replica_name())
+    except Exception as exc:  # whatever delta-rs raises, the check reports it with the fix
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if settings.output.directory is not None:
+            fix = f"make {settings.output.directory}/tables a directory the user graphsync runs as can create files in"
+        else:
+            fix = (
+                f"give the identity 'Storage Blob Data Contributor' on container {settings.output.container} (or "
+                "check the account key / SAS in storage.connection_string): the tables are written with the "
+                "[storage] account's credentials"
+            )
+        return Check("tables", False, detail, fix)
+    return Check("tables", True, f"{root}: writable (a probe table written and deleted)")
 
 
 def _check_token(settings: Settings, tenant: str) -> Check:

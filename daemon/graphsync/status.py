@@ -13,6 +13,7 @@ from graphsync.jobs import lock_blob
 from graphsync.rounds import store_query
 from graphsync.schedule import trigger
 from graphsync.storage import StorageError
+from graphsync.tables import tables_status
 from graphsync.timestamps import epoch
 
 if TYPE_CHECKING:
@@ -72,4 +73,7 @@ def fleet_status(
                 }
             )
     tenants = [caches[tenant].inspect_blob() for tenant in caches.tenants]
-    return {"output": sink.describe(), "tenants": tenants, "jobs": jobs}
+    report: dict[str, Any] = {"output": sink.describe(), "tenants": tenants, "jobs": jobs}
+    if (tables := tables_status(settings)) is not None:
+        report["tables"] = tables
+    return report

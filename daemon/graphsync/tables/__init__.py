@@ -11,14 +11,15 @@ imports only when tables are on: a command line without tables never loads them.
 
 Modules: ``layout`` (which tables a job feeds, their columns and types), ``location`` (where a table lives and
 the storage options delta-rs needs), ``rows`` (the rows a round wants, from the store and the change lines),
-``delta`` (the delta-rs writer: diff, MERGE, history, retries).
+``delta`` (the delta-rs writer: diff, MERGE, history, retries), ``inspect`` (``status`` and ``check``: the log read
+alone, a write probe), ``upkeep`` (compaction, vacuum, checkpoints).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from graphsync.snapshot import SnapshotStore
 
@@ -90,3 +91,35 @@ def tables_from_settings(settings: Settings) -> RoundTables:
     from graphsync.tables.location import table_location
 
     return DeltaTables(table_location(settings))
+
+
+def table_names(settings: Settings) -> list[str]:
+    """Every table the configured jobs feed (history tables too), in job order."""
+    from graphsync.tables.layout import job_tables
+
+    names: dict[str, None] = {}
+    for job in settings.jobs:
+        for spec in job_tables(job).all:
+            names |= dict.fromkeys((spec.name, spec.history_name) if spec.history else (spec.name,))
+    return list(names)
+
+
+def tables_status(settings: Settings) -> dict[str, Any] | None:
+    """What ``status`` shows of the tables (:func:`graphsync.tables.inspect.describe`); ``None`` with tables off."""
+    if not settings.output.tables:
+        return None
+    from graphsync.tables.inspect import describe
+    from graphsync.tables.location import table_location
+
+    location = table_location(settings)
+    return {"root": location.describe(), "tables": describe(location, table_names(settings))}
+
+
+def probe_tables(settings: Settings, replica: str) -> str:
+    """Write and delete a probe table under the tables' root (raises if that fails); returns the root."""
+    from graphsync.tables.inspect import probe
+    from graphsync.tables.location import table_location
+
+    location = table_location(settings)
+    probe(location, replica)
+    return location.describe()
