@@ -28,9 +28,10 @@ from graphsync.scheduler import Daemon
 from graphsync.sinks import sink_from_settings
 from graphsync.status import fleet_status
 from graphsync.storage import BlobStore
-from graphsync.tables import tables_from_settings
+from graphsync.tables import table_names, tables_from_settings
 from graphsync.timestamps import display_utc
 from graphsync.tokencache import TokenCaches
+from graphsync.upkeep import UpkeepRunner
 from graphsync.workstore import WorkStores
 
 EXIT_OK = 0
@@ -188,7 +189,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     health = (
         (lambda daemon: HealthServer(host, port, live=daemon.live, ready=daemon.ready)) if port is not None else None
     )
-    return Daemon(settings, runner, health=health).run()
+    upkeep = None
+    if settings.output.tables:
+        tables, locks = tables_from_settings(settings), BlobStore.from_settings(settings.storage)
+        sink = sink_from_settings(settings)
+        upkeep = UpkeepRunner(tables=tables, names=table_names(settings), sink=sink, locks=locks)
+    return Daemon(settings, runner, health=health, upkeep=upkeep).run()
 
 
 def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSettings, str]]:

@@ -117,7 +117,7 @@ class JobRunner:
             except StorageError:
                 state = None  # the locked path reads it again and reports what is wrong
             _export_recorded(tenant, job.name, state or {})
-            if (served := _served(job, tenant, state, due_after)) is not None:
+            if (served := served_slot(job.name, tenant, state, due_after)) is not None:
                 return self._finish(served)
         try:
             lease = self._lock(job, tenant, wait, stop)
@@ -173,7 +173,7 @@ class JobRunner:
         except StorageError as exc:
             return self._finish(RunResult(tenant, job.name, "failed", message=str(exc), runner=self.replica))
         _export_recorded(tenant, job.name, state or {})
-        if due_after is not None and (served := _served(job, tenant, state, due_after)) is not None:
+        if due_after is not None and (served := served_slot(job.name, tenant, state, due_after)) is not None:
             return self._finish(served)
         state = state or {}
         if interrupted():  # stopped (or the lease lost) while taking the lease and reading the state
@@ -362,14 +362,14 @@ def _reconcile_state(done: Round, started: float) -> dict[str, Any]:
     return state
 
 
-def _served(job: JobSettings, tenant: str, state: dict[str, Any] | None, due_after: float) -> RunResult | None:
+def served_slot(job: str, tenant: str, state: dict[str, Any] | None, due_after: float) -> RunResult | None:
     """``skipped`` when ``state`` records a success that started at or after ``due_after``, naming who ran it."""
     last_started = (state or {}).get("last_success_started")
     if not last_started or epoch(last_started) < due_after:
         return None
     runner = (state or {}).get("replica")
     where = f" on {runner}" if runner else ""
-    return RunResult(tenant, job.name, "skipped", message=f"already ran at {last_started}{where}", runner=runner)
+    return RunResult(tenant, job, "skipped", message=f"already ran at {last_started}{where}", runner=runner)
 
 
 def _snapshot_state(done: Round) -> dict[str, Any]:

@@ -241,6 +241,8 @@ class OutputSettings(BaseModel):
     work_directory: Path = Field(default_factory=lambda: default_work_directory(current_load().environ))
     # Delta Lake tables beside the JSONL, under <output>/tables/<table>/ (graphsync.tables).
     tables: bool = False
+    # How often the fleet compacts, vacuums and checkpoints the tables (once per slot, by one replica).
+    tables_upkeep_every: Annotated[str, AfterValidator(check_interval)] = "1d"
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:

@@ -17,7 +17,7 @@ alone, a write probe), ``upkeep`` (compaction, vacuum, checkpoints).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -66,6 +66,10 @@ class RoundTables(Protocol):
         """Add to the log's table the records it does not hold yet (by id), for their tenant; raise if that fails."""
         ...
 
+    def upkeep(self, names: Iterable[str], interrupted: Callable[[], bool]) -> dict[str, Any]:
+        """Compact, vacuum and checkpoint the tables ``names`` (:mod:`graphsync.tables.upkeep`); what was done."""
+        ...
+
 
 class NoTables:
     """Tables off: nothing to do."""
@@ -78,6 +82,9 @@ class NoTables:
 
     def append(self, records: LogRecords) -> None:
         return None
+
+    def upkeep(self, names: Iterable[str], interrupted: Callable[[], bool]) -> dict[str, Any]:
+        return {}
 
 
 NO_TABLES = NoTables()

@@ -43,6 +43,7 @@ from graphsync.tables import AppliedRound, LogRecords
 from graphsync.tables.layout import ID, IS_CURRENT, TENANT_ID, VALID_FROM, VALID_TO, TableSpec, job_tables
 from graphsync.tables.location import TableLocation
 from graphsync.tables.rows import Key, Values, Wanted, edge_rows, entity_rows, log_rows
+from graphsync.tables.upkeep import maintain
 
 if TYPE_CHECKING:
     from graphsync.config import JobSettings
@@ -118,9 +119,9 @@ class DeltaTables:
             wanted |= edge_rows(applied, tables.edges)
         commit = _Commit(applied.tenant, app_id(applied.tenant, applied.job.name), applied.started)
         for spec in tables.all:
-            self._retrying(spec.name, functools.partial(self._apply_current, spec, wanted[spec.name], commit))
+            self.retrying(spec.name, functools.partial(self._apply_current, spec, wanted[spec.name], commit))
             if spec.history:
-                self._retrying(
+                self.retrying(
                     spec.history_name, functools.partial(self._apply_history, spec, wanted[spec.name], commit)
                 )
 
@@ -129,7 +130,10 @@ class DeltaTables:
         rows = log_rows(records.lines, spec)
         if rows:
             commit = _Commit(records.tenant, app_id(records.tenant, records.job.name), records.started)
-            self._retrying(spec.name, functools.partial(self._append_absent, spec, rows, commit))
+            self.retrying(spec.name, functools.partial(self._append_absent, spec, rows, commit))
+
+    def upkeep(self, names: Iterable[str], interrupted: Callable[[], bool]) -> dict[str, Any]:
+        return maintain(self, names, interrupted)
 
     def open(self, name: str) -> DeltaTable | None:
         """The table as it is now, or ``None`` when there is none yet."""
@@ -243,7 +247,7 @@ class DeltaTables:
             table.alter.add_columns([Field.from_arrow(field) for field in missing])
         return table
 
-    def _retrying(self, name: str, step: Callable[[], None]) -> None:
+    def retrying(self, name: str, step: Callable[[], None]) -> None:
         """Run ``step`` (read, compare, commit) again, from a fresh read, while it meets concurrent commits."""
         deadline = time.monotonic() + self._conflict_seconds
         for attempt in itertools.count():
