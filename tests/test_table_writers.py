@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from graphsync.config import JobSettings, Settings
 from graphsync.metrics import TABLE_CONFLICTS_RETRIED
 from graphsync.snapshot import SnapshotStore
 from graphsync.tables import AppliedRound
-from graphsync.tables.delta import DeltaTables, StaleRound
+from graphsync.tables.delta import DeltaTables, StaleRound, TableNeedsFullRound
 from graphsync.tables.layout import Column, job_tables, table_name
 from graphsync.tables.location import TableLocation, azure_options, table_location
 from graphsync.tables.rows import convert
@@ -123,11 +124,24 @@ def test_tenants_committing_to_one_table_at_once_all_land_exactly(
 def test_a_round_older_than_the_one_a_table_holds_is_refused(tmp_path: Path) -> None:
     tables = DeltaTables(TableLocation(str(tmp_path / "tables")))
     tenant = Tenant(TENANTS[0], tmp_path)
-    old = tenant.round([user(TENANTS[0], n, 0) for n in range(3)], full=True)
-    new = tenant.round([user(TENANTS[0], 1, 1)], full=False)
+    tables.apply(tenant.round([user(TENANTS[0], n, 0) for n in range(3)], full=True))
+    old = tenant.round([user(TENANTS[0], 2, 1)], full=False)
+    new = tenant.round([user(TENANTS[0], 1, 2)], full=False)
     tables.apply(new)
     with pytest.raises(StaleRound, match="newer round"):
         tables.apply(old)
+
+
+def test_a_delta_round_into_a_table_deleted_meanwhile_writes_nothing_and_the_next_run_is_full(tmp_path: Path) -> None:
+    tables = DeltaTables(TableLocation(str(tmp_path / "tables")))
+    tenant = Tenant(TENANTS[0], tmp_path)
+    tables.apply(tenant.round([user(TENANTS[0], n, 0) for n in range(3)], full=True))
+    assert not tables.needs_full(TENANTS[0], USERS), "known to hold the job: no table opened"
+    shutil.rmtree(tmp_path / "tables" / "users_history")  # an operator deletes a table under a running daemon
+    with pytest.raises(TableNeedsFullRound, match="table users_history holds no round of graphsync/"):
+        tables.apply(tenant.round([user(TENANTS[0], 1, 1)], full=False))
+    assert DeltaTable(tables.location.uri("users_history")).to_pyarrow_table().num_rows == 0, "nothing written"
+    assert tables.needs_full(TENANTS[0], USERS), "the next run is a full round"
 
 
 def test_a_table_without_the_tenants_rounds_asks_for_a_full_round(tmp_path: Path) -> None:

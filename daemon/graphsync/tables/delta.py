@@ -14,7 +14,10 @@ tables and their Change Data Feed hold every change once. A round that changed n
 Each commit records an app transaction ``graphsync/<tenant>/<job>`` with the round's start time in microseconds:
 ``needs_full`` reads it to tell that a table never took in the tenant's job (a full round must fill it), and a
 round older than the one a table already holds (a replica that lost its job lock and woke up) is refused rather
-than written over a newer one. This assumes replicas' clocks agree to within the job lock's 30 s.
+than written over a newer one. A process remembers which tables hold which jobs, so ``needs_full`` opens a table
+once per process, not before every run; a delta round that still meets a table without its job (deleted and
+re-created meanwhile) writes nothing to it and fails (:class:`TableNeedsFullRound`), and the next run is full.
+This assumes replicas' clocks agree to within the job lock's 30 s.
 
 Concurrency: every MERGE names its tenant's partition as a literal (``t.tenant_id = '...'``), so delta-rs's
 conflict checker sees it read that partition only, and commits of other tenants (other replicas) do not conflict
@@ -29,6 +32,7 @@ import functools
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -67,7 +71,11 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     # tz-aware: a naive timestamp is Delta's timestamp_ntz (reader 3 / writer 7, unreadable by Fabric's endpoint)
     "timestamp": pa.timestamp("us", tz="UTC"),
 }
-CURRENT_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
+# A checkpoint every 10 commits rather than Delta's 100: every reader and writer loads the last checkpoint plus the
+# JSON commits after it (one GET each), and with a fleet committing all day that is what opening a table costs.
+# A checkpoint of these tables is small (a few add actions per tenant), so writing one often is cheap.
+CHECKPOINT_PROPERTIES = {"delta.checkpointInterval": "10"}
+CURRENT_PROPERTIES = {"delta.enableChangeDataFeed": "true", **CHECKPOINT_PROPERTIES}
 HISTORY_COLUMNS = (
     pa.field(VALID_FROM, ARROW_TYPES["timestamp"]),
     pa.field(VALID_TO, ARROW_TYPES["timestamp"]),
@@ -77,6 +85,11 @@ HISTORY_COLUMNS = (
 
 class StaleRound(Exception):
     """A table already holds a newer round of the same (tenant, job): this run's round must not overwrite it."""
+
+
+class TableNeedsFullRound(Exception):
+    """A delta round met a table that holds no round of its (tenant, job): created, or deleted and re-created, since
+    this process last looked. The round wrote nothing to it; the next run is a full round that fills it."""
 
 
 def app_id(tenant: str, job: str) -> str:
@@ -92,6 +105,10 @@ class DeltaTables:
         self.location = location
         self._conflict_seconds = conflict_seconds
         self._backoff = backoff
+        # (table, app transaction) pairs known to hold a round: needs_full opens no table for them again. Opening a
+        # table costs its checkpoint and the commits after it; a fleet asks before every run of every job.
+        self._holding: set[tuple[str, str]] = set()
+        self._holding_lock = threading.Lock()
 
     def needs_full(self, tenant: str, job: JobSettings) -> bool:
         tables = job_tables(job)
@@ -100,8 +117,12 @@ class DeltaTables:
         app = app_id(tenant, job.name)
         for spec in tables.all:
             for name in _names(spec):
+                if self._holds(name, app):
+                    continue
                 table = self.open(name)
-                if table is None or table.transaction_version(app) is None:
+                if table is not None and table.transaction_version(app) is not None:
+                    self._hold(name, app)
+                else:
                     log.info(
                         "table %s holds no round of %s/%s yet: this round is a full one",
                         name,
@@ -112,12 +133,23 @@ class DeltaTables:
                     return True
         return False
 
+    def _holds(self, name: str, app: str) -> bool:
+        with self._holding_lock:
+            return (name, app) in self._holding
+
+    def _hold(self, name: str, app: str, held: bool = True) -> None:
+        with self._holding_lock:
+            if held:
+                self._holding.add((name, app))
+            else:
+                self._holding.discard((name, app))
+
     def apply(self, applied: AppliedRound) -> None:
         tables = job_tables(applied.job)
         wanted = {tables.entity.name: entity_rows(applied, tables.entity)}
         if tables.edges:
             wanted |= edge_rows(applied, tables.edges)
-        commit = _Commit(applied.tenant, app_id(applied.tenant, applied.job.name), applied.started)
+        commit = _Commit(applied.tenant, app_id(applied.tenant, applied.job.name), applied.started, applied.full)
         for spec in tables.all:
             self.retrying(spec.name, functools.partial(self._apply_current, spec, wanted[spec.name], commit))
             if spec.history:
@@ -146,7 +178,7 @@ class DeltaTables:
 
     def _apply_current(self, spec: TableSpec, wanted: Wanted, commit: _Commit) -> None:
         table = self._table(spec.name, _schema(spec), CURRENT_PROPERTIES)
-        commit.check(table, spec.name)
+        self._check(table, spec.name, commit)
         current = _read(table, spec, commit.tenant, current_only=False)
         upserts, deletes = _difference(wanted, current)
         if not upserts and not deletes:
@@ -175,8 +207,8 @@ class DeltaTables:
 
     def _apply_history(self, spec: TableSpec, wanted: Wanted, commit: _Commit) -> None:
         """Close the current rows that changed or went (``valid_to``, ``is_current``), open their successors."""
-        table = self._table(spec.history_name, _schema(spec, history=True), {})
-        commit.check(table, spec.history_name)
+        table = self._table(spec.history_name, _schema(spec, history=True), CHECKPOINT_PROPERTIES)
+        self._check(table, spec.history_name, commit)
         current = _read(table, spec, commit.tenant, current_only=True)
         upserts, deletes = _difference(wanted, current)
         if not upserts and not deletes:
@@ -226,6 +258,19 @@ class DeltaTables:
         write_deltalake(table, data, mode="append", commit_properties=commit.properties())
         commit.count(table, spec.name, before)
 
+    def _check(self, table: DeltaTable, name: str, commit: _Commit) -> None:
+        """Refuse a round older than the one the table holds, and a delta round into a table that holds no round of
+        its job (it would hold only the rows the round names); remember a table that holds one."""
+        commit.check(table, name)
+        if commit.full or table.transaction_version(commit.app) is not None:
+            self._hold(name, commit.app)
+            return
+        self._hold(name, commit.app, held=False)
+        raise TableNeedsFullRound(
+            f"table {name} holds no round of {commit.app}: it was created or deleted since this replica last looked. "
+            "This round wrote nothing to it; the next run of the job is a full round that fills it"
+        )
+
     def _table(self, name: str, schema: pa.Schema, properties: dict[str, str]) -> DeltaTable:
         """The table, created if missing, with every column of ``schema`` (added if missing: no data rewritten)."""
         table = self.open(name)
@@ -265,9 +310,10 @@ class DeltaTables:
 class _Commit:
     """What every commit of one round shares: its tenant, app transaction and time."""
 
-    def __init__(self, tenant: str, app: str, started: float) -> None:
+    def __init__(self, tenant: str, app: str, started: float, full: bool = True) -> None:
         self.tenant = tenant
         self.app = app
+        self.full = full  # a full round may fill a table that holds none of its job yet
         self.version = int(started * 1_000_000)
         self.at = datetime.fromtimestamp(started, UTC)
 
