@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from graphsync.config import JobSettings, Settings
 from graphsync.metrics import TABLE_CONFLICTS_RETRIED
 from graphsync.snapshot import SnapshotStore
-from graphsync.tables import AppliedRound
-from graphsync.tables.delta import DeltaTables, StaleRound, TableNeedsFullRound
+from graphsync.tables import AppliedRound, TableNeedsFullRound
+from graphsync.tables.delta import DeltaTables, StaleRound
 from graphsync.tables.layout import Column, job_tables, table_name
 from graphsync.tables.location import TableLocation, azure_options, table_location
 from graphsync.tables.rows import convert

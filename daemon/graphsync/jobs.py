@@ -28,7 +28,7 @@ from graphsync.identity import TokenError
 from graphsync.logrounds import LogRoundRunner
 from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED
 from graphsync.reconcile import LAST_FULL_ROUND, export_reconciliation, reconciliation_due, report_drift
-from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
+from graphsync.rounds import TABLES_HELD, Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
 from graphsync.tables import NO_TABLES, RoundTables
@@ -275,7 +275,8 @@ class JobRunner:
         )
         result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
         result.full, result.resync = done.full, done.resync
-        fields = {"delta_link": done.delta_link} | _snapshot_state(done) | _reconcile_state(done, started)
+        fields = {"delta_link": done.delta_link, TABLES_HELD: done.tables}
+        fields |= _snapshot_state(done) | _reconcile_state(done, started)
         if done.drift is not None:
             report_drift(done.drift, tenant, job.name)
             export_reconciliation(tenant, job.name, fields["reconciliation"])

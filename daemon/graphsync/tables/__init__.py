@@ -50,8 +50,15 @@ class LogRecords:
     started: float  # Unix time the run started: its version in the table
 
 
+class TableNeedsFullRound(Exception):
+    """A delta round met a table that holds no round of its (tenant, job): created, or deleted and re-created, since
+    the job's last run. The round wrote nothing to it; only a full round can fill it."""
+
+
 class RoundTables(Protocol):
     """What a round needs from the tables, whichever the implementation (none, or Delta Lake)."""
+
+    enabled: bool  # whether rounds write tables at all: a job's state records that its tables hold its rounds
 
     def needs_full(self, tenant: str, job: JobSettings) -> bool:
         """Whether a table of the job has never taken in a round of ``tenant`` (new, or deleted by an operator):
@@ -73,6 +80,8 @@ class RoundTables(Protocol):
 
 class NoTables:
     """Tables off: nothing to do."""
+
+    enabled = False
 
     def needs_full(self, tenant: str, job: JobSettings) -> bool:
         return False

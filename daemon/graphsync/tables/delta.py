@@ -16,7 +16,8 @@ Each commit records an app transaction ``graphsync/<tenant>/<job>`` with the rou
 round older than the one a table already holds (a replica that lost its job lock and woke up) is refused rather
 than written over a newer one. A process remembers which tables hold which jobs, so ``needs_full`` opens a table
 once per process, not before every run; a delta round that still meets a table without its job (deleted and
-re-created meanwhile) writes nothing to it and fails (:class:`TableNeedsFullRound`), and the next run is full.
+re-created meanwhile) writes nothing to it and raises :class:`TableNeedsFullRound`: the round runner then runs a
+full round at once. (A job's state records that its tables hold its rounds, so runs skip ``needs_full`` after that.)
 This assumes replicas' clocks agree to within the job lock's 30 s.
 
 Concurrency: every MERGE names its tenant's partition as a literal (``t.tenant_id = '...'``), so delta-rs's
@@ -43,7 +44,7 @@ from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_de
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from graphsync.metrics import TABLE_BYTES_WRITTEN, TABLE_COMMITS, TABLE_CONFLICTS_RETRIED
-from graphsync.tables import AppliedRound, LogRecords
+from graphsync.tables import AppliedRound, LogRecords, TableNeedsFullRound
 from graphsync.tables.layout import ID, IS_CURRENT, TENANT_ID, VALID_FROM, VALID_TO, TableSpec, job_tables
 from graphsync.tables.location import TableLocation
 from graphsync.tables.rows import Key, Values, Wanted, edge_rows, entity_rows, log_rows
@@ -87,17 +88,14 @@ class StaleRound(Exception):
     """A table already holds a newer round of the same (tenant, job): this run's round must not overwrite it."""
 
 
-class TableNeedsFullRound(Exception):
-    """A delta round met a table that holds no round of its (tenant, job): created, or deleted and re-created, since
-    this process last looked. The round wrote nothing to it; the next run is a full round that fills it."""
-
-
 def app_id(tenant: str, job: str) -> str:
     return f"graphsync/{tenant}/{job}"
 
 
 class DeltaTables:
     """The tables under one location; one instance serves every run of the process (it keeps no table open)."""
+
+    enabled = True
 
     def __init__(
         self, location: TableLocation, *, conflict_seconds: float = CONFLICT_SECONDS, backoff: float = BACKOFF_SECONDS
@@ -267,8 +265,8 @@ class DeltaTables:
             return
         self._hold(name, commit.app, held=False)
         raise TableNeedsFullRound(
-            f"table {name} holds no round of {commit.app}: it was created or deleted since this replica last looked. "
-            "This round wrote nothing to it; the next run of the job is a full round that fills it"
+            f"table {name} holds no round of {commit.app}: it was created or deleted since the job last ran; "
+            "this delta round wrote nothing to it, a full round fills it"
         )
 
     def _table(self, name: str, schema: pa.Schema, properties: dict[str, str]) -> DeltaTable:
