@@ -175,6 +175,8 @@ class DeltaTables:
     # -- one table ---------------------------------------------------------------------------------------
 
     def _apply_current(self, spec: TableSpec, wanted: Wanted, commit: _Commit) -> None:
+        if wanted.nothing:  # a delta round that names no row of the table (owners, when only members moved)
+            return
         table = self._table(spec.name, _schema(spec), CURRENT_PROPERTIES)
         self._check(table, spec.name, commit)
         current = _read(table, spec, commit.tenant, current_only=False)
@@ -205,6 +207,8 @@ class DeltaTables:
 
     def _apply_history(self, spec: TableSpec, wanted: Wanted, commit: _Commit) -> None:
         """Close the current rows that changed or went (``valid_to``, ``is_current``), open their successors."""
+        if wanted.nothing:
+            return
         table = self._table(spec.history_name, _schema(spec, history=True), CHECKPOINT_PROPERTIES)
         self._check(table, spec.history_name, commit)
         current = _read(table, spec, commit.tenant, current_only=True)

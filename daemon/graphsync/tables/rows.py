@@ -33,6 +33,7 @@ class Wanted:
 
     rows: dict[Key, Values]
     in_scope: Callable[[Key], bool]
+    nothing: bool = False  # the round speaks for no row of this table: it need not even be read
 
 
 def everything(key: Key) -> bool:
@@ -94,7 +95,7 @@ def _wanted_edges(links: dict[str, dict[str, str | None]], removed: set[str], fu
     def in_scope(key: Key) -> bool:
         return key[0] in removed or key[1] in links.get(key[0], {})
 
-    return Wanted(rows, in_scope)
+    return Wanted(rows, in_scope, nothing=not links and not removed)
 
 
 def _graph_type(entry: dict[str, Any]) -> str:
