@@ -124,3 +124,23 @@ def test_check_does_not_warn_when_the_token_cache_is_encrypted(
 
     report = _json_report(run_graphsync("check", "--json", "--config", config))
     assert report["ok"] is True and report["warnings"] == []
+
+
+def test_check_verifies_the_tables_location_is_writable_and_names_the_fix(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, tmp_path: Path
+) -> None:
+    jobs = [{**job, "select": ["displayName"]} for job in JOBS]
+    tables_on = {"container": "exports", "tables": True}
+    result = run_graphsync("check", "--config", _config(graphsync_config, fake_graph, output=tables_on, jobs=jobs))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✓ tables: az://exports/tables: writable" in result.stdout
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    not_writable = {"directory": str(blocked / "out"), "tables": True}
+    config = graphsync_config(extra={"graph": {"endpoint": fake_graph.base_url}, "jobs": jobs, "output": not_writable})
+    result = run_graphsync("check", "--json", "--config", str(config))
+    assert result.returncode == 1
+    [tables] = [c for c in _json_report(result)["checks"] if c["name"] == "tables"]
+    assert not tables["ok"] and tables["detail"]
+    assert tables["fix"] == f"make {blocked / 'out'}/tables a directory the user graphsync runs as can create files in"

@@ -28,7 +28,7 @@ ROOT = "__init__"  # `from graphsync import __version__`: the package itself, a 
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("command line and reports", frozenset({"cli", "__main__", "console", "preflight", "status"})),
     ("scheduler", frozenset({"scheduler", "pool", "affinity", "notify"})),
-    ("jobs", frozenset({"jobs"})),
+    ("jobs", frozenset({"jobs", "upkeep"})),
     ("rounds", frozenset({"rounds", "publication", "coldstore", "reconcile", "logrounds"})),
     ("outputs and working stores", frozenset({"sinks", "snapshot", "workstore", "tables"})),
     ("Graph and tokens", frozenset({"graph", "tokencache", "identity", "cache_envelope"})),

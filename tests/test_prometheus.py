@@ -114,6 +114,9 @@ def test_the_dashboard_has_a_titled_panel_with_a_query_for_each_subject() -> Non
         "graphsync_graph_throttled_retries_total",
         "graphsync_reconcile_drift_objects",
         "graphsync_reconcile_last_timestamp_seconds",
+        "graphsync_table_commits_total",
+        "graphsync_table_conflicts_retried_total",
+        "graphsync_table_bytes_written_total",
     } <= used
 
 
@@ -175,8 +178,9 @@ def exported_names(exposition: str) -> set[str]:
 FIRST_RUN_WITHIN_SECONDS = 60 + 30 + 30
 
 
-def _scrape_after_first_runs(url: str, timeout: float = FIRST_RUN_WITHIN_SECONDS) -> str:
-    """The daemon's /metrics once a job has run: the page of a daemon at work, not of one still starting."""
+def _scrape_after_first_runs(url: str, timeout: float = FIRST_RUN_WITHIN_SECONDS, marker: str = 'result="ok"') -> str:
+    """The daemon's /metrics once ``marker`` is on it (by default, once something succeeded): the page of a daemon
+    at work, not of one still starting."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -184,7 +188,7 @@ def _scrape_after_first_runs(url: str, timeout: float = FIRST_RUN_WITHIN_SECONDS
                 page = response.read().decode()
         except OSError:
             page = ""
-        if 'result="ok"' in page:
+        if marker in page:
             return page
         time.sleep(0.2)
     pytest.fail(f"no successful job run in {url} within {timeout:.0f} s")
@@ -199,8 +203,8 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_running_d
     config = graphsync_config(
         extra={
             "graph": {"endpoint": fake_graph.base_url},
-            "output": {"directory": str(tmp_path / "out")},
-            "jobs": [{"name": "users", "resource": "users", "delta": True, "every": "1h"}],
+            "output": {"directory": str(tmp_path / "out"), "tables": True},
+            "jobs": [{"name": "users", "resource": "users", "delta": True, "select": ["displayName"], "every": "1h"}],
             "metrics": {"port": port},
             # on, so the metrics of change notifications are exported as a daemon that uses them exports them
             "notifications": {
@@ -211,7 +215,19 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_running_d
         }
     )
     start_graphsync("run", "--config", str(config))
-    exported = exported_names(_scrape_after_first_runs(f"http://127.0.0.1:{port}/metrics"))
+    # the history table is the last a users round commits to
+    page = _scrape_after_first_runs(
+        f"http://127.0.0.1:{port}/metrics", marker='graphsync_table_commits_total{table="users_history"}'
+    )
+    exported = exported_names(page)
+    samples = {
+        (sample.name, sample.labels.get("table")): sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    }
+    for table in ("users", "users_history"):  # the first run created and filled both tables
+        assert samples[("graphsync_table_commits_total", table)] >= 1, table
+        assert samples[("graphsync_table_bytes_written_total", table)] > 0, table
 
     expressions = [str(rule["expr"]) for rule in _rules()] + _dashboard_expressions()
     used = set().union(*(metric_names(expr) for expr in expressions))

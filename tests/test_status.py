@@ -170,3 +170,36 @@ def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> Non
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def test_status_shows_each_tables_version_rows_per_tenant_and_last_commit(
+    graphsync_config: WriteConfig, run_graphsync: RunGraphsync, fake_graph: FakeGraph, tmp_path: Path
+) -> None:
+    from deltalake import DeltaTable
+
+    tenants = (TENANT, "fabrikam.onmicrosoft.com")
+    for number, tenant in enumerate(tenants):
+        populate(fake_graph, tenant, users=30 + 10 * number, groups=0, seed=number)
+    output = tmp_path / "out"
+    config = graphsync_config(
+        tenants=tenants,
+        extra={
+            "graph": {"endpoint": fake_graph.base_url},
+            "output": {"directory": str(output), "tables": True},
+            "jobs": [{"name": "users", "resource": "users", "delta": True, "select": ["displayName"], "every": "1h"}],
+        },
+    )
+    before = _status(run_graphsync, config)["tables"]
+    assert before["root"] == str(output / "tables")
+    assert [(t["table"], t["version"]) for t in before["tables"]] == [("users", None), ("users_history", None)]
+
+    started = datetime.now(UTC)
+    assert run_graphsync("sync", "--config", str(config)).returncode == 0
+    report = _status(run_graphsync, config)["tables"]["tables"]
+    for entry in report:
+        table = DeltaTable(str(output / "tables" / entry["table"]))
+        assert entry["version"] == table.version()
+        assert entry["rows"] == {TENANT: 30, "fabrikam.onmicrosoft.com": 40}
+        assert started - timedelta(seconds=5) <= datetime.fromisoformat(entry["last_commit"]) <= datetime.now(UTC)
+    text = run_graphsync("status", "--config", str(config)).stdout
+    assert "tables →" in text and "users_history" in text

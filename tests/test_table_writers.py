@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from graphsync.config import JobSettings, Settings
 from graphsync.metrics import TABLE_CONFLICTS_RETRIED
 from graphsync.snapshot import SnapshotStore
-from graphsync.tables import AppliedRound
+from graphsync.tables import AppliedRound, TableNeedsFullRound
 from graphsync.tables.delta import DeltaTables, StaleRound
 from graphsync.tables.layout import Column, job_tables, table_name
 from graphsync.tables.location import TableLocation, azure_options, table_location
@@ -123,11 +124,24 @@ def test_tenants_committing_to_one_table_at_once_all_land_exactly(
 def test_a_round_older_than_the_one_a_table_holds_is_refused(tmp_path: Path) -> None:
     tables = DeltaTables(TableLocation(str(tmp_path / "tables")))
     tenant = Tenant(TENANTS[0], tmp_path)
-    old = tenant.round([user(TENANTS[0], n, 0) for n in range(3)], full=True)
-    new = tenant.round([user(TENANTS[0], 1, 1)], full=False)
+    tables.apply(tenant.round([user(TENANTS[0], n, 0) for n in range(3)], full=True))
+    old = tenant.round([user(TENANTS[0], 2, 1)], full=False)
+    new = tenant.round([user(TENANTS[0], 1, 2)], full=False)
     tables.apply(new)
     with pytest.raises(StaleRound, match="newer round"):
         tables.apply(old)
+
+
+def test_a_delta_round_into_a_table_deleted_meanwhile_writes_nothing_and_the_next_run_is_full(tmp_path: Path) -> None:
+    tables = DeltaTables(TableLocation(str(tmp_path / "tables")))
+    tenant = Tenant(TENANTS[0], tmp_path)
+    tables.apply(tenant.round([user(TENANTS[0], n, 0) for n in range(3)], full=True))
+    assert not tables.needs_full(TENANTS[0], USERS), "known to hold the job: no table opened"
+    shutil.rmtree(tmp_path / "tables" / "users_history")  # an operator deletes a table under a running daemon
+    with pytest.raises(TableNeedsFullRound, match="table users_history holds no round of graphsync/"):
+        tables.apply(tenant.round([user(TENANTS[0], 1, 1)], full=False))
+    assert DeltaTable(tables.location.uri("users_history")).to_pyarrow_table().num_rows == 0, "nothing written"
+    assert tables.needs_full(TENANTS[0], USERS), "the next run is a full round"
 
 
 def test_a_table_without_the_tenants_rounds_asks_for_a_full_round(tmp_path: Path) -> None:
@@ -170,7 +184,12 @@ def test_table_names_and_columns_follow_the_job() -> None:
         JobSettings(name="u", resource="users", delta=True, select=["mail"], expand=["manager"], every="5m")
     )
     assert managed is not None and managed.entity.columns[-1] == Column("manager_id", "string")
-    assert job_tables(JobSettings(name="s", resource="auditLogs/signIns", cursor="createdDateTime", every="5m")) is None
+    sign_ins = JobSettings(
+        name="s", resource="auditLogs/signIns", cursor="createdDateTime", select=["appId", "status"], every="5m"
+    )
+    log = job_tables(sign_ins).entity  # a log read by time: an append-only table, its time column typed
+    assert (log.name, log.keys, log.log_time, log.history) == ("sign_ins", ("id",), "createdDateTime", False)
+    assert log.columns == (Column("appId", "string"), Column("status", "json"), Column("createdDateTime", "timestamp"))
 
 
 def test_values_take_their_column_type_and_complex_ones_are_json() -> None:
@@ -227,7 +246,10 @@ def test_with_tables_a_job_needs_select_and_one_job_per_tenant_writes_a_table() 
     settings(
         {**users, "tenants": ["a.onmicrosoft.com"]}, {**users, "name": "b-users", "tenants": ["b.onmicrosoft.com"]}
     )
-    settings({"name": "sign-ins", "resource": "auditLogs/signIns", "cursor": "createdDateTime", "every": "5m"})
+    log = {"name": "sign-ins", "resource": "auditLogs/signIns", "cursor": "createdDateTime", "every": "5m"}
+    with pytest.raises(ValidationError, match=r"jobs\[0\]\.select: is required with output\.tables"):
+        settings(log)  # a log's table takes its columns from select too
+    settings({**log, "select": ["appId"]})
 
 
 def test_a_property_added_to_select_adds_a_column_without_rewriting_the_table(tmp_path: Path) -> None:

@@ -485,3 +485,27 @@ def test_a_sigkill_between_the_table_commit_and_state_json_loses_and_duplicates_
         old, new = runs.snapshots[(tenant, "users")], output.snapshot(tenant, "users")
         differing = {oid for oid in old.keys() | new.keys() if old.get(oid) != new.get(oid)}
         assert events == dict.fromkeys(differing, 1), "every change is in the users CDF once, none lost, none twice"
+
+
+def test_a_table_deleted_under_a_job_is_refilled_by_a_full_round_in_the_same_run(
+    graphsync_config: WriteConfig, fake_graph: FakeGraph, run_graphsync: RunGraphsync, tmp_path: Path
+) -> None:
+    import shutil
+
+    output = Output(str(tmp_path / "out" / "tables"), {}, directory=tmp_path / "out")
+    config = graphsync_config(
+        tenants=TENANTS,
+        extra={"graph": {"endpoint": fake_graph.base_url}, "output": output_settings(output), "jobs": JOBS},
+    )
+    runs = Runs(run_graphsync, config, output)
+    seed(fake_graph)
+    runs.sync()
+    assert all(output.state(t, job)["tables"] is True for t in TENANTS for job in JOB_NAMES), "recorded in state"
+    full_rounds = {t: output.state(t, "users")["last_full_round"] for t in TENANTS}
+
+    shutil.rmtree(tmp_path / "out" / "tables" / "users_history")  # an operator deletes a table
+    for tenant in TENANTS:
+        mutate(fake_graph, tenant, random.Random(5), changes=10)
+    runs.sync()
+    assert_tables_equal_the_snapshots(output)  # users_history's current rows too: refilled by a full round
+    assert all(output.state(t, "users")["last_full_round"] > full_rounds[t] for t in TENANTS), "a full round ran"

@@ -223,7 +223,15 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         def companion(daemon: Daemon) -> NotificationService:
             return NotificationService(settings, daemon.hurry, graph, store, replica=runner.replica)
 
-    return Daemon(settings, runner, health=health, companion=companion).run()
+    upkeep = None
+    if settings.output.tables:
+        from graphsync.sinks import sink_from_settings
+        from graphsync.tables import table_names, tables_from_settings
+        from graphsync.upkeep import UpkeepRunner
+
+        tables, sink = tables_from_settings(settings), sink_from_settings(settings)
+        upkeep = UpkeepRunner(tables=tables, names=table_names(settings), sink=sink, locks=store)
+    return Daemon(settings, runner, health=health, companion=companion, upkeep=upkeep).run()
 
 
 def _selected(args: argparse.Namespace, settings: Settings) -> list[tuple[JobSettings, str]]:

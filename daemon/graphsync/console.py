@@ -141,6 +141,8 @@ def print_status(report: dict[str, Any]) -> None:
     console.print(jobs)
     if report.get("subscriptions"):
         console.print(_subscriptions(report["subscriptions"]))
+    if "tables" in report:
+        _print_tables(console, report["tables"])
 
 
 def _subscriptions(lines: list[dict[str, Any]]) -> Table:
@@ -159,6 +161,23 @@ def _subscriptions(lines: list[dict[str, Any]]) -> Table:
             (s.get("error") or "") + "".join(f"\n⚠ {w}" for w in s.get("warnings", [])),
         )
     return table
+
+
+def _print_tables(console: Console, tables: dict[str, Any]) -> None:
+    """Each table's version, last commit and rows per tenant (from the Delta log, no data read)."""
+    grid = Table(title=f"tables → {tables['root']}")
+    for column in ("table", "version", "last commit", "files", "rows per tenant"):
+        grid.add_column(column)
+    for t in tables["tables"]:
+        rows = ", ".join(f"{tenant}: {count}" for tenant, count in t["rows"].items())
+        grid.add_row(
+            t["table"],
+            "not created yet" if t["version"] is None else str(t["version"]),
+            t["last_commit"] or "-",
+            str(t["files"]),
+            t.get("problem") or rows or "-",
+        )
+    console.print(grid)
 
 
 def _snapshot_size(job: dict[str, Any]) -> str:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 THROTTLE_STATUSES = (429, 503, 504)
 RESYNC_CODES = {"syncstatenotfound", "resyncrequired", "syncstateinvalid"}
+# What Graph answers a tenant without the licence a collection needs (sign-ins, registration details: P1/P2; PIM:
+# P2/Governance): "Neither tenant is B2C or tenant doesn't have premium license", or AadPremiumLicenseRequired.
+LICENCE_CODES = {"authentication_requestfromnonpremiumtenantorb2ctenant", "aadpremiumlicenserequired"}
 
 
 class _ThrottleAwareRetry(Retry):
@@ -70,6 +73,10 @@ class GraphError(Exception):
 
 class ResyncRequired(GraphError):
     """The delta token is expired or invalid: the only way forward is a full resync."""
+
+
+class LicenceRequired(GraphError):
+    """The tenant lacks the licence the collection needs: no retry or resync helps, only a licence."""
 
 
 class MalformedResponse(GraphError):
@@ -143,6 +150,12 @@ class GraphClient:
                 raise MalformedResponse(f"GET {_path(next_url)}: the @odata.nextLink points at the same page")
             yield page
             next_url = page.next_link
+
+    def singleton(self, tenant: str, url: str, key: str) -> Iterator[Page]:
+        """A single object (``policies/adminConsentRequestPolicy``) as a page of one, under the id ``key``: such an
+        object answers itself, with no ``value`` and no paging, and may carry no ``id`` of its own."""
+        body = self.get_json(tenant, url)
+        yield Page([{**{k: v for k, v in body.items() if not k.startswith("@odata.")}, "id": key}], None, None)
 
     def get_json(self, tenant: str, url: str, *, minimal: bool = False) -> dict[str, Any]:
         """GET ``url`` with a token for ``tenant``; on 401 get a fresh token once and try again."""
@@ -225,7 +238,10 @@ class GraphClient:
             },
         )
         resync = response.status_code == 410 or (response.status_code == 400 and (code or "").lower() in RESYNC_CODES)
-        kind = ResyncRequired if resync else GraphError
+        licence = response.status_code in (400, 403) and (
+            (code or "").lower() in LICENCE_CODES or "premium license" in message.lower()
+        )
+        kind = ResyncRequired if resync else LicenceRequired if licence else GraphError
         return kind(text, status=response.status_code, code=code)
 
 

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from graphsync.graph import GraphClient, GraphError
+from graphsync.config.jobkinds import LICENCES
+from graphsync.graph import GraphClient, GraphError, LicenceRequired
 from graphsync.identity import TokenError
 from graphsync.logrounds import LogRoundRunner
 from graphsync.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, OBJECTS_SYNCED, ROUNDS_WITH_CHANGES
 from graphsync.reconcile import LAST_FULL_ROUND, export_reconciliation, reconciliation_due, report_drift
-from graphsync.rounds import Progress, Round, RoundRunner, RunInterrupted, saved_query
+from graphsync.rounds import TABLES_HELD, Progress, Round, RoundRunner, RunInterrupted, saved_query
 from graphsync.sinks import Sink
 from graphsync.storage import BlobLease, BlobStore, StorageError, WriteConflict
 from graphsync.tables import NO_TABLES, RoundTables
@@ -100,7 +101,7 @@ class JobRunner:
     ) -> None:
         self._sink = sink
         self._rounds = RoundRunner(graph=graph, sink=sink, stores=stores, tables=tables)
-        self._log_rounds = LogRoundRunner(graph=graph, sink=sink)
+        self._log_rounds = LogRoundRunner(graph=graph, sink=sink, tables=tables)
         self._locks = locks
         self.replica = replica or replica_name()
         self._clock = clock
@@ -134,7 +135,7 @@ class JobRunner:
             except StorageError:
                 state = None  # the locked path reads it again and reports what is wrong
             _export_recorded(tenant, job.name, state or {})
-            if (served := _served(job, tenant, state, due_after)) is not None:
+            if (served := served_slot(job.name, tenant, state, due_after)) is not None:
                 return self._finish(served)
         try:
             lease = self._lock(job, tenant, wait, stop)
@@ -193,7 +194,7 @@ class JobRunner:
         except StorageError as exc:
             return self._finish(RunResult(tenant, job.name, "failed", message=str(exc), runner=self.replica))
         _export_recorded(tenant, job.name, state or {})
-        if due_after is not None and (served := _served(job, tenant, state, due_after)) is not None:
+        if due_after is not None and (served := served_slot(job.name, tenant, state, due_after)) is not None:
             return self._finish(served)
         state = state or {}
         if interrupted():  # stopped (or the lease lost) while taking the lease and reading the state
@@ -232,6 +233,8 @@ class JobRunner:
             if not isinstance(exc, (GraphError, StorageError, TokenError, OSError)):
                 log.exception("unexpected failure in run %s of %s/%s", result.run_id, tenant, job.name)
             result.status, result.message = "failed", str(exc) or type(exc).__name__
+            if isinstance(exc, LicenceRequired):
+                result.message = licence_message(job, tenant, exc)
             self._save_state(
                 tenant,
                 job,
@@ -294,7 +297,8 @@ class JobRunner:
         )
         result.objects, result.changes, result.pages = done.objects, done.changes, done.pages
         result.full, result.resync = done.full, done.resync
-        fields = {"delta_link": done.delta_link} | _snapshot_state(done) | _reconcile_state(done, started)
+        fields = {"delta_link": done.delta_link, TABLES_HELD: done.tables}
+        fields |= _snapshot_state(done) | _reconcile_state(done, started)
         if done.drift is not None:
             report_drift(done.drift, tenant, job.name)
             export_reconciliation(tenant, job.name, fields["reconciliation"])
@@ -351,6 +355,15 @@ class JobRunner:
         return result
 
 
+def licence_message(job: JobSettings, tenant: str, exc: GraphError) -> str:
+    """Why a job fails for a tenant without the licence its collection needs, naming the licence and the way out."""
+    licence = LICENCES.get(job.resource, "a Microsoft Entra ID premium licence (P1 or P2)")
+    return (
+        f"{job.resource} needs {licence}, which tenant {tenant} lacks: license the tenant, or leave it out of job "
+        f"{job.name} (jobs.tenants); the tenant's other jobs are not affected ({exc})"
+    )
+
+
 def _export_recorded(tenant: str, job: str, state: dict[str, Any]) -> None:
     """Re-export what ``state.json`` says of the whole fleet, so that alerts need no success in this process.
 
@@ -374,14 +387,14 @@ def _reconcile_state(done: Round, started: float) -> dict[str, Any]:
     return state
 
 
-def _served(job: JobSettings, tenant: str, state: dict[str, Any] | None, due_after: float) -> RunResult | None:
+def served_slot(job: str, tenant: str, state: dict[str, Any] | None, due_after: float) -> RunResult | None:
     """``skipped`` when ``state`` records a success that started at or after ``due_after``, naming who ran it."""
     last_started = (state or {}).get("last_success_started")
     if not last_started or epoch(last_started) < due_after:
         return None
     runner = (state or {}).get("replica")
     where = f" on {runner}" if runner else ""
-    return RunResult(tenant, job.name, "skipped", message=f"already ran at {last_started}{where}", runner=runner)
+    return RunResult(tenant, job, "skipped", message=f"already ran at {last_started}{where}", runner=runner)
 
 
 def _snapshot_state(done: Round) -> dict[str, Any]:

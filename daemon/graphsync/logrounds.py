@@ -5,7 +5,8 @@ directory's (5 requests per 10 seconds per app and tenant; ``Retry-After`` is ho
 reads the window from ``overlap`` behind its cursor (``since`` back on the first run) and writes the records it has
 not written before to a change file; a log has no state to snapshot. Records arrive late (the reporting pipeline's
 latency), which is why every window reaches back by ``overlap``; the ids already written in that stretch are
-remembered, so each record is written once.
+remembered, so each record is written once. With tables on, the records written go to the log's append-only table
+too (:meth:`graphsync.tables.RoundTables.append`, which adds only ids it lacks), before the caller saves the cursor.
 
 A run reads at most ``max_pages`` pages, newest first (asked for with ``$orderby`` on the logs that document it).
 A run that stops there has written the newest part of its window; the older rest is the *backlog*: the next runs
@@ -38,6 +39,7 @@ from graphsync.rounds import Progress, RunInterrupted
 from graphsync.schedule import interval_seconds
 from graphsync.sinks import Sink
 from graphsync.snapshot import encode
+from graphsync.tables import NO_TABLES, LogRecords, RoundTables
 from graphsync.timestamps import TICKS_PER_SECOND, graph_ticks, graph_time
 
 if TYPE_CHECKING:
@@ -146,9 +148,10 @@ def time_window(resource: str, cursor: str, lower: int, until: int | None) -> st
 class LogRoundRunner:
     """Runs log rounds for one output."""
 
-    def __init__(self, *, graph: GraphClient, sink: Sink) -> None:
+    def __init__(self, *, graph: GraphClient, sink: Sink, tables: RoundTables = NO_TABLES) -> None:
         self._graph = graph
         self._sink = sink
+        self._tables = tables
 
     def run(
         self,
@@ -209,6 +212,8 @@ class LogRoundRunner:
             if done.written:
                 changes.seek(0)
                 self._sink.write_changes(tenant, job.name, change_file(False), changes)
+                changes.seek(0)
+                self._tables.append(LogRecords(tenant, job, changes, now))
         done.cursor = _advance(previous, seen, done.complete, oldest, newest, overlap, lower)
         extra = {"tenant": tenant, "job": job.name}
         log.info(

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import msal
 
-from graphsync.graph import GraphClient, GraphError
+from graphsync.config.jobkinds import LICENCES, SINGLETONS
+from graphsync.graph import GraphClient, GraphError, LicenceRequired
 from graphsync.identity import TRANSIENT_STATUSES, TokenError, build_application, failure_result, retrying_session
 from graphsync.jobs import replica_name
 from graphsync.storage import BlobStore, StorageError, WriteConflict
+from graphsync.tables import probe_tables
 from graphsync.tokencache import TokenCaches
 
 if TYPE_CHECKING:
@@ -158,6 +160,11 @@ def token_fix(exc: TokenError) -> str:
 
 
 def graph_fix(exc: GraphError, resource: str) -> str:
+    if isinstance(exc, LicenceRequired):
+        licence = LICENCES.get(resource, "a Microsoft Entra ID premium licence (P1 or P2)")
+        return (
+            f"{resource} needs {licence} in this tenant: license it, or leave the tenant out of the job (jobs.tenants)"
+        )
     if exc.status == 403:
         permission = GRAPH_PERMISSIONS.get(resource.split("/")[0].lower(), "the matching *.Read.All permission")
         return f"grant the application permission {permission} (Microsoft Graph, Application) and admin consent"
@@ -179,6 +186,8 @@ def run_checks(settings: Settings, config_file: Path | None) -> Iterator[Check]:
         check = _check_container(each)
         storage_ok &= check.ok
         yield check
+    if settings.output.tables:
+        yield _check_tables(settings)
     caches = TokenCaches.from_settings(settings, store)
     if storage_ok:
         for tenant in caches.tenants:
@@ -226,6 +235,25 @@ def _check_container(store: BlobStore) -> Check:
     return Check(f"storage {store.container_name}", True, "reachable and writable")
 
 
+def _check_tables(settings: Settings) -> Check:
+    """Write and delete a probe table where the tables live, with delta-rs and its storage options: the very client
+    and credentials the rounds commit with (not the Azure SDK's)."""
+    try:
+        root = probe_tables(settings, replica_name())
+    except Exception as exc:  # whatever delta-rs raises, the check reports it with the fix
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if settings.output.directory is not None:
+            fix = f"make {settings.output.directory}/tables a directory the user graphsync runs as can create files in"
+        else:
+            fix = (
+                f"give the identity 'Storage Blob Data Contributor' on container {settings.output.container} (or "
+                "check the account key / SAS in storage.connection_string): the tables are written with the "
+                "[storage] account's credentials"
+            )
+        return Check("tables", False, detail, fix)
+    return Check("tables", True, f"{root}: writable (a probe table written and deleted)")
+
+
 def _check_token(settings: Settings, tenant: str) -> Check:
     """Ask the identity provider itself, with a throwaway cache: the point is to test the credential."""
     session = retrying_session(total=2, statuses=TRANSIENT_STATUSES)
@@ -243,7 +271,7 @@ def _check_token(settings: Settings, tenant: str) -> Check:
 def _check_graph(graph: GraphClient, tenant: str, resource: str) -> Check:
     name = f"graph {tenant} {resource}"
     try:
-        graph.get_json(tenant, graph.collection_url(resource, top=1))
+        graph.get_json(tenant, graph.collection_url(resource, top=None if resource in SINGLETONS else 1))
     except TokenError as exc:
         return Check(name, False, str(exc), token_fix(exc))
     except GraphError as exc:

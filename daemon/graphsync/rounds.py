@@ -26,18 +26,19 @@ import logging
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from graphsync.coldstore import PartialSnapshot, prepare
-from graphsync.graph import GraphClient, MalformedResponse, ResyncRequired
+from graphsync.config.jobkinds import SINGLETONS
+from graphsync.graph import GraphClient, MalformedResponse, Page, ResyncRequired
 from graphsync.prefetch import StoppedWaiting, read_ahead
 from graphsync.publication import Publication, Published, Refreshed, publish
 from graphsync.reconcile import Drift, compare, saved_lines
 from graphsync.sinks import Sink
 from graphsync.snapshot import MANAGER, MANAGER_DELTA, MEMBERS_DELTA, OWNERS_DELTA, SnapshotStore, encode
-from graphsync.tables import NO_TABLES, AppliedRound, RoundTables
+from graphsync.tables import NO_TABLES, AppliedRound, RoundTables, TableNeedsFullRound
 from graphsync.workstore import WorkStores
 
 if TYPE_CHECKING:
@@ -80,6 +81,14 @@ class Round:
         self.touched.update(ids)
         if len(self.touched) > MAX_TOUCHED:
             self.touched = None
+
+    tables: bool = False  # the round is in the tables (with tables on): state.json records it, see TABLES_HELD
+    refill: bool = False  # a delta round met a table without the job's rounds: a full round must follow at once
+
+
+# state.json's record that the job's tables hold its rounds: runs then skip needs_full, which opens every table of
+# the job (its checkpoint and the commits after it) and would cost a round without changes table reads.
+TABLES_HELD = "tables"
 
 
 def saved_query(job: JobSettings) -> dict[str, Any]:
@@ -149,7 +158,8 @@ class RoundRunner:
         if delta_link and version is None:
             log.warning("snapshot of %s/%s is missing; doing a full sync", tenant, job.name)
             delta_link = None
-        if delta_link and self._tables.needs_full(tenant, job):  # a new table: only a full round fills it
+        held = state.get(TABLES_HELD) is True and state.get("query") == saved_query(job)
+        if delta_link and not held and self._tables.needs_full(tenant, job):  # a new table: only a full round fills it
             delta_link = None
         query = store_query(self._sink, job)
         with self._stores.open(tenant, job.name) as store:
@@ -164,15 +174,25 @@ class RoundRunner:
                     delta_link = None
             context = _RoundContext(job, tenant, store, query, change_file, interrupted, progress, partial)
             done = self._one(context, version, delta_link)
+            if done.refill:  # a table lost the job's rounds (deleted meanwhile): a full round fills it, now
+                log.warning("a table of %s/%s holds none of its rounds; running a full round", tenant, job.name)
+                done = self._after(done, context, version)
             if reconcile and not done.full:  # caught up with delta: the store now holds what delta knows
-                caught_up = done
-                if caught_up.publication is not None:
-                    version = caught_up.publication.version
                 with saved_lines(store) as baseline:
-                    done = self._one(context, version, None, baseline=baseline)
-                done.pages += caught_up.pages
-                done.changes += caught_up.changes
+                    done = self._after(done, context, version, baseline)
             done.refreshed = refreshed
+            done.tables = self._tables.enabled
+        return done
+
+    def _after(
+        self, caught_up: Round, context: _RoundContext, version: str | None, baseline: IO[bytes] | None = None
+    ) -> Round:
+        """A full round right after the delta round ``caught_up``, published over what that one published."""
+        if caught_up.publication is not None:
+            version = caught_up.publication.version
+        done = self._one(context, version, None, baseline=baseline)
+        done.pages += caught_up.pages
+        done.changes += caught_up.changes
         return done
 
     def _one(
@@ -237,7 +257,13 @@ class RoundRunner:
                 changes.seek(0)
                 self._sink.write_changes(tenant, job.name, context.change_file(done.full), changes)
                 changes.seek(0)
-                self._tables.apply(AppliedRound(tenant, job, done.full, done.touched, store, changes, started))
+                try:
+                    self._tables.apply(AppliedRound(tenant, job, done.full, done.touched, store, changes, started))
+                except TableNeedsFullRound as exc:
+                    if done.full:
+                        raise
+                    log.warning("%s", exc, extra={"tenant": tenant, "job": job.name})
+                    done.refill = True
         return done
 
     def _collection_url(self, job: JobSettings) -> str:
@@ -275,9 +301,12 @@ class RoundRunner:
         Graph is asked for the next page while this one is applied (:func:`read_ahead`); each record is serialized
         once, for its change line, which the store reuses where the object is exactly the record.
         """
-        pages = read_ahead(
-            self._graph.pages(tenant, url, minimal=not done.full), interrupted=interrupted, name=f"pages {tenant}"
-        )
+        source: Iterator[Page]
+        if job.resource in SINGLETONS:  # one object, one request
+            source = self._graph.singleton(tenant, url, job.resource.rpartition("/")[2])
+        else:
+            source = self._graph.pages(tenant, url, minimal=not done.full)
+        pages = read_ahead(source, interrupted=interrupted, name=f"pages {tenant}")
         try:
             with contextlib.closing(pages):
                 for page in pages:

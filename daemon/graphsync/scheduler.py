@@ -30,11 +30,13 @@ from graphsync.affinity import Affinity
 from graphsync.pool import STOP_GRACE_SECONDS, RunPool, Try, exit_now
 from graphsync.schedule import first_run, slot_jitter, slot_start, trigger
 from graphsync.systemd import Notifier
+from graphsync.upkeep import UpkeepSchedule
 
 if TYPE_CHECKING:
     from graphsync.config import JobSettings, Settings
     from graphsync.health import HealthServer
     from graphsync.jobs import JobRunner, RunResult
+    from graphsync.upkeep import UpkeepRunner
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class Daemon:
         health: Callable[[Daemon], HealthServer] | None = None,
         companion: Callable[[Daemon], Companion] | None = None,
         clock: Callable[[], float] = time.time,
+        upkeep: UpkeepRunner | None = None,
     ) -> None:
         self._settings = settings
         self._runner = runner
@@ -87,6 +90,7 @@ class Daemon:
             executors={
                 "default": ThreadPoolExecutor(max_workers=1),  # only hands tries to the pool
                 "heartbeat": ThreadPoolExecutor(max_workers=1),
+                "upkeep": ThreadPoolExecutor(max_workers=1),  # the tables' upkeep: long, never in the pool's way
             },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
@@ -102,8 +106,22 @@ class Daemon:
                     id=f"{name} (first run)",
                     name=f"{name} (first run)",
                 )
+        if upkeep is not None:
+            self._add_upkeep(upkeep, UpkeepSchedule(settings.output.tables_upkeep_every))
         self._health = health(self) if health else None
         self._companion = companion(self) if companion else None
+
+    def _add_upkeep(self, upkeep: UpkeepRunner, schedule: UpkeepSchedule) -> None:
+        """The tables' upkeep at each of its slots (and soon after start, unless the next slot is near), once per
+        slot fleet-wide (see graphsync.upkeep)."""
+
+        def due() -> None:
+            upkeep.run(due_after=slot_start(schedule, self._clock()), stop=self._stop)
+
+        self._scheduler.add_job(due, trigger(schedule), id="table upkeep", executor="upkeep")
+        if (first := first_run(schedule, self._clock())) is not None:
+            when = DateTrigger(datetime.fromtimestamp(first, UTC))
+            self._scheduler.add_job(due, when, id="table upkeep (first run)", executor="upkeep")
 
     def live(self) -> tuple[bool, str]:
         age = self._clock() - self._last_beat

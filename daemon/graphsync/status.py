@@ -15,6 +15,7 @@ from graphsync.notify.records import RecordError, SubscriptionRecords, record_bl
 from graphsync.rounds import store_query
 from graphsync.schedule import trigger
 from graphsync.storage import StorageError
+from graphsync.tables import tables_status
 from graphsync.timestamps import epoch, iso_utc
 
 if TYPE_CHECKING:
@@ -77,7 +78,11 @@ def fleet_status(
             )
     tenants = [caches[tenant].inspect_blob() for tenant in caches.tenants]
     subscriptions = subscription_status(settings, locks, states, now) if settings.notifications else []
-    return {"output": sink.describe(), "tenants": tenants, "jobs": jobs, "subscriptions": subscriptions}
+    report: dict[str, Any] = {"output": sink.describe(), "tenants": tenants, "jobs": jobs}
+    report["subscriptions"] = subscriptions
+    if (tables := tables_status(settings)) is not None:
+        report["tables"] = tables
+    return report
 
 
 def subscription_status(

@@ -7,10 +7,10 @@ daemon that refuses to start without reading a traceback. Values are never echoe
 keys hold secrets and startup errors end up in logs.
 
 Modules, in dependency order: ``context`` (the load in progress), ``errors``, ``fields`` (value types and file
-readers), ``credentials`` (the typed credential), ``jobkinds`` (what Graph serves each kind of job),
-``notifications`` (the ``[notifications]`` section), ``models`` (the sections and ``Settings``), ``sources``
-(environment and workload identity), ``report`` (the error lines) and ``loading`` (the entry points). The rest of
-graphsync imports from the package.
+readers), ``credentials`` (the typed credential), ``jobkinds`` (what Graph serves each kind of job), ``presets`` (one
+entry for a set of jobs), ``notifications`` (the ``[notifications]`` section), ``models`` (the sections and
+``Settings``), ``sources`` (environment and workload identity), ``report`` (the error lines) and ``loading`` (the
+entry points). The rest of graphsync imports from the package.
 """
 
 from graphsync.config.credentials import (

@@ -23,6 +23,22 @@ LOG_CURSORS: Mapping[str, str] = {
     "auditLogs/directoryAudits": "activityDateTime",
     "auditLogs/provisioning": "activityDateTime",
 }
+# Single objects, not collections: a GET answers the object itself (no `value`, no paging). A listing job reads it
+# as a collection of one, keyed by the resource's last segment (the object may carry no `id`).
+SINGLETONS: frozenset[str] = frozenset({"policies/adminConsentRequestPolicy"})
+
+# Collections Graph serves only to tenants with a licence, and which. Without it Graph answers 403 with a code such as
+# Authentication_RequestFromNonPremiumTenantOrB2CTenant ("Neither tenant is B2C or tenant doesn't have premium
+# license") or AadPremiumLicenseRequired; the run then fails naming the licence.
+_P1 = "Microsoft Entra ID P1 or P2"
+_P2 = "Microsoft Entra ID P2 or Microsoft Entra ID Governance"
+LICENCES: Mapping[str, str] = {
+    "auditLogs/signIns": _P1,
+    "reports/authenticationMethods/userRegistrationDetails": _P1,
+    "roleManagement/directory/roleEligibilityScheduleInstances": _P2,
+    "roleManagement/directory/roleAssignmentScheduleInstances": _P2,
+}
+
 # Logs whose time property Graph filters only with the strict operators gt and lt (no ge, no le).
 STRICT_TIME_FILTERS: frozenset[str] = frozenset({"auditLogs/provisioning"})
 

@@ -7,7 +7,7 @@ later.
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -51,8 +51,9 @@ from graphsync.config.fields import (
     read_text,
     unique,
 )
-from graphsync.config.jobkinds import LOG_CURSORS, cursor_problem, expand_problem
+from graphsync.config.jobkinds import LOG_CURSORS, SINGLETONS, cursor_problem, expand_problem
 from graphsync.config.notifications import NotificationSettings
+from graphsync.config.presets import expand_presets
 from graphsync.limits import MAX_CONCURRENCY
 from graphsync.schedule import check_crontab, check_interval, interval_seconds
 
@@ -240,6 +241,8 @@ class OutputSettings(BaseModel):
     work_directory: Path = Field(default_factory=lambda: default_work_directory(current_load().environ))
     # Delta Lake tables beside the JSONL, under <output>/tables/<table>/ (graphsync.tables).
     tables: bool = False
+    # How often the fleet compacts, vacuums and checkpoints the tables (once per slot, by one replica).
+    tables_upkeep_every: Annotated[str, AfterValidator(check_interval)] = "1d"
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:
@@ -352,6 +355,8 @@ class JobSettings(BaseModel):
                 problems.append((("expand",), problem))
         if not self.delta and "reconcile_every" in self.model_fields_set:
             problems.append((("reconcile_every",), "is only used by delta jobs: every run of this job is a full round"))
+        if self.delta and self.resource in SINGLETONS:
+            problems.append((("delta",), f"{self.resource} is a single object: Graph has no delta for it"))
         return problems
 
     @property
@@ -400,6 +405,17 @@ class Settings(BaseSettings):
         """
         return (init_settings, *(current_load().sources or (env_settings,)))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_presets(cls, data: Any) -> Any:
+        """``[[jobs]] preset = "entra"`` becomes the preset's jobs (:mod:`graphsync.config.presets`)."""
+        if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+            return data
+        jobs, problems = expand_presets(data["jobs"])
+        if problems:
+            raise key_errors(problems)
+        return {**data, "jobs": jobs}
+
     @model_validator(mode="after")
     def _check_jobs(self) -> Self:
         problems: list[tuple[Loc, str]] = []
@@ -425,8 +441,6 @@ class Settings(BaseSettings):
         problems: list[tuple[Loc, str]] = []
         writer: dict[tuple[str, str], int] = {}
         for index, job in enumerate(self.jobs):
-            if job.cursor is not None:
-                continue
             if job.select is None:
                 problems.append((("jobs", index, "select"), "is required with output.tables: it names the columns"))
             for tenant in self.job_tenants(job):

@@ -14,7 +14,11 @@ tables and their Change Data Feed hold every change once. A round that changed n
 Each commit records an app transaction ``graphsync/<tenant>/<job>`` with the round's start time in microseconds:
 ``needs_full`` reads it to tell that a table never took in the tenant's job (a full round must fill it), and a
 round older than the one a table already holds (a replica that lost its job lock and woke up) is refused rather
-than written over a newer one. This assumes replicas' clocks agree to within the job lock's 30 s.
+than written over a newer one. A process remembers which tables hold which jobs, so ``needs_full`` opens a table
+once per process, not before every run; a delta round that still meets a table without its job (deleted and
+re-created meanwhile) writes nothing to it and raises :class:`TableNeedsFullRound`: the round runner then runs a
+full round at once. (A job's state records that its tables hold its rounds, so runs skip ``needs_full`` after that.)
+This assumes replicas' clocks agree to within the job lock's 30 s.
 
 Concurrency: every MERGE names its tenant's partition as a literal (``t.tenant_id = '...'``), so delta-rs's
 conflict checker sees it read that partition only, and commits of other tenants (other replicas) do not conflict
@@ -29,6 +33,7 @@ import functools
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -39,10 +44,11 @@ from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_de
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from graphsync.metrics import TABLE_BYTES_WRITTEN, TABLE_COMMITS, TABLE_CONFLICTS_RETRIED
-from graphsync.tables import AppliedRound
-from graphsync.tables.layout import IS_CURRENT, TENANT_ID, VALID_FROM, VALID_TO, TableSpec, job_tables
+from graphsync.tables import AppliedRound, LogRecords, TableNeedsFullRound
+from graphsync.tables.layout import ID, IS_CURRENT, TENANT_ID, VALID_FROM, VALID_TO, TableSpec, job_tables
 from graphsync.tables.location import TableLocation
-from graphsync.tables.rows import Key, Values, Wanted, edge_rows, entity_rows
+from graphsync.tables.rows import Key, Values, Wanted, edge_rows, entity_rows, log_rows
+from graphsync.tables.upkeep import maintain
 
 if TYPE_CHECKING:
     from graphsync.config import JobSettings
@@ -66,7 +72,11 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     # tz-aware: a naive timestamp is Delta's timestamp_ntz (reader 3 / writer 7, unreadable by Fabric's endpoint)
     "timestamp": pa.timestamp("us", tz="UTC"),
 }
-CURRENT_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
+# A checkpoint every 10 commits rather than Delta's 100: every reader and writer loads the last checkpoint plus the
+# JSON commits after it (one GET each), and with a fleet committing all day that is what opening a table costs.
+# A checkpoint of these tables is small (a few add actions per tenant), so writing one often is cheap.
+CHECKPOINT_PROPERTIES = {"delta.checkpointInterval": "10"}
+CURRENT_PROPERTIES = {"delta.enableChangeDataFeed": "true", **CHECKPOINT_PROPERTIES}
 HISTORY_COLUMNS = (
     pa.field(VALID_FROM, ARROW_TYPES["timestamp"]),
     pa.field(VALID_TO, ARROW_TYPES["timestamp"]),
@@ -85,22 +95,32 @@ def app_id(tenant: str, job: str) -> str:
 class DeltaTables:
     """The tables under one location; one instance serves every run of the process (it keeps no table open)."""
 
+    enabled = True
+
     def __init__(
         self, location: TableLocation, *, conflict_seconds: float = CONFLICT_SECONDS, backoff: float = BACKOFF_SECONDS
     ) -> None:
         self.location = location
         self._conflict_seconds = conflict_seconds
         self._backoff = backoff
+        # (table, app transaction) pairs known to hold a round: needs_full opens no table for them again. Opening a
+        # table costs its checkpoint and the commits after it; a fleet asks before every run of every job.
+        self._holding: set[tuple[str, str]] = set()
+        self._holding_lock = threading.Lock()
 
     def needs_full(self, tenant: str, job: JobSettings) -> bool:
         tables = job_tables(job)
-        if tables is None:
+        if tables.entity.log_time is not None:  # a log's table takes what each run reads; nothing to fill
             return False
         app = app_id(tenant, job.name)
         for spec in tables.all:
             for name in _names(spec):
+                if self._holds(name, app):
+                    continue
                 table = self.open(name)
-                if table is None or table.transaction_version(app) is None:
+                if table is not None and table.transaction_version(app) is not None:
+                    self._hold(name, app)
+                else:
                     log.info(
                         "table %s holds no round of %s/%s yet: this round is a full one",
                         name,
@@ -111,20 +131,39 @@ class DeltaTables:
                     return True
         return False
 
+    def _holds(self, name: str, app: str) -> bool:
+        with self._holding_lock:
+            return (name, app) in self._holding
+
+    def _hold(self, name: str, app: str, held: bool = True) -> None:
+        with self._holding_lock:
+            if held:
+                self._holding.add((name, app))
+            else:
+                self._holding.discard((name, app))
+
     def apply(self, applied: AppliedRound) -> None:
         tables = job_tables(applied.job)
-        if tables is None:
-            return
         wanted = {tables.entity.name: entity_rows(applied, tables.entity)}
         if tables.edges:
             wanted |= edge_rows(applied, tables.edges)
-        commit = _Commit(applied.tenant, app_id(applied.tenant, applied.job.name), applied.started)
+        commit = _Commit(applied.tenant, app_id(applied.tenant, applied.job.name), applied.started, applied.full)
         for spec in tables.all:
-            self._retrying(spec.name, functools.partial(self._apply_current, spec, wanted[spec.name], commit))
+            self.retrying(spec.name, functools.partial(self._apply_current, spec, wanted[spec.name], commit))
             if spec.history:
-                self._retrying(
+                self.retrying(
                     spec.history_name, functools.partial(self._apply_history, spec, wanted[spec.name], commit)
                 )
+
+    def append(self, records: LogRecords) -> None:
+        spec = job_tables(records.job).entity
+        rows = log_rows(records.lines, spec)
+        if rows:
+            commit = _Commit(records.tenant, app_id(records.tenant, records.job.name), records.started)
+            self.retrying(spec.name, functools.partial(self._append_absent, spec, rows, commit))
+
+    def upkeep(self, names: Iterable[str], interrupted: Callable[[], bool]) -> dict[str, Any]:
+        return maintain(self, names, interrupted)
 
     def open(self, name: str) -> DeltaTable | None:
         """The table as it is now, or ``None`` when there is none yet."""
@@ -136,8 +175,10 @@ class DeltaTables:
     # -- one table ---------------------------------------------------------------------------------------
 
     def _apply_current(self, spec: TableSpec, wanted: Wanted, commit: _Commit) -> None:
+        if wanted.nothing:  # a delta round that names no row of the table (owners, when only members moved)
+            return
         table = self._table(spec.name, _schema(spec), CURRENT_PROPERTIES)
-        commit.check(table, spec.name)
+        self._check(table, spec.name, commit)
         current = _read(table, spec, commit.tenant, current_only=False)
         upserts, deletes = _difference(wanted, current)
         if not upserts and not deletes:
@@ -166,8 +207,10 @@ class DeltaTables:
 
     def _apply_history(self, spec: TableSpec, wanted: Wanted, commit: _Commit) -> None:
         """Close the current rows that changed or went (``valid_to``, ``is_current``), open their successors."""
-        table = self._table(spec.history_name, _schema(spec, history=True), {})
-        commit.check(table, spec.history_name)
+        if wanted.nothing:
+            return
+        table = self._table(spec.history_name, _schema(spec, history=True), CHECKPOINT_PROPERTIES)
+        self._check(table, spec.history_name, commit)
         current = _read(table, spec, commit.tenant, current_only=True)
         upserts, deletes = _difference(wanted, current)
         if not upserts and not deletes:
@@ -195,6 +238,41 @@ class DeltaTables:
         )
         commit.count(table, spec.history_name, before)
 
+    def _append_absent(self, spec: TableSpec, rows: dict[Key, Values], commit: _Commit) -> None:
+        """Append the rows whose id the tenant's partition lacks: a run that reads records again (the overlap, or a
+        run repeated after a crash before its cursor was saved) adds nothing twice. Only rows at or after the
+        earliest time among ``rows`` are read: a record keeps its time, so an older row cannot be one of them."""
+        assert spec.log_time is not None
+        table = self._table(spec.name, _schema(spec), CURRENT_PROPERTIES)
+        commit.check(table, spec.name)
+        at = [column.name for column in spec.columns].index(spec.log_time)
+        times = [values[at] for values in rows.values() if values[at] is not None]
+        filters: list[tuple[str, str, Any]] = [(TENANT_ID, "=", commit.tenant)]
+        if times:
+            filters.append((spec.log_time, ">=", min(times)))
+        present = set(table.to_pyarrow_table(columns=[ID], filters=filters).column(ID).to_pylist())
+        new: list[SourceRow] = [(key, values, False) for key, values in rows.items() if key[0] not in present]
+        if not new:
+            commit.mark(table, spec.name)
+            return
+        data = _source(spec, commit.tenant, new, None, ())
+        before = _files(table)
+        write_deltalake(table, data, mode="append", commit_properties=commit.properties())
+        commit.count(table, spec.name, before)
+
+    def _check(self, table: DeltaTable, name: str, commit: _Commit) -> None:
+        """Refuse a round older than the one the table holds, and a delta round into a table that holds no round of
+        its job (it would hold only the rows the round names); remember a table that holds one."""
+        commit.check(table, name)
+        if commit.full or table.transaction_version(commit.app) is not None:
+            self._hold(name, commit.app)
+            return
+        self._hold(name, commit.app, held=False)
+        raise TableNeedsFullRound(
+            f"table {name} holds no round of {commit.app}: it was created or deleted since the job last ran; "
+            "this delta round wrote nothing to it, a full round fills it"
+        )
+
     def _table(self, name: str, schema: pa.Schema, properties: dict[str, str]) -> DeltaTable:
         """The table, created if missing, with every column of ``schema`` (added if missing: no data rewritten)."""
         table = self.open(name)
@@ -216,7 +294,7 @@ class DeltaTables:
             table.alter.add_columns([Field.from_arrow(field) for field in missing])
         return table
 
-    def _retrying(self, name: str, step: Callable[[], None]) -> None:
+    def retrying(self, name: str, step: Callable[[], None]) -> None:
         """Run ``step`` (read, compare, commit) again, from a fresh read, while it meets concurrent commits."""
         deadline = time.monotonic() + self._conflict_seconds
         for attempt in itertools.count():
@@ -234,9 +312,10 @@ class DeltaTables:
 class _Commit:
     """What every commit of one round shares: its tenant, app transaction and time."""
 
-    def __init__(self, tenant: str, app: str, started: float) -> None:
+    def __init__(self, tenant: str, app: str, started: float, full: bool = True) -> None:
         self.tenant = tenant
         self.app = app
+        self.full = full  # a full round may fill a table that holds none of its job yet
         self.version = int(started * 1_000_000)
         self.at = datetime.fromtimestamp(started, UTC)
 
@@ -295,11 +374,16 @@ def _difference(wanted: Wanted, current: dict[Key, Values]) -> tuple[dict[Key, V
     return upserts, deletes
 
 
-def _source(spec: TableSpec, tenant: str, rows: list[SourceRow], flag: str, extra: tuple[Any, ...]) -> pa.Table:
-    """The MERGE's source: one row per (key, values or None, flag), with ``extra`` history values appended."""
+def _source(spec: TableSpec, tenant: str, rows: list[SourceRow], flag: str | None, extra: tuple[Any, ...]) -> pa.Table:
+    """The MERGE's source: one row per (key, values or None, flag), with ``extra`` history values appended; without
+    ``flag``, the table's own columns (an append)."""
     empty = (None,) * len(spec.columns)
-    full_rows = [(tenant, *key, *(values or empty), *(extra if extra else ()), marker) for key, values, marker in rows]
-    fields = [*list(_schema(spec, history=bool(extra))), pa.field(flag, pa.bool_())]
+    marked = () if flag is None else (pa.field(flag, pa.bool_()),)
+    full_rows = [
+        (tenant, *key, *(values or empty), *(extra if extra else ()), *((marker,) if marked else ()))
+        for key, values, marker in rows
+    ]
+    fields = [*list(_schema(spec, history=bool(extra))), *marked]
     columns = list(zip(*full_rows, strict=True)) if full_rows else [() for _ in fields]
     return pa.table(
         [pa.array(column, field.type) for column, field in zip(columns, fields, strict=True)], pa.schema(fields)

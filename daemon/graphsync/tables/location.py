@@ -33,6 +33,11 @@ class TableLocation:
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}"
 
+    @property
+    def local(self) -> bool:
+        """A directory on this host, not a container."""
+        return not self.root.startswith("az://")
+
     def describe(self) -> str:
         """The root without any secret, for logs and ``status``."""
         return self.root

@@ -33,6 +33,7 @@ class Wanted:
 
     rows: dict[Key, Values]
     in_scope: Callable[[Key], bool]
+    nothing: bool = False  # the round speaks for no row of this table: it need not even be read
 
 
 def everything(key: Key) -> bool:
@@ -59,6 +60,11 @@ def _named(changes: IO[bytes]) -> Iterator[str]:
                 yield json.loads(line)[ID]
     finally:
         changes.seek(0)
+
+
+def log_rows(lines: IO[bytes], spec: TableSpec) -> dict[Key, Values]:
+    """A log run's records as rows of its append-only table (a record read twice in the run is one row)."""
+    return {(obj[ID],): _values(obj, spec) for obj in (json.loads(line) for line in lines if line.strip())}
 
 
 def _values(obj: dict[str, Any], spec: TableSpec) -> Values:
@@ -100,7 +106,7 @@ def _wanted_edges(links: dict[str, dict[str, str | None]], removed: set[str], fu
     def in_scope(key: Key) -> bool:
         return key[0] in removed or key[1] in links.get(key[0], {})
 
-    return Wanted(rows, in_scope)
+    return Wanted(rows, in_scope, nothing=not links and not removed)
 
 
 def _graph_type(entry: dict[str, Any]) -> str:
