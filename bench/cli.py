@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from common import (
     bench_parser,
     command_line,
     dump_json,
+    machine_line,
     run_line,
     start_azurite,
     write_test_ca,
@@ -193,6 +193,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _token(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``graphsync token --json``: seeds the cache blob before the timings, and checks afterwards they used it."""
+    return subprocess.run(
+        [sys.executable, "-m", "graphsync", "token", "--json", "--config", str(config)],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tests.fakes.entra import CLIENT_ID, CLIENT_SECRET, FakeEntra
@@ -207,39 +219,23 @@ def main(argv: list[str] | None = None) -> int:
             entra = stack.enter_context(FakeEntra(ca, client_id=CLIENT_ID, client_secret=CLIENT_SECRET))
             config, bad = _write_configs(workdir, azurite, entra)
             env = _child_env(args.source, ca_bundle, workdir)
-            seeded = subprocess.run(
-                [sys.executable, "-m", "graphsync", "token", "--json", "--config", str(config)],
-                env=env,
-                cwd=REPO_ROOT,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            seeded = _token(config, env)
             if '"identity_provider"' not in seeded.stdout:
                 raise BenchFailure(f"seeding the cache blob failed: {seeded.stderr[-2000:]}")
             rows = measure(args, workdir, env, _commands(config, bad, workdir))
-            check = subprocess.run(
-                [sys.executable, "-m", "graphsync", "token", "--json", "--config", str(config)],
-                env=env,
-                cwd=REPO_ROOT,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            check = _token(config, env)
             if '"blob"' not in check.stdout:
                 raise BenchFailure(f"token did not come from the blob: {check.stdout} {check.stderr[-2000:]}")
         except (BenchFailure, RuntimeError, subprocess.CalledProcessError) as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
-    load_after = os.getloadavg()
     context = {
         "command": command_line(argv),
         "graphsync": str(args.source or "installed package"),
         "timer": f"hyperfine, {args.runs} runs after 1 warm-up"
         if shutil.which("hyperfine")
         else f"loop of {args.runs}",
-        "machine": f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs, load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (shared with other work)",
+        "machine": machine_line(load_before),
         "run": run_line(started),
     }
     report(rows, context)

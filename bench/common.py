@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import platform
 import shlex
 import sys
 import time
@@ -113,6 +115,14 @@ def command_line(argv: list[str] | None) -> str:
 def run_line(started: float) -> str:
     """When the run happened and how long it took, from its ``time.monotonic()`` start."""
     return f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {time.monotonic() - started:.0f} s wall clock"
+
+
+def machine_line(load_before: tuple[float, float, float]) -> str:
+    """The machine and its load average before the run and now: a shared machine's figures say how loaded it was."""
+    return (
+        f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs, load average "
+        f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (shared with other work)"
+    )
 
 
 def dump_json(destination: str, document: dict[str, Any]) -> None:

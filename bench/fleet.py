@@ -44,6 +44,7 @@ from common import (
     bench_parser,
     command_line,
     dump_json,
+    machine_line,
     package_version,
     positive_int_list,
     run_line,
@@ -426,14 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         except (BenchFailure, RuntimeError) as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
-    load_after = os.getloadavg()
     context = {
         "command": command_line(argv),
         "latency": f"Graph {args.graph_latency} s per request, identity provider {args.entra_latency} s per token",
         "versions": f"graphsync {__version__}, Python {platform.python_version()}, "
         f"azure-storage-blob {package_version('azure-storage-blob')}, Azurite {azurite_version()}",
-        "machine": f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs, load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (shared with other work)",
+        "machine": machine_line(load_before),
         "run": run_line(started),
     }
     report(syncs, fleet, context)

@@ -53,6 +53,7 @@ from common import (
     bench_parser,
     command_line,
     dump_json,
+    machine_line,
     package_version,
     run_line,
     start_azurite,
@@ -355,14 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
     latencies = [pushed, polled, modelled("1m", round_seconds), modelled("15m", round_seconds)]
-    load_after = os.getloadavg()
     context = {
         "command": command_line(argv),
         "round": f"median measured round with changes {round_seconds:.2f} s (used by the computed rows)",
         "versions": f"graphsync {__version__}, Python {platform.python_version()}, "
         f"azure-storage-blob {package_version('azure-storage-blob')}, Azurite {azurite_version()}",
-        "machine": f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs, load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (shared with other work)",
+        "machine": machine_line(load_before),
         "run": run_line(started),
     }
     rows = report(latencies, idle, context)

@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from common import add_json_option, bench_parser, command_line, dump_json, positive_int_list, run_line
+from common import (
+    add_json_option,
+    bench_parser,
+    command_line,
+    dump_json,
+    machine_line,
+    positive_int_list,
+    run_line,
+)
 
 JOBS = 50
 REPLICAS = ("replica-a", "replica-b", "replica-c")
@@ -136,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     context = {
         "command": command_line(argv),
         "graphsync": str(Path(graphsync.pool.__file__).parent),
-        "machine": f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs, load average "
-        f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (shared with other work)",
+        "machine": machine_line(load_before),
         "run": run_line(started),
     }
     report(rows, context)
